@@ -1,0 +1,102 @@
+"""
+configurator.py: the one configuration mechanism shared by train.py, sample.py, prepare.py and bpe.py.
+
+A script declares its settings as plain module-level variables with defaults, then calls
+
+    config = configure(globals())
+
+which applies, in order:
+  1. config files named as positional arguments (plain Python that assigns the same names), e.g.
+     `python train.py config/gpt1_117m.py`
+  2. `--key=value` flags, e.g. `--batch_size=32 --compile=False --out_dir=out-shakespeare`
+
+Values are parsed with ast.literal_eval (so 3e-4, True, None, (0.9, 0.95) work) and fall back to the
+raw string. Every name must already exist in the script, and the value must have the default's type,
+so a typo is an error that names the closest known keys instead of a silently ignored setting.
+Errors exit with one line on stderr (SystemExit), never a traceback.
+"""
+import ast
+import difflib
+import sys
+
+_TYPES = (bool, int, float, str, tuple, list, type(None))
+
+
+def _known_keys(defaults):
+    # the settings are the script's public module-level variables of plain types
+    return {k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, _TYPES)}
+
+
+def _unknown(key, known):
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run with --help to list the keys"
+    return SystemExit(f"error: unknown config key '{key}'{hint}")
+
+
+def _coerce(key, value, default):
+    """Return value converted to the default's type, or exit naming key, value and expected type."""
+    if default is None or value is None:
+        return value  # a None default accepts any type (e.g. top_k=None or an int)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True  # --learning_rate=1 means 1.0
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (tuple, list))
+        value = type(default)(value) if ok else value
+    else:
+        ok = type(value) is type(default)
+    if not ok:
+        raise SystemExit(f"error: config key '{key}' expects {type(default).__name__} "
+                         f"(default {default!r}), got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def _parse_value(raw, default):
+    if isinstance(default, str):
+        return raw  # a string setting takes the text as written: --out_dir=123 is the folder '123'
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def configure(defaults, argv=None):
+    """Apply config files and --key=value flags from argv to `defaults` (a script's globals()) in place.
+    Returns the resolved settings as a dict (what checkpoints and wandb record)."""
+    argv = sys.argv[1:] if argv is None else argv
+    known = _known_keys(defaults)
+    if any(a in ("-h", "--help") for a in argv):
+        doc = (defaults.get("__doc__") or "").strip()
+        print(doc + "\n\nsettings (override with a config file and/or --key=value):" if doc else "settings:")
+        for k, v in known.items():
+            print(f"  --{k}={v!r}")
+        raise SystemExit(0)
+    for arg in argv:
+        if not arg.startswith("--"):
+            # a config file: run it in an empty namespace, then check every name it assigned
+            try:
+                with open(arg) as f:
+                    source = f.read()
+            except OSError as e:
+                raise SystemExit(f"error: cannot read config file '{arg}': {e.strerror}")
+            namespace = {}
+            try:
+                exec(compile(source, arg, "exec"), namespace)
+            except Exception as e:
+                raise SystemExit(f"error: config file '{arg}' failed: {type(e).__name__}: {e}")
+            for key, value in namespace.items():
+                if key.startswith("_") or not isinstance(value, _TYPES):
+                    continue  # __builtins__, helper imports
+                if key not in known:
+                    raise _unknown(key, known)
+                known[key] = _coerce(key, value, defaults[key])
+        else:
+            if "=" not in arg:
+                raise SystemExit(f"error: flag '{arg}' needs a value: write {arg}=VALUE")
+            key, raw = arg[2:].split("=", 1)
+            if key not in known:
+                raise _unknown(key, known)
+            known[key] = _coerce(key, _parse_value(raw, defaults[key]), defaults[key])
+    defaults.update(known)
+    return dict(known)

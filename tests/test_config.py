@@ -1,0 +1,58 @@
+"""The shared config mechanism: files, flags, and the errors a user sees for typos and wrong types."""
+import pytest
+
+from configurator import configure
+
+
+def defaults():
+    return {"batch_size": 12, "learning_rate": 6e-4, "compile": True, "out_dir": "out", "top_k": None,
+            "betas": (0.9, 0.95), "__doc__": "a test script", "_private": 1}
+
+
+def test_file_then_flags_override_in_order(tmp_path):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("batch_size = 32\nlearning_rate = 1e-3\nimport math\n_helper = 3\n")
+    g = defaults()
+    cfg = configure(g, [str(cfg_file), "--batch_size=64", "--compile=False", "--out_dir=123",
+                        "--top_k=5", "--learning_rate=1", "--betas=(0.9, 0.99)"])
+    assert cfg == {"batch_size": 64, "learning_rate": 1.0, "compile": False, "out_dir": "123",
+                   "top_k": 5, "betas": (0.9, 0.99)}
+    assert g["batch_size"] == 64 and g["out_dir"] == "123"  # globals updated in place
+    assert isinstance(g["learning_rate"], float)
+
+
+def test_unknown_key_names_closest(tmp_path):
+    with pytest.raises(SystemExit, match="unknown config key 'batch_sise'.*batch_size"):
+        configure(defaults(), ["--batch_sise=3"])
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("learning_rat = 1e-3\n")
+    with pytest.raises(SystemExit, match="unknown config key 'learning_rat'.*learning_rate"):
+        configure(defaults(), [str(cfg_file)])
+
+
+def test_wrong_type_names_key_value_and_type():
+    with pytest.raises(SystemExit, match="'batch_size' expects int.*'abc'"):
+        configure(defaults(), ["--batch_size=abc"])
+    with pytest.raises(SystemExit, match="'compile' expects bool"):
+        configure(defaults(), ["--compile=1"])
+    with pytest.raises(SystemExit, match="'batch_size' expects int.*2.5"):
+        configure(defaults(), ["--batch_size=2.5"])
+
+
+def test_missing_config_file_and_flag_without_value(tmp_path):
+    with pytest.raises(SystemExit, match="cannot read config file '.*nope.py'"):
+        configure(defaults(), [str(tmp_path / "nope.py")])
+    with pytest.raises(SystemExit, match="needs a value"):
+        configure(defaults(), ["--compile"])
+    bad = tmp_path / "bad.py"
+    bad.write_text("batch_size = (\n")
+    with pytest.raises(SystemExit, match="config file .* failed: SyntaxError"):
+        configure(defaults(), [str(bad)])
+
+
+def test_help_lists_keys(capsys):
+    with pytest.raises(SystemExit) as e:
+        configure(defaults(), ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--batch_size=12" in out and "_private" not in out
