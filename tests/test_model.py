@@ -1,0 +1,223 @@
+"""model.py: the behaviour a user relies on, checked on tiny CPU models in float32.
+
+Causality, KV-cache generation equal to recomputation (also past the context), parameter counts of the
+full presets, logit parity with Hugging Face's GPT-2, gradient checkpointing, overfitting one batch,
+and the ValueErrors for bad input.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, sample_next
+
+PRESETS = ("gpt1", "gpt2", "modern")
+
+
+def tiny(name, **kw):
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, dropout=0.0)
+    return GPTConfig.preset(name, **{**args, **kw})
+
+
+def spiky(model, std=0.3):
+    """Re-draw the weights with a large std so greedy decoding is varied, not one token repeated."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def test_full_preset_parameter_counts():
+    # Built on the meta device: shapes only, no memory. Hand counts per block (C = 768):
+    # attention 4C^2 + 4C, MLP 8C^2 + 5C (hidden 4C), two LayerNorms 4C; SwiGLU: 3*C*2048, no biases.
+    C = 768
+    gelu_block = 4 * C * C + 4 * C + 8 * C * C + 5 * C + 4 * C
+    counts = {}
+    for name in PRESETS:
+        with torch.device("meta"):
+            counts[name] = GPT(GPTConfig.preset(name))
+    # gpt1: 40,257 ids padded to 40,320 rows (tied head), 512 positions, post-norm so no final norm
+    assert counts["gpt1"].num_params(non_embedding=False) == 12 * gelu_block + 512 * C + 40320 * C == 116_413_440
+    # gpt2: the well-known 124,439,808 of HF's gpt2, plus 47 padding rows (50,257 -> 50,304)
+    assert counts["gpt2"].num_params(non_embedding=False) == 124_439_808 + 47 * C == 124_475_904
+    assert counts["gpt2"].num_params() == 124_475_904 - 1024 * C  # the position table is only looked up
+    modern_block = 4 * C * C + 3 * C * 2048 + 2 * C
+    assert counts["modern"].num_params(non_embedding=False) == 12 * modern_block + C + 50304 * C == 123_587_328
+    assert counts["modern"].config.ffn_hidden == 2048  # 8/3 * 768, a multiple of 64
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_causality(name):
+    torch.manual_seed(0)
+    model = spiky(GPT(tiny(name)))
+    idx = torch.randint(0, 100, (2, 16))
+    logits, _ = model(idx, targets=idx)
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % 100  # alter every token after position 8
+    logits2, _ = model(changed, targets=changed)
+    assert torch.equal(logits[:, :9], logits2[:, :9])
+    assert not torch.allclose(logits[:, 9:], logits2[:, 9:])  # the later positions do see the change
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_kv_cache_greedy_equals_recompute_past_the_context(name):
+    torch.manual_seed(0)
+    model = spiky(GPT(tiny(name)))
+    prompt = torch.randint(0, 100, (2, 5))
+    out = model.generate(prompt, max_new_tokens=30, temperature=0.0)  # 35 tokens, context 16
+    ref = prompt
+    for _ in range(30):  # no cache: the whole (cropped) sequence each step
+        logits, _ = model(ref[:, -16:])
+        ref = torch.cat((ref, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, ref)
+    assert len(set(out[0, 5:].tolist())) > 3  # a real test: the continuation is not one token repeated
+    streamed = torch.cat(list(model.generate_stream(prompt, 30, temperature=0.0)), dim=1)
+    assert torch.equal(streamed, out[:, 5:])
+    assert torch.equal(model.generate(prompt, 30, top_k=1), out)  # top_k=1 is greedy too
+    # a prompt longer than the context conditions on its last block_size tokens
+    assert torch.equal(model.generate(ref, 1, temperature=0.0)[:, -1], model(ref[:, -16:])[0][:, -1].argmax(-1))
+
+
+def test_generation_never_emits_padding_ids_and_stops_at_eos():
+    torch.manual_seed(0)
+    model = spiky(GPT(tiny("gpt2")))  # vocab 100, embedding padded to 128 rows
+    assert model.lm_head.weight.shape[0] == 128 and model(torch.zeros(1, 3, dtype=torch.long))[0].shape == (1, 1, 100)
+    out = model.generate(torch.zeros(4, 1, dtype=torch.long), 40, temperature=2.0)
+    assert out.max() < 100
+    greedy = model.generate(torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0)
+    eos = greedy[0, 4].item()  # the 4th generated token: generation must stop right after it
+    stopped = model.generate(torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0, eos_token=eos)
+    first = greedy[0, 1:].tolist().index(eos) + 1
+    assert torch.equal(stopped, greedy[:, :first + 1])
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(500, 1)
+    torch.manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2).flatten().tolist()) == {0, 1}
+    # probabilities 0.64, 0.24, 0.09, ...: top_p=0.8 keeps the first two tokens (mass 0.88)
+    assert set(sample_next(logits, 1.0, top_p=0.8).flatten().tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, top_p=1e-6).flatten().tolist()) == {0}
+    assert len(set(sample_next(logits, 1.0).flatten().tolist())) == 5
+
+
+def test_matches_huggingface_gpt2(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    idx = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        hf_out = hf(idx, labels=idx)
+    # 1) what save_pretrained writes today: model.safetensors with "transformer."-prefixed keys
+    hf.save_pretrained(tmp_path / "st")
+    # 2) the layout of OpenAI's original upload: pytorch_model.bin with GPT2Model keys (no prefix),
+    # the causal-mask buffers attn.bias / attn.masked_bias, and an explicit lm_head (transformers 5
+    # no longer writes .bin files, so the test writes one the way older versions did)
+    old = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    for i in range(2):
+        old[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+        old[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    hf_cfg.save_pretrained(tmp_path / "bin")
+    torch.save(old, tmp_path / "bin" / "pytorch_model.bin")
+    for d in ("st", "bin"):
+        model = GPT.from_pretrained(str(tmp_path / d)).eval()
+        assert model.config.n_layer == 2 and model.config.block_size == 64 and model.config.vocab_size == 100
+        with torch.no_grad():
+            logits, loss = model(idx[:, :-1], targets=idx[:, 1:])
+        assert (logits - hf_out.logits[:, :-1]).abs().max() < 1e-4
+        assert abs(loss.item() - hf_out.loss.item()) < 1e-5  # HF shifts labels by one internally
+    del old["h.1.mlp.c_fc.weight"]
+    torch.save(old, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin lacks 1 tensors, e.g. transformer.h.1.mlp.c_fc.weight"):
+        GPT.from_pretrained(str(tmp_path / "bin"))
+
+
+def test_from_pretrained_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="neither a directory nor one of gpt2"):
+        GPT.from_pretrained("gpt3")
+    with pytest.raises(ValueError, match="no config.json"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_gradient_checkpointing_same_gradients(name):
+    torch.manual_seed(0)
+    plain = GPT(tiny(name, dropout=0.1))  # dropout on: the recomputation must replay the same masks
+    ckpt = GPT(dataclasses.replace(plain.config, grad_checkpoint=True))
+    ckpt.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 100, (2, 16))
+    grads = []
+    for model in (plain, ckpt):
+        torch.manual_seed(123)
+        _, loss = model(idx, targets=idx)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_overfits_one_batch(name):
+    torch.manual_seed(0)
+    model = GPT(tiny(name, n_embd=64, n_head=4))
+    opt = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95), eps=1e-8,
+                                     device_type="cpu")
+    x = torch.randint(0, 100, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    y[:, -1] = -1  # ignored position
+    for step in range(300):
+        _, loss = model(x, targets=y)
+        if loss.item() < 0.1:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1, f"{name}: loss {loss.item():.3f} after {step} steps"
+
+
+def test_optimizer_groups(capsys):
+    model = GPT(tiny("gpt2"))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    # every parameter exactly once (the tied wte/lm_head matrix too): 2 blocks x 6 matrices + wte + wpe
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params(non_embedding=False)
+    assert len(decay["params"]) == 2 * 4 + 2
+    assert "decayed: 10 tensors" in capsys.readouterr().out
+
+
+def test_flops_and_mfu():
+    model = GPT(tiny("gpt2"))
+    c = model.config
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+    assert model.estimate_mfu(tokens_per_sec=1000, peak_flops=1000 * model.flops_per_token()) == pytest.approx(1.0)
+
+
+def test_config_round_trips_through_asdict():
+    model = GPT(tiny("modern"))
+    again = GPT(GPTConfig(**dataclasses.asdict(model.config)))  # how checkpoints store model_args
+    again.load_state_dict(model.state_dict())
+    assert "rope_cos" not in model.state_dict()  # derived buffers stay out of checkpoints
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="unknown model preset 'gpt3'; valid presets: gpt1, gpt2, modern"):
+        GPTConfig.preset("gpt3")
+    with pytest.raises(ValueError, match="n_embd=100 is not divisible by n_head=3"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="norm='batchnorm'"):
+        GPTConfig(norm="batchnorm")
+    model = GPT(tiny("gpt2"))
+    with pytest.raises(ValueError, match="sequence of 17 tokens is longer than the context block_size=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token id 100 is outside the vocabulary \[0, 100\)"):
+        model(torch.tensor([[1, 100]]))  # 100 < 128 padded rows: without the check it would run silently
+    with pytest.raises(ValueError, match=r"token id -1 is outside"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="temperature >= 0"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=-1.0)
