@@ -94,6 +94,8 @@ _MAX_VOCAB = 1 << 16  # uint16 token ids: 0 .. 65535
 _FINEWEB = "HuggingFaceFW/fineweb-edu"
 _FINEWEB_LICENSE = ("ODC-By 1.0 (Open Data Commons Attribution License), as stated on the dataset card; "
                     "use is also subject to CommonCrawl's Terms of Use")
+_TOO_BIG = (f"does not fit the uint16 token shards (ids must be below {_MAX_VOCAB:,}, as in llm.c's format); "
+            f"use a vocabulary of at most {_MAX_VOCAB:,}")
 _BATCH_CHARS = 1 << 20  # documents are cleaned, deduplicated and encoded in batches of ~1M characters
 
 
@@ -459,29 +461,22 @@ def encoded_batches(batches, tok, num_proc):
             yield pending.popleft().get()
 
 
-def resolve_tokenizer(cfg, source_kind):
-    """Return (tokenizer or None when it is to be trained, spec); refuses a vocabulary over uint16."""
-    spec = cfg.tokenizer or ("train" if source_kind == "stdlib" else "gpt2")
-    too_big = (f"does not fit the uint16 token shards (ids must be below {_MAX_VOCAB:,}; the format is "
-               f"llm.c's); use a vocabulary of at most {_MAX_VOCAB:,}")
-    if spec == "train":
-        if cfg.vocab_size > _MAX_VOCAB:
-            raise SystemExit(f"error: --vocab_size={cfg.vocab_size} {too_big}")
-        return None, spec
+def load_tokenizer(spec):
+    """The tokenizer named by --tokenizer (gpt2 or a .bpe path), refused if its ids do not fit uint16."""
     from bpe import Tokenizer
     if spec != "gpt2" and not os.path.isfile(spec):
         raise SystemExit(f"error: tokenizer file '{spec}' not found; give --tokenizer=gpt2, =train or the "
                          f"path of a .bpe file saved by bpe.py")
     try:
         tok = Tokenizer.from_spec(spec)
-        tok.encode("x")  # gpt2: tiktoken downloads its files on first use; fail now, not after the source
+        tok.encode("x")  # gpt2: tiktoken downloads its files on first use; fail now, not mid-corpus
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load tokenizer '{spec}': {e}")
     except RuntimeError as e:
         raise SystemExit(f"error: cannot load tokenizer '{spec}': {e}; offline, use --tokenizer=train")
     if tok.vocab_size > _MAX_VOCAB:
-        raise SystemExit(f"error: tokenizer '{spec}' has {tok.vocab_size} tokens and {too_big}")
-    return tok, spec
+        raise SystemExit(f"error: tokenizer '{spec}' has {tok.vocab_size} tokens and {_TOO_BIG}")
+    return tok
 
 
 def train_tokenizer(cfg, docs_fn):
@@ -522,9 +517,11 @@ def prepare(cfg, argv=()):
             raise SystemExit(f"error: --{key} must be at least 1, got {getattr(cfg, key)}")
     if not 0 < cfg.val_fraction < 1 or cfg.val_tokens < 0:
         raise SystemExit("error: need 0 < val_fraction < 1 and val_tokens >= 0")
-    source_kind = "local" if cfg.input else cfg.dataset
-    tok, spec = resolve_tokenizer(cfg, source_kind)  # refuses a too large vocabulary before any work
-    name, docs_fn, source = resolve_source(cfg)
+    spec = cfg.tokenizer or ("train" if cfg.dataset == "stdlib" and not cfg.input else "gpt2")
+    if spec == "train" and cfg.vocab_size > _MAX_VOCAB:  # before any work
+        raise SystemExit(f"error: --vocab_size={cfg.vocab_size} {_TOO_BIG}")
+    name, docs_fn, source = resolve_source(cfg)  # offline, the hub check fails here within seconds
+    tok = None if spec == "train" else load_tokenizer(spec)
     out_dir = os.path.join(cfg.data_dir, name)
     os.makedirs(out_dir, exist_ok=True)
     # a re-run replaces the previous run wholesale: no stale shard from a longer run survives

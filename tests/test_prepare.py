@@ -1,0 +1,315 @@
+"""prepare.py: local files through the streaming path to shards that decode back to the cleaned documents,
+the counts in the data card, the shard format and its checks, and the errors a user sees."""
+import json
+import os
+import sysconfig
+import time
+from glob import glob
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prepare
+from bpe import Tokenizer
+
+# documents as a source might hold them, and what cleaning must make of them
+RAW = [
+    "The first document.\r\nIt was written on Windows,\r\nso its lines end in CR LF.",
+    "A cafe\u0301 written with a combining accent becomes one precomposed character in NFC.",
+    "Control\x00 characters\x07 are stripped,\tbut the tab\nand the newline stay.",
+    "Plain ASCII text that needs no change at all, long enough to pass min_chars.",
+    "Emoji \U0001F469\u200D\U0001F4BB and CJK \u4e2d\u6587 and Arabic \u0627\u0644\u0639\u0631\u0628\u064a\u0629 survive.",
+    "A document that mentions <|endoftext|> as text: it must stay text, not become the special token.",
+]
+CLEAN = [
+    "The first document.\nIt was written on Windows,\nso its lines end in CR LF.",
+    "A caf\u00e9 written with a combining accent becomes one precomposed character in NFC.",
+    "Control characters are stripped,\tbut the tab\nand the newline stay.",
+    RAW[3], RAW[4], RAW[5],
+]
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    """A small BPE (vocab 320) trained on real text, so every test encodes quickly."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    text = [(root / f).read_text(encoding="utf-8") for f in ("os.py", "textwrap.py", "string.py")]
+    path = tmp_path_factory.mktemp("tok") / "small.bpe"
+    Tokenizer.train(text + CLEAN, 320).save(str(path))
+    return str(path)
+
+
+def write_jsonl(path, docs, field="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({field: d, "id": i}) + "\n")
+    return str(path)
+
+
+def write_parquet(path, docs):
+    pq.write_table(pa.table({"text": docs, "id": list(range(len(docs)))}), path)
+    return str(path)
+
+
+def run(tmp_path, *flags, name="t"):
+    """prepare.py's command line, in process; returns (card, out_dir)."""
+    card = prepare.main([f"--data_dir={tmp_path / 'data'}", f"--name={name}", "--num_proc=1", *flags])
+    return card, tmp_path / "data" / name
+
+
+def shard_files(out_dir, name="t"):
+    return sorted(glob(f"{out_dir}/{name}_val_*.bin")) + sorted(glob(f"{out_dir}/{name}_train_*.bin"))
+
+
+def token_stream(out_dir, name="t"):
+    return np.concatenate([prepare.read_shard(f) for f in shard_files(out_dir, name)])
+
+
+def split_docs(tokens, eot):
+    """The token stream is <eot> doc <eot> doc ...: return the documents' ids."""
+    assert tokens[0] == eot, "the stream must start with the end-of-text token"
+    cuts = np.flatnonzero(tokens == eot)
+    return [tokens[a + 1:b].tolist() for a, b in zip(cuts, list(cuts[1:]) + [len(tokens)])]
+
+
+# -----------------------------------------------------------------------------
+# the streaming path, end to end
+
+def test_jsonl_and_parquet_decode_back_to_cleaned_documents(tmp_path, tok_path):
+    jl = write_jsonl(tmp_path / "c.jsonl", RAW)
+    pa_ = write_parquet(tmp_path / "c.parquet", RAW)
+    tok = Tokenizer.load(tok_path)
+    streams = []
+    for name, path in (("jl", jl), ("pq", pa_)):
+        card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--min_chars=20",
+                        "--shard_size=64", "--val_tokens=50", name=name)
+        tokens = token_stream(out, name)
+        docs = split_docs(tokens, tok.eot_token)
+        assert [tok.decode(d) for d in docs] == CLEAN
+        # the special token's spelling inside a document was encoded as text, so only separators are eot
+        assert (tokens == tok.eot_token).sum() == len(CLEAN)
+        assert Tokenizer.load(out / "tokenizer.bpe").dumps() == tok.dumps()  # saved next to the shards
+        assert card["documents"]["kept"] == len(CLEAN) and card["tokens"]["total"] == len(tokens)
+        streams.append(tokens)
+    np.testing.assert_array_equal(*streams)  # same documents, same tokens, whatever the container
+
+
+def test_txt_files_one_document_per_file_or_split_on_separator(tmp_path, tok_path):
+    tok = Tokenizer.load(tok_path)
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for i, d in enumerate(CLEAN[:3]):
+        (folder / f"{i}.txt").write_text(d, encoding="utf-8")
+    _, out = run(tmp_path, f"--input={folder}/*.txt", f"--tokenizer={tok_path}", "--min_chars=20", name="a")
+    assert [tok.decode(d) for d in split_docs(token_stream(out, "a"), tok.eot_token)] == CLEAN[:3]
+    (tmp_path / "all.txt").write_text("\n===\n".join(CLEAN), encoding="utf-8")
+    _, out = run(tmp_path, f"--input={tmp_path / 'all.txt'}", "--separator=\n===\n", f"--tokenizer={tok_path}",
+                 "--min_chars=20", name="b")
+    assert [tok.decode(d) for d in split_docs(token_stream(out, "b"), tok.eot_token)] == CLEAN
+
+
+def test_train_and_val_are_disjoint_and_hold_every_token(tmp_path, tok_path):
+    docs = [f"Document number {i}: " + " ".join(f"word{j * i % 97}" for j in range(40)) for i in range(60)]
+    card, out = run(tmp_path, f"--input={write_jsonl(tmp_path / 'c.jsonl', docs)}", f"--tokenizer={tok_path}",
+                    "--shard_size=1000", "--val_tokens=700")
+    tok = Tokenizer.load(tok_path)
+    expected = np.concatenate([[tok.eot_token] + tok.encode(d) for d in docs])  # encoded independently
+    files = shard_files(out)
+    assert [Path(f).name for f in files] == [f"t_val_000000.bin"] + [f"t_train_{i:06d}.bin"
+                                                                     for i in range(1, len(files))]
+    val = prepare.read_shard(files[0])
+    train = [prepare.read_shard(f) for f in files[1:]]
+    assert len(val) == min(700, int(0.1 * len(expected)))  # val is capped at a tenth of the corpus
+    assert all(len(t) == 1000 for t in train[:-1]) and 0 < len(train[-1]) <= 1000
+    # val then train, in order, is exactly the token stream: nothing lost, nothing repeated
+    np.testing.assert_array_equal(np.concatenate([val] + train), expected)
+    assert card["tokens"] == {"train": len(expected) - len(val), "val": len(val), "total": len(expected),
+                              "bytes_per_token": card["tokens"]["bytes_per_token"]}
+    # at scale val_tokens is the smaller of the two and val holds exactly that many tokens
+    _, out = run(tmp_path, f"--input={tmp_path / 'c.jsonl'}", f"--tokenizer={tok_path}",
+                 "--shard_size=1000", "--val_tokens=100", name="u")
+    assert len(prepare.read_shard(shard_files(out, "u")[0])) == 100
+
+
+def test_parallel_workers_give_identical_shards(tmp_path, tok_path):
+    docs = [f"{i} " + "some text that repeats with a twist " * (1 + i % 7) + str(i * i) for i in range(400)]
+    path = write_jsonl(tmp_path / "c.jsonl", docs)
+    outs = [run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--min_chars=1", f"--num_proc={n}",
+                "--shard_size=3000", "--val_tokens=500", name=f"p{n}")[1] for n in (1, 2)]
+    files = [shard_files(o, f"p{n}") for o, n in zip(outs, (1, 2))]
+    assert len(files[0]) == len(files[1]) > 2
+    for a, b in zip(*files):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+
+
+def test_tokenizer_train_saves_the_trained_vocabulary(tmp_path):
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = [(root / f).read_text(encoding="utf-8") for f in ("textwrap.py", "string.py", "shlex.py")]
+    card, out = run(tmp_path, f"--input={write_jsonl(tmp_path / 'c.jsonl', docs)}", "--tokenizer=train",
+                    "--vocab_size=300")
+    tok = Tokenizer.load(out / "tokenizer.bpe")
+    assert tok.vocab_size == 300 and card["tokenizer"]["vocab_size"] == 300
+    assert card["tokenizer"]["trained_on"] == {"docs": 3, "bytes": sum(len(d.encode()) for d in docs)}
+    assert [tok.decode(d) for d in split_docs(token_stream(out), tok.eot_token)] == docs
+
+
+def test_rerun_overwrites_cleanly(tmp_path, tok_path):
+    docs = [f"Document {i}, " + "filler words to make it longer " * 5 for i in range(30)]
+    path = write_jsonl(tmp_path / "c.jsonl", docs)
+    run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--shard_size=200", "--val_tokens=100")
+    assert len(shard_files(tmp_path / "data" / "t")) > 5
+    card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--shard_size=100000")
+    assert [Path(f).name for f in shard_files(out)] == ["t_val_000000.bin", "t_train_000001.bin"]
+    assert not glob(f"{out}/*.tmp")
+    assert sum(len(prepare.read_shard(f)) for f in shard_files(out)) == card["tokens"]["total"]
+
+
+# -----------------------------------------------------------------------------
+# the data card: each filter moves exactly its own count
+
+BASE = [f"Base document {i} with enough characters to pass the length filter." for i in range(5)]
+
+
+def counts(card):
+    d = card["documents"]
+    return {"read": d["read"], "kept": d["kept"], **d["dropped"], **d["modified"]}
+
+
+@pytest.mark.parametrize("extra, delta", [
+    (BASE[2], {"read": 1, "duplicate": 1}),
+    ("too short", {"read": 1, "shorter_than_min_chars": 1}),
+    ("\x00\x01\x02\x03\ufffd\ufffd binary junk \x04\x05\x06\x07\x08\ufffd\ufffd\ufffd\x0e\x0f\x10\x11",
+     {"read": 1, "garbage": 1}),
+    ("Base document with an accent on the cafe\u0301, new text of enough length.",
+     {"read": 1, "kept": 1, "nfc_normalised": 1}),
+    ("Base document\r\nwith Windows line endings,\r\nnew text of enough length.",
+     {"read": 1, "kept": 1, "line_endings_normalised": 1}),
+    ("Base document with a stray\x0c form feed and bell\x07, new text of enough length.",
+     {"read": 1, "kept": 1, "control_chars_stripped": 1}),
+])
+def test_each_filter_changes_its_count_in_the_card(tmp_path, tok_path, extra, delta):
+    flags = [f"--tokenizer={tok_path}", "--min_chars=40"]
+    base, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'a.jsonl', BASE)}", *flags, name="a")
+    more, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'b.jsonl', BASE + [extra])}", *flags, name="b")
+    assert counts(base) == {"read": 5, "kept": 5, "garbage": 0, "shorter_than_min_chars": 0, "duplicate": 0,
+                            "line_endings_normalised": 0, "control_chars_stripped": 0, "nfc_normalised": 0}
+    assert {k: counts(more)[k] - counts(base)[k] for k in counts(base)} == {k: delta.get(k, 0) for k in counts(base)}
+
+
+def test_nfd_and_nfc_spellings_are_one_document(tmp_path, tok_path):
+    nfc = "Une phrase en fran\u00e7ais: le caf\u00e9 est d\u00e9j\u00e0 pr\u00eat, et c'est tr\u00e8s bien."
+    nfd = "Une phrase en fran\u00e7ais: le cafe\u0301 est de\u0301ja\u0300 pr\u00eat, et c'est tre\u0300s bien."
+    card, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'c.jsonl', [nfc, nfd])}", f"--tokenizer={tok_path}",
+                  "--min_chars=10")
+    assert counts(card)["kept"] == 1 and counts(card)["duplicate"] == 1 and counts(card)["nfc_normalised"] == 1
+
+
+def test_card_records_source_command_and_tokens(tmp_path, tok_path):
+    path = write_jsonl(tmp_path / "c.jsonl", RAW)
+    card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--min_chars=20",
+                    "--license=CC-BY-4.0")
+    on_disk = json.loads((out / "card.json").read_text())
+    assert on_disk == card
+    assert card["source"]["files"] == [{"path": os.path.abspath(path), "bytes": os.path.getsize(path)}]
+    assert card["source"]["license"] == "CC-BY-4.0"
+    assert f"--input={path}" in card["command"] and card["command"].startswith("python prepare.py")
+    assert card["tokenizer"]["vocab_size"] == 320
+    text_bytes = sum(len(d.encode()) for d in CLEAN)
+    assert card["bytes"]["kept"] == text_bytes
+    assert card["tokens"]["bytes_per_token"] == round(text_bytes / (card["tokens"]["total"] - len(CLEAN)), 4)
+    readme = (out / "README.md").read_text()
+    assert "CC-BY-4.0" in readme and f"--input={path}" in readme and "| **kept** | **6** |" in readme
+
+
+def test_stdlib_source_is_sorted_source_without_test_suites():
+    root, files = prepare._stdlib_files()
+    rel = [f.relative_to(root).as_posix() for f in files]
+    assert rel == sorted(rel) and "os.py" in rel and "json/decoder.py" in rel
+    assert not any(part in ("test", "tests", "site-packages") for r in rel for part in r.split("/"))
+    assert 8e6 < sum(f.stat().st_size for f in files) < 20e6  # ~12 MB on CPython 3.11
+
+
+# -----------------------------------------------------------------------------
+# the shard format
+
+def test_shard_header_and_reader_checks(tmp_path):
+    path = str(tmp_path / "s.bin")
+    tokens = np.arange(1000, dtype=np.uint16) * 60
+    prepare.write_shard(path, tokens)
+    raw = Path(path).read_bytes()
+    header = np.frombuffer(raw[:1024], dtype="<i4")
+    assert header[:3].tolist() == [20240520, 1, 1000] and len(raw) == 1024 + 2000  # llm.c's layout
+    np.testing.assert_array_equal(prepare.read_shard(path), tokens)
+
+    Path(path).write_bytes(raw[:-2])  # one token short
+    with pytest.raises(ValueError, match=f"shard {path}: 3022 bytes but the header says 1000 tokens.*truncated"):
+        prepare.read_shard(path)
+    Path(path).write_bytes(raw[:100])
+    with pytest.raises(ValueError, match=f"shard {path}: truncated: 100 bytes"):
+        prepare.read_shard(path)
+    Path(path).write_bytes(np.int32(20240521).tobytes() + raw[4:])
+    with pytest.raises(ValueError, match=f"shard {path}: wrong magic number 20240521"):
+        prepare.read_shard(path)
+    Path(path).write_bytes(raw[:4] + np.int32(2).tobytes() + raw[8:])
+    with pytest.raises(ValueError, match="unsupported version 2"):
+        prepare.read_shard(path)
+    with pytest.raises(ValueError, match="no_such.bin"):
+        prepare.read_shard(str(tmp_path / "no_such.bin"))
+    with pytest.raises(ValueError, match="0..65535"):
+        prepare.write_shard(path, [1, 2, 70000])
+
+
+def test_interrupted_write_leaves_no_shard(tmp_path, monkeypatch):
+    path = tmp_path / "s.bin"
+
+    def crash(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.write_shard(str(path), np.arange(10))
+    assert not path.exists()  # only the .tmp file, which no reader globs for
+
+
+# -----------------------------------------------------------------------------
+# errors a user sees: one line, naming the problem and the fix
+
+def test_vocab_too_large_for_uint16_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match=r"--vocab_size=70000 does not fit the uint16 token shards"):
+        prepare.main([f"--data_dir={tmp_path / 'data'}", "--dataset=stdlib", "--vocab_size=70000"])
+    assert not (tmp_path / "data").exists()
+
+
+def test_empty_corpus_after_filtering_is_an_error(tmp_path, tok_path):
+    path = write_jsonl(tmp_path / "c.jsonl", ["short", "tiny", "short"])
+    with pytest.raises(SystemExit, match=r"no documents left after cleaning \(read 3: 3 shorter than "
+                                         r"min_chars=64, 0 garbage, 0 duplicates\)"):
+        run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}")
+    assert not shard_files(tmp_path / "data" / "t")
+    with pytest.raises(SystemExit, match="no documents left after cleaning"):  # the same when training
+        run(tmp_path, f"--input={path}", "--tokenizer=train", "--vocab_size=300")
+
+
+def test_missing_inputs_are_named(tmp_path, tok_path):
+    missing = tmp_path / "nope" / "corpus.jsonl"
+    with pytest.raises(SystemExit, match=f"input '{missing}' does not exist"):
+        run(tmp_path, f"--input={missing}", f"--tokenizer={tok_path}")
+    with pytest.raises(SystemExit, match=r"input '.*\*.parquet' matches no file"):
+        run(tmp_path, f"--input={tmp_path}/*.parquet", f"--tokenizer={tok_path}")
+    path = write_jsonl(tmp_path / "c.jsonl", RAW, field="content")
+    with pytest.raises(SystemExit, match="has no column 'text' \\(columns: content, id\\); set --text_field"):
+        run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}")
+    with pytest.raises(SystemExit, match=f"tokenizer file '{tmp_path / 'x.bpe'}' not found"):
+        run(tmp_path, f"--input={path}", f"--tokenizer={tmp_path / 'x.bpe'}")
+
+
+def test_unreachable_hub_fails_within_seconds_naming_the_offline_option(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there, online or not
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=r"cannot reach the Hugging Face hub at 127.0.0.1:9.*--dataset=stdlib"):
+        prepare.main([f"--data_dir={tmp_path / 'data'}"])  # `python prepare.py`: FineWeb-Edu, GPT-2
+    assert time.time() - t0 < 30  # a hang guard, not a speed target
+    assert not (tmp_path / "data").exists()
