@@ -217,6 +217,8 @@ class GPT(nn.Module):
             for name, p in self.named_parameters():
                 if name.endswith("c_proj.weight"):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        print(f"GPT: {self.num_params(non_embedding=False):,} parameters "
+              f"({self.num_params():,} without looked-up position/input tables)")
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):  # N(0, 0.02) as GPT-1 and GPT-2
@@ -359,9 +361,13 @@ class GPT(nn.Module):
         if not os.path.isdir(path):
             if name_or_dir not in HF_GPT2_NAMES:
                 raise ValueError(f"{name_or_dir!r} is neither a directory nor one of {', '.join(HF_GPT2_NAMES)}")
-            from huggingface_hub import snapshot_download  # a dev dependency, imported only for this
-            path = snapshot_download(f"openai-community/{name_or_dir}",
-                                     allow_patterns=["config.json", "model.safetensors"])
+            from huggingface_hub import snapshot_download  # comes with transformers/datasets; only here
+            try:
+                path = snapshot_download(f"openai-community/{name_or_dir}",
+                                         allow_patterns=["config.json", "model.safetensors"])
+            except Exception as e:  # offline, proxy, disk full: one line instead of an HTTP traceback
+                raise ValueError(f"could not download {name_or_dir} from the Hugging Face hub ({type(e).__name__}: "
+                                 f"{e}); check the network or pass a local save_pretrained directory") from e
         if not os.path.exists(os.path.join(path, "config.json")):
             raise ValueError(f"no config.json in {path}; pass a directory written by save_pretrained")
         with open(os.path.join(path, "config.json")) as f:

@@ -14,6 +14,16 @@ from model import GPT, GPTConfig, sample_next
 PRESETS = ("gpt1", "gpt2", "modern")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These models are tiny, so threads gain nothing; on a shared, loaded machine two spinning
+    # threads per process made a 0.2 s test take 40 s.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(name, **kw):
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, dropout=0.0)
     return GPTConfig.preset(name, **{**args, **kw})
