@@ -239,6 +239,8 @@ def _datasets_docs(load_args, text_field, what):
     """Stream text_field of a datasets.load_dataset(**load_args, streaming=True) source, in batches
     (one Arrow-to-Python conversion per 1000 rows instead of one per row)."""
     import datasets
+    # without this, streaming imports torch (~3 s, ~300 MB) only to share a counter with DataLoader workers
+    datasets.config.TORCH_AVAILABLE = False
     try:
         ds = datasets.load_dataset(**load_args, streaming=True)
     except Exception as e:
