@@ -62,10 +62,14 @@ class GPTConfig:
                              f"pick n_embd a multiple of n_head")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
-        if self.ffn_hidden == 0:
-            # SwiGLU has three matrices instead of two; 8/3*d keeps the MLP's parameters at 8*d^2
-            # like GELU's 4*d hidden (Shazeer 2020, Llama), rounded up to 64 for kernel-friendly shapes
-            self.ffn_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def mlp_hidden(self):
+        if self.ffn_hidden:  # resolved here, not stored, so dataclasses.replace(mlp=...) stays consistent
+            return self.ffn_hidden
+        # SwiGLU has three matrices instead of two; 8/3*d keeps the MLP's parameters at 8*d^2 like
+        # GELU's 4*d hidden (Shazeer 2020, Llama), rounded up to 64 for kernel-friendly shapes
+        return 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
     @property
     def padded_vocab_size(self):
@@ -158,7 +162,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        h = config.ffn_hidden
+        h = config.mlp_hidden
         # SwiGLU's gate and up projections share one matmul (c_fc is 2h wide), then split
         self.c_fc = nn.Linear(config.n_embd, 2 * h if self.swiglu else h, bias=config.bias)
         self.c_proj = nn.Linear(h, config.n_embd, bias=config.bias)
@@ -283,9 +287,9 @@ class GPT(nn.Module):
         if targets is None:  # inference: the head (the largest matmul) only where it is needed
             return self.lm_head(x[:, [-1], :])[..., :V], None
         # padded columns are sliced off so the softmax is over real tokens only (torch.compile fuses
-        # the slice into the loss); float() keeps the log-softmax in fp32 under autocast
+        # the slice into the loss); autocast runs the log-softmax inside cross_entropy in fp32
         logits = self.lm_head(x)[..., :V]
-        loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):

@@ -55,7 +55,7 @@ def test_full_preset_parameter_counts():
     assert counts["gpt2"].num_params() == 124_475_904 - 1024 * C  # the position table is only looked up
     modern_block = 4 * C * C + 3 * C * 2048 + 2 * C
     assert counts["modern"].num_params(non_embedding=False) == 12 * modern_block + C + 50304 * C == 123_587_328
-    assert counts["modern"].config.ffn_hidden == 2048  # 8/3 * 768, a multiple of 64
+    assert counts["modern"].config.mlp_hidden == 2048  # 8/3 * 768, a multiple of 64
 
 
 @pytest.mark.parametrize("name", PRESETS)
