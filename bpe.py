@@ -1,0 +1,480 @@
+"""
+bpe.py: a byte-level BPE tokenizer, trained from scratch, encoding through tiktoken.
+
+Byte pair encoding (Gage 1994; for subwords Sennrich et al. 2016; byte-level in GPT-2, Radford et
+al. 2019) builds a vocabulary bottom-up. Start from the 256 byte values, so every string is
+representable and nothing is ever "unknown". Then repeat: find the most frequent adjacent pair of
+tokens in the corpus, make it a new token, and replace the pair everywhere. Each merge shortens
+the corpus a little; after N merges the vocabulary is 256 + N tokens (+ special tokens like
+<|endoftext|>, which are added at the end with the following ids and are never made by merging).
+
+Three ideas make training fast enough for real corpora (a 40k-merge vocabulary on hundreds of MB):
+
+1. Pre-split with a regex. GPT-2 first cuts text into chunks (a word with its leading space, a
+   number, a run of punctuation, a run of whitespace) and never merges across chunk boundaries, so
+   "dog." and "dog!" share the token " dog" instead of learning both. The pattern is the GPT-2 one
+   by default ("cl100k", GPT-4's, by name, or your own regex).
+2. Count unique chunks, not text. The corpus becomes a table {chunk: count}; 12 MB of Python has
+   only ~50k distinct chunks, so every later step works on the table and multiplies by counts.
+3. Update pair counts incrementally. The textbook loop recounts every pair after every merge:
+   O(corpus) per merge, hours for a real vocabulary. But a merge of (a, b) can only change pairs in
+   the chunks that contain (a, b): we keep an index pair -> chunks holding it, and after a merge we
+   visit only those chunks, subtract their old pairs and add their new ones (times the chunk's
+   count). The best pair comes from a max-heap with lazy invalidation: entries are never updated in
+   place; a popped entry whose count is out of date is put back with its true count. Only pairs that
+   contain the new token can grow, and those are pushed fresh, so every live pair always has an entry
+   at least as large as its true count. Hence the first popped entry that is up to date is the true
+   maximum, and the loop picks exactly the pair a full recount would pick, merge after merge
+   (tests/test_bpe.py checks this against a naive full-recount trainer on real text).
+
+Determinism: ties in count are broken by the smallest pair of ids (left id first, then right id),
+so the same corpus and settings give the same merges, and the same file, on every machine and run.
+If a merge produces bytes that are already a token (e.g. " the" from (" th","e") and later from
+(" t","he")), the chunks get the existing token and the vocabulary does not grow: every token is a
+distinct byte string, which is what tiktoken's encoder needs.
+
+Encoding: tiktoken's Rust core (Encoding built from our ranks: token bytes -> id) does the real work,
+multi-threaded in encode_batch. Its algorithm is the short pure-Python `encode_reference` below: in
+each chunk, repeatedly merge the adjacent pair whose concatenation is the lowest-ranked token.
+Text with lone surrogates (not encodable as UTF-8) is encoded with U+FFFD in their place, as
+tiktoken does; escape them first (e.g. "backslashreplace") if they must round-trip.
+
+The .bpe file is plain text, one merge per line, so you can read what was learned:
+    bpe.py tokenizer v1
+    name bpe-8192
+    pattern "'(?:[sdmt]|ll|ve|re)| ?\\p{L}++| ..."
+    special 8191 "<|endoftext|>"
+    merges 7935
+    256 32 116 " t"          <- token 256 = token 32 + token 116, shown as text
+A Tokenizer.gpt2() file holds only a line "tiktoken gpt2" instead of merges.
+
+Command line:  python bpe.py --input='data/*.txt' --vocab_size=8192 --out=tokenizer.bpe
+"""
+import glob
+import heapq
+import itertools
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from collections import Counter, defaultdict, deque
+
+import regex  # tiktoken's dependency; unlike `re` it knows \p{L} (letter) and \p{N} (number)
+import tiktoken
+
+# GPT-2's split, as tiktoken writes it (possessive ++ avoids backtracking): contractions, an optional
+# space + letters, an optional space + digits, an optional space + other symbols, then whitespace
+# (a run of spaces gives its last space to the next word: "   x" -> "  ", " x").
+PATTERNS = {
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+    "cl100k": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+}
+_HEADER = "bpe.py tokenizer v1"  # first line of every file; bump the version when the format changes
+_GPT2 = dict(vocab_size=50257, special_tokens={"<|endoftext|>": 50256})  # tiktoken's gpt2, known offline
+
+
+def _utf8(text):
+    """str -> UTF-8 bytes; lone surrogates become U+FFFD (exactly what tiktoken does)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # rejoins valid surrogate pairs too
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------------
+# training, step 1: split the text into chunks and count the distinct ones
+
+def count_chunks(texts, pattern, verbose=False):
+    """Stream documents, return {chunk bytes: count}. The regex is most of the cost, so inputs of
+    more than one ~1 MB batch are split across all cores (worker processes: the GIL)."""
+    batches = _batches(texts)
+    first, second = next(batches, []), next(batches, None)
+    if second is None:  # small input: not worth starting processes
+        counts = _count_batch(first, pattern)
+    else:
+        counts, pending, workers = Counter(), deque(), os.cpu_count() or 1
+        t0, nbytes, last = time.time(), 0, time.time()
+        with multiprocessing.Pool(workers) as pool:
+            for batch in itertools.chain([first, second], batches):
+                nbytes += sum(map(len, batch))
+                pending.append(pool.apply_async(_count_batch, (batch, pattern)))
+                if len(pending) > 2 * workers:  # bounded read-ahead keeps memory flat on huge inputs
+                    counts.update(pending.popleft().get())
+                if verbose and time.time() - last > 2:
+                    last = time.time()
+                    print(f"read {nbytes / 1e6:.0f} MB ({nbytes / 1e6 / (last - t0):.1f} MB/s), "
+                          f"{len(counts):,} distinct chunks so far")
+            while pending:
+                counts.update(pending.popleft().get())
+    chunks = defaultdict(int)  # keyed by bytes: text chunks that differ only in lone surrogates collapse
+    for text, n in counts.items():
+        chunks[_utf8(text)] += n
+    if verbose:
+        print(f"{len(chunks):,} distinct chunks, {sum(chunks.values()):,} in all")
+    return chunks
+
+
+def _batches(texts, size=1 << 20):
+    """Group documents into lists of about `size` characters (few, large tasks for the workers)."""
+    batch, n = [], 0
+    for text in texts:
+        batch.append(text)
+        n += len(text)
+        if n >= size:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def _count_batch(batch, pattern):
+    findall, counts = regex.compile(pattern).findall, Counter()  # regex caches the compiled pattern
+    for text in batch:
+        counts.update(findall(text))  # Counter.update of a list runs in C: the fast path
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------
+# training, step 2: the merge loop, with incremental pair counts
+
+def learn_merges(chunks, num_merges, verbose=False):
+    """{chunk bytes: count} -> list of num_merges pairs (a, b); token 256+i is the bytes of pair i."""
+    # each distinct chunk as a list of token ids; 1-byte chunks have no pairs and never matter
+    words = [list(c) for c in chunks if len(c) > 1]
+    freqs = [n for c, n in chunks.items() if len(c) > 1]
+    pair_counts = defaultdict(int)  # (a, b) -> occurrences in the corpus (summed over chunk counts)
+    where = defaultdict(set)        # (a, b) -> indices of words that hold it (may hold stale entries)
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += f
+            where[pair].add(i)
+    # max-heap via negated counts; (-count, (a, b)) also orders ties by the smallest pair: the rule
+    heap = [(-n, pair) for pair, n in pair_counts.items()]
+    heapq.heapify(heap)
+
+    vocab = [bytes([i]) for i in range(256)]  # id -> bytes
+    token_of = {b: i for i, b in enumerate(vocab)}
+    merges = []
+    t0 = last = time.time()
+    while len(merges) < num_merges:
+        if not heap:
+            raise ValueError(f"the corpus allows only {len(merges)} merges (vocab_size at most "
+                             f"{256 + len(merges)} + special tokens); give more text or a smaller vocab_size")
+        neg, pair = heapq.heappop(heap)
+        n = pair_counts.get(pair, 0)
+        if n != -neg:  # stale entry: the count fell since it was pushed; requeue the true count
+            if n > 0:
+                heapq.heappush(heap, (-n, pair))
+            continue
+        a, b = pair
+        new_bytes = vocab[a] + vocab[b]
+        c = token_of.get(new_bytes)
+        if c is None:  # the usual case: a new token
+            c = len(vocab)
+            vocab.append(new_bytes)
+            token_of[new_bytes] = c
+            merges.append(pair)
+        # Rewrite only the words that hold (a, b), left to right. Each merge at position j changes
+        # just the pairs around it: (x, a) and (b, y) vanish, (x, c) and (c, y) appear, where x and
+        # y are the neighbours *after* merging (two adjacent merges give (c, c), counted once).
+        grown = defaultdict(set)  # pairs holding c (the only ones that can rise) -> words holding them
+        for i in where.pop(pair):
+            w, f = words[i], freqs[i]
+            out, j, L, merged_last = [], 0, len(w), False
+            while j < L:
+                if j + 1 < L and w[j] == a and w[j + 1] == b:
+                    if out:
+                        x = out[-1]
+                        if not merged_last:  # else (b, a) was already taken off by the previous merge
+                            pair_counts[x, a] -= f
+                        pair_counts[x, c] += f
+                        grown[x, c].add(i)
+                    if j + 2 < L:
+                        pair_counts[b, w[j + 2]] -= f
+                    out.append(c)
+                    j, merged_last = j + 2, True
+                else:
+                    if merged_last:
+                        pair_counts[c, w[j]] += f
+                        grown[c, w[j]].add(i)
+                    out.append(w[j])
+                    j, merged_last = j + 1, False
+            words[i] = out  # unchanged if the entry was stale (an earlier merge took this (a, b))
+        del pair_counts[pair]  # every occurrence is merged now; (a, b) is gone for good
+        for p, holders in grown.items():
+            where[p] |= holders
+            heapq.heappush(heap, (-pair_counts[p], p))
+        if verbose and (time.time() - last > 2 or len(merges) == num_merges):
+            last = time.time()
+            print(f"merge {len(merges):>6}/{num_merges} | {len(merges) / (last - t0):6.0f} merges/s | "
+                  f"count {n:>8,} | {_show(new_bytes)}")
+    return merges
+
+
+def _show(b):
+    """Token bytes as readable text: a JSON string if valid UTF-8, else a bytes literal."""
+    try:
+        s = b.decode("utf-8")
+    except UnicodeDecodeError:  # part of a multi-byte character
+        return repr(b)
+    return json.dumps(s, ensure_ascii=not s.isprintable())  # control chars etc. as \u escapes
+
+
+def read_texts(pattern, block=1 << 20):
+    """Stream the files matching a glob as pieces of about `block` characters cut at line ends,
+    so a file of any size is read with bounded memory."""
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise ValueError(f"no files match '{pattern}'; check the path (and quote the glob)")
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            while lines := f.readlines(block):
+                yield "".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# the Tokenizer: one class for every vocabulary in the repository
+
+class Tokenizer:
+    def __init__(self, merges, pattern, special_tokens, name, tiktoken_name=None):
+        """merges: list of (a, b); special_tokens: {text: id}. Use train/load/gpt2 rather than this."""
+        self.merges, self.pattern, self.name = merges, pattern, name
+        self.special_tokens = dict(special_tokens)
+        self._tiktoken_name = tiktoken_name  # "gpt2": a stock tiktoken vocabulary, merges is None
+        self._enc = None  # the tiktoken.Encoding, built on first use (gpt2 may need a download)
+        if merges is not None:
+            self.vocab = [bytes([i]) for i in range(256)]  # id -> bytes
+            for a, b in merges:
+                self.vocab.append(self.vocab[a] + self.vocab[b])
+            self.ranks = {b: i for i, b in enumerate(self.vocab)}  # bytes -> id; the id is the rank
+
+    @classmethod
+    def train(cls, texts, vocab_size, pattern="gpt2", special_tokens=("<|endoftext|>",), verbose=False):
+        """Learn vocab_size - 256 - len(special_tokens) merges from an iterable of documents."""
+        if isinstance(texts, str):
+            texts = [texts]  # one document, not an iterable of characters
+        special_tokens = list(dict.fromkeys(special_tokens))  # drop repeats, keep order
+        if any(not s for s in special_tokens):
+            raise ValueError("special tokens must be non-empty strings")
+        if vocab_size < 256 + len(special_tokens):
+            raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens "
+                             f"and {len(special_tokens)} special token(s), at least {256 + len(special_tokens)}")
+        pat = PATTERNS.get(pattern, pattern)
+        chunks = count_chunks(texts, pat, verbose)
+        if not chunks:
+            raise ValueError("empty corpus: no text to learn merges from")
+        merges = learn_merges(chunks, vocab_size - 256 - len(special_tokens), verbose)
+        specials = {s: 256 + len(merges) + i for i, s in enumerate(special_tokens)}
+        return cls(merges, pat, specials, f"bpe-{vocab_size}")
+
+    @classmethod
+    def gpt2(cls):
+        """OpenAI's GPT-2 vocabulary through tiktoken (downloaded by tiktoken on first encode)."""
+        return cls(None, PATTERNS["gpt2"], _GPT2["special_tokens"], "gpt2", tiktoken_name="gpt2")
+
+    @classmethod
+    def from_spec(cls, spec):
+        """'gpt2' -> Tokenizer.gpt2(); anything else is the path of a .bpe file."""
+        return cls.gpt2() if spec == "gpt2" else cls.load(spec)
+
+    @property
+    def vocab_size(self):
+        if self.merges is None:
+            return _GPT2["vocab_size"]
+        return 256 + len(self.merges) + len(self.special_tokens)
+
+    @property
+    def eot_token(self):
+        if "<|endoftext|>" not in self.special_tokens:
+            raise ValueError(f"tokenizer {self.name} has no <|endoftext|> special token")
+        return self.special_tokens["<|endoftext|>"]
+
+    # -- encoding and decoding, through tiktoken ---------------------------------------------------
+
+    @property
+    def enc(self):
+        if self._enc is None:
+            if self._tiktoken_name is not None:
+                try:
+                    self._enc = tiktoken.get_encoding(self._tiktoken_name)
+                except Exception as e:  # offline and not cached: say so rather than a requests traceback
+                    raise RuntimeError(f"tiktoken could not load the '{self._tiktoken_name}' vocabulary "
+                                       f"({type(e).__name__}); it is downloaded once, so run with network "
+                                       f"access or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
+            else:
+                self._enc = tiktoken.Encoding(self.name, pat_str=self.pattern, mergeable_ranks=self.ranks,
+                                              special_tokens=self.special_tokens)
+        return self._enc
+
+    def _allowed(self, allowed_special):
+        if allowed_special == "all":
+            return "all"
+        unknown = set(allowed_special) - self.special_tokens.keys()
+        if unknown:
+            raise ValueError(f"allowed_special has {sorted(unknown)}, not special tokens of {self.name} "
+                             f"(it has {sorted(self.special_tokens)})")
+        return set(allowed_special)
+
+    def encode(self, text, allowed_special=()):
+        """str -> ids. Special-token text is a special token only if allowed ("all" or a set);
+        otherwise it is encoded as the ordinary text it is, never an error."""
+        return self.enc.encode(text, allowed_special=self._allowed(allowed_special), disallowed_special=())
+
+    def encode_batch(self, texts, allowed_special=(), num_threads=os.cpu_count() or 1):
+        """Many documents at once; tiktoken releases the GIL, so the threads run in parallel."""
+        return self.enc.encode_batch(list(texts), num_threads=num_threads, disallowed_special=(),
+                                     allowed_special=self._allowed(allowed_special))
+
+    def decode_bytes(self, ids):
+        return self.enc.decode_bytes(ids)
+
+    def decode(self, ids):
+        """ids -> str; a sequence that stops inside a multi-byte character ends in U+FFFD."""
+        return self.enc.decode(ids, errors="replace")
+
+    # -- the same encoder in pure Python: what tiktoken computes, slowly -----------------------------
+
+    def encode_reference(self, text, allowed_special=()):
+        """Reference encoder, identical output to encode(); for reading and testing, not for speed."""
+        if self.merges is None:
+            raise ValueError("encode_reference needs our own merges; gpt2 has none loaded")
+        allowed = self.special_tokens.keys() if allowed_special == "all" else self._allowed(allowed_special)
+        text = _utf8(text).decode("utf-8")  # lone surrogates -> U+FFFD, as tiktoken does
+        # cut at allowed special tokens (the capture group keeps them in the list), encode the rest
+        pieces = regex.split("(" + "|".join(map(regex.escape, allowed)) + ")", text) if allowed else [text]
+        chunk_re, cache, ids = regex.compile(self.pattern), {}, []
+        for k, piece in enumerate(pieces):
+            if k % 2:  # odd pieces are the special tokens matched by the split
+                ids.append(self.special_tokens[piece])
+                continue
+            for chunk in chunk_re.findall(piece):
+                if chunk not in cache:
+                    cache[chunk] = self._merge_chunk(_utf8(chunk))
+                ids.extend(cache[chunk])
+        return ids
+
+    def _merge_chunk(self, b):
+        """The rank-ordered merge loop: merge the adjacent pair whose concatenation is the
+        lowest-ranked (earliest learned) token, until no adjacent pair is a token."""
+        parts = [b[i:i + 1] for i in range(len(b))]
+        while len(parts) > 1:
+            # leftmost of the lowest ranks on ties, as tiktoken does
+            i = min(range(len(parts) - 1), key=lambda j: self.ranks.get(parts[j] + parts[j + 1], 1 << 62))
+            if parts[i] + parts[i + 1] not in self.ranks:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return [self.ranks[p] for p in parts]
+
+    # -- the file: plain text, versioned -----------------------------------------------------------
+
+    def dumps(self):
+        """The .bpe file as a string (checkpoints embed it)."""
+        lines = [_HEADER, f"name {self.name}"]
+        if self.merges is None:
+            lines.append(f"tiktoken {self._tiktoken_name}")
+        else:
+            lines.append(f"pattern {json.dumps(self.pattern)}")
+            lines += [f"special {i} {json.dumps(s)}" for s, i in self.special_tokens.items()]
+            lines.append(f"merges {len(self.merges)}")
+            lines += [f"{256 + k} {a} {b} {_show(self.vocab[256 + k])}" for k, (a, b) in enumerate(self.merges)]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def loads(cls, text, source="<string>"):
+        """Parse dumps() output; any damage is a ValueError naming `source` and the line."""
+        lines = text.split("\n")  # not splitlines(): token text may contain U+2028 and friends
+        if lines[0] != _HEADER:
+            if lines[0].startswith("bpe.py tokenizer "):
+                raise ValueError(f"{source}: tokenizer file format '{lines[0][17:]}', this bpe.py reads "
+                                 f"'{_HEADER[17:]}'; use the bpe.py that wrote it or retrain")
+            raise ValueError(f"{source}: not a bpe.py tokenizer file (first line {lines[0][:40]!r})")
+        header, specials, merges, k = {}, {}, [], 1
+        try:
+            while not lines[k].startswith("merges ") and not lines[k].startswith("tiktoken "):
+                key, value = lines[k].split(" ", 1)
+                if key == "special":
+                    i, s = value.split(" ", 1)
+                    specials[json.loads(s)] = int(i)
+                else:
+                    header[key] = value
+                k += 1
+            key, value = lines[k].split(" ", 1)
+            if key == "tiktoken":
+                if value != "gpt2":
+                    raise ValueError(f"unknown tiktoken vocabulary '{value}'")
+                return cls.gpt2()
+            for k in range(k + 1, k + 1 + int(value)):
+                new, a, b = map(int, lines[k].split(" ", 3)[:3])
+                if new != 256 + len(merges) or not (0 <= a < new and 0 <= b < new):
+                    raise ValueError("token ids out of order")
+                merges.append((a, b))
+            if any(line for line in lines[k + 1:]) or sorted(specials.values()) != \
+                    list(range(256 + len(merges), 256 + len(merges) + len(specials))):
+                raise ValueError("special token ids must follow the merges")
+            tok = cls(merges, json.loads(header["pattern"]), specials, header["name"])
+        except (ValueError, IndexError, KeyError) as e:
+            raise ValueError(f"{source}: corrupt tokenizer file near line {k + 1}: {e}") from None
+        if len(set(tok.vocab)) != len(tok.vocab):
+            raise ValueError(f"{source}: corrupt tokenizer file: two tokens have the same bytes")
+        return tok
+
+    def save(self, path):
+        """Write atomically: a crash never leaves half a file at `path`."""
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(self.dumps())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read tokenizer file '{path}': {e}") from None
+        return cls.loads(text, source=path)
+
+    def __repr__(self):
+        return f"Tokenizer({self.name}, vocab_size={self.vocab_size})"
+
+
+# ------------------------------------------------------------------------------------------------
+# command line: train on files, save, report compression on held-out text
+
+if __name__ == "__main__":
+    from configurator import configure
+
+    input = "data/*.txt"            # files to learn from: a glob (quote it for the shell)
+    vocab_size = 8192               # all tokens: 256 bytes + merges + specials (GPT-1: 40,000 merges)
+    pattern = "gpt2"                # pre-split regex: "gpt2", "cl100k" (GPT-4) or a regex of your own
+    special_tokens = ("<|endoftext|>",)
+    out = "tokenizer.bpe"           # where to write the tokenizer
+    heldout_every = 20              # every 20th piece of input (up to 2 MB) is kept out for the report
+    configure(globals())
+
+    heldout = []
+    def training_texts():  # streams the input, setting aside the held-out pieces
+        for i, text in enumerate(read_texts(input)):
+            if i % heldout_every == heldout_every - 1 and sum(map(len, heldout)) < 2e6:
+                heldout.append(text)
+            else:
+                yield text
+
+    t0 = time.time()
+    try:
+        tok = Tokenizer.train(training_texts(), vocab_size, pattern, special_tokens, verbose=True)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    tok.save(out)
+    print(f"trained {tok.name} in {time.time() - t0:.1f}s, saved to {out}")
+    print("first merges:", ", ".join(_show(tok.vocab[i]) for i in range(256, min(261, len(tok.vocab)))))
+    print("last merges: ", ", ".join(_show(tok.vocab[i]) for i in range(max(256, len(tok.vocab) - 5), len(tok.vocab))))
+    longest = sorted(tok.vocab[256:], key=len)[-5:]
+    print("longest:     ", ", ".join(map(_show, longest)))
+    if heldout:
+        ntok = sum(map(len, tok.encode_batch(heldout)))
+        nbytes = sum(len(_utf8(t)) for t in heldout)
+        print(f"held-out compression: {nbytes / ntok:.3f} bytes/token on {nbytes / 1e6:.2f} MB")
+    else:
+        print(f"no held-out text (input has fewer than {heldout_every} pieces): compression not measured")
