@@ -304,16 +304,17 @@ class GPT(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
 
-    def flops_per_token(self):
+    def flops_per_token(self, T=None):
         """Training FLOPs per token, PaLM appendix B (Chowdhery et al. 2022): 6N for the weight matmuls
         (2 forward + 4 backward per parameter) plus 12*L*H*Q*T for attention scores and their use on
-        the values (L layers, H heads, head size Q, context T; the causal half is counted too)."""
+        the values (L layers, H heads, head size Q, sequence length T, default block_size; the
+        causally masked half is counted too, as PaLM does)."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * (T or c.block_size)
 
-    def estimate_mfu(self, tokens_per_sec, peak_flops):
+    def estimate_mfu(self, tokens_per_sec, peak_flops, T=None):
         """Model FLOPs utilisation: achieved model FLOPs per second as a fraction of the device's peak."""
-        return self.flops_per_token() * tokens_per_sec / peak_flops
+        return self.flops_per_token(T) * tokens_per_sec / peak_flops
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):

@@ -206,6 +206,7 @@ def test_flops_and_mfu():
     c = model.config
     assert model.flops_per_token() == 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
     assert model.estimate_mfu(tokens_per_sec=1000, peak_flops=1000 * model.flops_per_token()) == pytest.approx(1.0)
+    assert model.flops_per_token(T=8) == model.flops_per_token() - 12 * c.n_layer * c.n_embd * 8  # shorter runs
 
 
 def test_config_round_trips_through_asdict():
