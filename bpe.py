@@ -29,9 +29,6 @@ Three ideas make training fast enough for real corpora (a 40k-merge vocabulary o
 
 Determinism: ties in count are broken by the smallest pair of ids (left id first, then right id),
 so the same corpus and settings give the same merges, and the same file, on every machine and run.
-If a merge produces bytes that are already a token (e.g. " the" from (" th","e") and later from
-(" t","he")), the chunks get the existing token and the vocabulary does not grow: every token is a
-distinct byte string, which is what tiktoken's encoder needs.
 
 Encoding: tiktoken's Rust core (Encoding built from our ranks: token bytes -> id) does the real work,
 multi-threaded in encode_batch. Its algorithm is the short pure-Python `encode_reference` below: in
@@ -85,10 +82,10 @@ def _utf8(text):
 # ------------------------------------------------------------------------------------------------
 # training, step 1: split the text into chunks and count the distinct ones
 
-def count_chunks(texts, pattern, verbose=False):
+def count_chunks(texts, pattern, verbose=False, batch_chars=1 << 20):
     """Stream documents, return {chunk bytes: count}. The regex is most of the cost, so inputs of
     more than one ~1 MB batch are split across all cores (worker processes: the GIL)."""
-    batches = _batches(texts)
+    batches = _batches(texts, batch_chars)
     first, second = next(batches, []), next(batches, None)
     if second is None:  # small input: not worth starting processes
         counts = _count_batch(first, pattern)
@@ -115,7 +112,7 @@ def count_chunks(texts, pattern, verbose=False):
     return chunks
 
 
-def _batches(texts, size=1 << 20):
+def _batches(texts, size):
     """Group documents into lists of about `size` characters (few, large tasks for the workers)."""
     batch, n = [], 0
     for text in texts:
@@ -154,7 +151,6 @@ def learn_merges(chunks, num_merges, verbose=False):
     heapq.heapify(heap)
 
     vocab = [bytes([i]) for i in range(256)]  # id -> bytes
-    token_of = {b: i for i, b in enumerate(vocab)}
     merges = []
     t0 = last = time.time()
     while len(merges) < num_merges:
@@ -167,14 +163,13 @@ def learn_merges(chunks, num_merges, verbose=False):
             if n > 0:
                 heapq.heappush(heap, (-n, pair))
             continue
+        # (a, b) becomes token c. Its bytes are never already a token: whatever a chunk's context,
+        # the merges inside a substring that ends up as one token are those of the substring alone,
+        # so each byte string is made at one step only (tiktoken's ranks need distinct bytes).
         a, b = pair
-        new_bytes = vocab[a] + vocab[b]
-        c = token_of.get(new_bytes)
-        if c is None:  # the usual case: a new token
-            c = len(vocab)
-            vocab.append(new_bytes)
-            token_of[new_bytes] = c
-            merges.append(pair)
+        c = len(vocab)
+        vocab.append(vocab[a] + vocab[b])
+        merges.append(pair)
         # Rewrite only the words that hold (a, b), left to right. Each merge at position j changes
         # just the pairs around it: (x, a) and (b, y) vanish, (x, c) and (c, y) appear, where x and
         # y are the neighbours *after* merging (two adjacent merges give (c, c), counted once).
@@ -208,7 +203,7 @@ def learn_merges(chunks, num_merges, verbose=False):
         if verbose and (time.time() - last > 2 or len(merges) == num_merges):
             last = time.time()
             print(f"merge {len(merges):>6}/{num_merges} | {len(merges) / (last - t0):6.0f} merges/s | "
-                  f"count {n:>8,} | {_show(new_bytes)}")
+                  f"count {n:>8,} | {_show(vocab[c])}")
     return merges
 
 
@@ -358,12 +353,19 @@ class Tokenizer:
         """The rank-ordered merge loop: merge the adjacent pair whose concatenation is the
         lowest-ranked (earliest learned) token, until no adjacent pair is a token."""
         parts = [b[i:i + 1] for i in range(len(b))]
-        while len(parts) > 1:
-            # leftmost of the lowest ranks on ties, as tiktoken does
-            i = min(range(len(parts) - 1), key=lambda j: self.ranks.get(parts[j] + parts[j + 1], 1 << 62))
-            if parts[i] + parts[i + 1] not in self.ranks:
-                break
+        rank = lambda j: self.ranks.get(parts[j] + parts[j + 1], float("inf"))  # noqa: E731
+        pair_ranks = [rank(j) for j in range(len(parts) - 1)]  # pair_ranks[j]: parts j and j+1 joined
+        while pair_ranks:
+            r = min(pair_ranks)
+            if r == float("inf"):
+                break  # no adjacent pair is a token: done
+            i = pair_ranks.index(r)  # the leftmost one on ties, as tiktoken does
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            del pair_ranks[i]  # only the two pairs next to the merge change
+            if i > 0:
+                pair_ranks[i - 1] = rank(i - 1)
+            if i < len(parts) - 1:
+                pair_ranks[i] = rank(i)
         return [self.ranks[p] for p in parts]
 
     # -- the file: plain text, versioned -----------------------------------------------------------
