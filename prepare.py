@@ -58,6 +58,7 @@ import unicodedata
 from collections import Counter, deque
 from datetime import datetime, timezone
 from glob import escape as glob_escape, glob
+from itertools import chain
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -117,7 +118,7 @@ def write_shard(path, tokens):
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).data)  # no copy on little-endian machines
+        f.write(np.ascontiguousarray(tokens, dtype="<u2").data)  # no copy for a buffer slice (little-endian)
         f.flush()
         os.fsync(f.fileno())  # the data is on disk before the name says the shard is complete
     os.replace(tmp, path)
@@ -161,6 +162,7 @@ class ShardWriter:
         self.buf = np.empty(max(shard_size + val_tokens, math.ceil(val_tokens / val_fraction)), np.uint16)
         self.n = 0  # tokens in buf
         self.shards = []  # one dict per written file, for the card
+        self.next_train = 1  # llm.c numbering: val is shard 0, train shards count from 1
 
     def add(self, tokens):
         while len(tokens):
@@ -189,7 +191,8 @@ class ShardWriter:
         self.n -= start
 
     def _write(self, split, tokens):
-        index = len(self.shards) if split == "val" or self.shards else 1  # train numbering starts at 1
+        index = 0 if split == "val" else self.next_train
+        self.next_train += split == "train"
         fname = f"{self.name}_{split}_{index:06d}.bin"
         write_shard(os.path.join(self.out_dir, fname), tokens)
         self.shards.append({"file": fname, "split": split, "tokens": len(tokens)})
@@ -300,8 +303,8 @@ def resolve_source(cfg):
             raise SystemExit(f"error: --input must be .txt, .jsonl or .parquet files of one kind, got "
                              f"{', '.join(sorted(kinds))}")
         kind = kinds.pop()
-        stem = Path(cfg.input).parent.name if any(c in Path(cfg.input).name for c in "*?[") else Path(cfg.input).stem
-        name = cfg.name or _safe_name(stem)
+        pattern = Path(cfg.input)  # default name: the file's stem, or the folder of a glob like corpus/*.txt
+        name = cfg.name or _safe_name(pattern.parent.name if files != [cfg.input] else pattern.stem)
         info = {"kind": "local files", "input": cfg.input, "format": kind.lstrip("."),
                 "files": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)} for f in files[:1000]],
                 "num_files": len(files), "license": cfg.license or "unknown (not stated for local input)"}
@@ -324,13 +327,17 @@ def resolve_source(cfg):
     _check_hub()
     info = {"kind": "hugging face hub", "dataset": repo, "config": config, "split": cfg.split,
             "revision": cfg.revision or "default branch", "text_field": cfg.text_field,
-            "license": _FINEWEB_LICENSE if repo == _FINEWEB else "see the dataset card: "
-                       f"https://huggingface.co/datasets/{repo}"}
-    try:  # record the exact commit streamed, so the card pins the data
+            "license": f"not stated; see https://huggingface.co/datasets/{repo}"}
+    try:  # record the exact commit streamed, so the card pins the data, and the licence its card states
         from huggingface_hub import HfApi
-        info["commit"] = HfApi().dataset_info(repo, revision=cfg.revision or None, timeout=10).sha
+        hub_info = HfApi().dataset_info(repo, revision=cfg.revision or None, timeout=10)
+        info["commit"] = hub_info.sha
+        stated = hub_info.card_data and hub_info.card_data.get("license")
+        info["license"] = f"{stated} (as stated by the dataset card)" if stated else info["license"]
     except Exception as e:
         info["commit"] = f"unknown ({type(e).__name__})"
+    if repo == _FINEWEB:
+        info["license"] = _FINEWEB_LICENSE
     name = cfg.name or ("fineweb_edu" if repo == _FINEWEB else _safe_name(repo.split("/")[-1]))
     load_args = {"path": repo, "name": config, "split": cfg.split, "revision": cfg.revision or None}
     return name, lambda: _datasets_docs(load_args, cfg.text_field, repo), info
@@ -424,11 +431,12 @@ def _dedup(batch, stats, seen):
 # tokenizing: batches of documents to one uint16 array each, <|endoftext|> before every document
 
 def encode_docs(tok, texts, num_threads=1):
+    """One uint16 array per batch: from a worker it pickles as raw bytes, not as millions of Python ints."""
     ids = tok.encode_batch(texts, num_threads=num_threads)  # plain text: special-token spellings stay text
     out = np.empty(len(ids) + sum(map(len, ids)), dtype=np.uint16)
-    pos = 0
+    pos, eot = 0, tok.eot_token
     for doc in ids:
-        out[pos] = tok.eot_token
+        out[pos] = eot
         out[pos + 1:pos + 1 + len(doc)] = doc
         pos += 1 + len(doc)
     return out
@@ -484,21 +492,20 @@ def load_tokenizer(spec):
 def train_tokenizer(cfg, docs_fn):
     """Train a BPE on the first bpe_train_mb MB of the cleaned, deduplicated corpus."""
     from bpe import Tokenizer
-    limit, texts, nbytes = cfg.bpe_train_mb * 1_000_000, [], 0
-    stats = Counter()
-    for batch in clean_batches(docs_fn(), stats, cfg.min_chars, cfg.max_garbage):
-        for t in batch:
-            texts.append(t)
-            nbytes += len(t.encode("utf-8"))
-            if nbytes >= limit:
-                break
-        if nbytes >= limit:
+    texts, nbytes, stats = [], 0, Counter()
+    for text in chain.from_iterable(clean_batches(docs_fn(), stats, cfg.min_chars, cfg.max_garbage)):
+        if nbytes >= cfg.bpe_train_mb * 1_000_000:
             break
+        texts.append(text)
+        nbytes += len(text.encode("utf-8"))
     if not texts:
         raise SystemExit(_empty_error(stats, cfg))
     print(f"training a {cfg.vocab_size}-token BPE on {len(texts):,} documents, {nbytes / 1e6:.1f} MB")
     t0 = time.time()
-    tok = Tokenizer.train(texts, cfg.vocab_size, verbose=True)
+    try:
+        tok = Tokenizer.train(texts, cfg.vocab_size, verbose=True)
+    except ValueError as e:  # vocab_size too small, or more merges than this text allows
+        raise SystemExit(f"error: cannot train the tokenizer: {e}")
     print(f"trained {tok.name} in {time.time() - t0:.1f} s")
     return tok, {"docs": len(texts), "bytes": nbytes}
 
@@ -536,8 +543,6 @@ def prepare(cfg, argv=()):
     trained = None
     if tok is None:
         tok, trained = train_tokenizer(cfg, docs_fn)
-        if tok.vocab_size > _MAX_VOCAB:
-            raise SystemExit(f"error: the trained tokenizer has {tok.vocab_size} tokens, over {_MAX_VOCAB}")
 
     stats = Counter()
     writer = ShardWriter(out_dir, name, cfg.shard_size, cfg.val_tokens, cfg.val_fraction)
@@ -625,13 +630,15 @@ def render_card(c):
     ]
     if "files" in s:
         lines += [f"- `{f['path']}` ({f['bytes']:,} bytes)" for f in s["files"]]
-        lines += [f"- ... {s['num_files'] - len(s['files'])} more files" if s["num_files"] > len(s["files"]) else "", ""]
+        more = s["num_files"] - len(s["files"])
+        lines += [f"- ... and {more:,} more files" if more else "", ""]
     lines += [
         "## Documents", "",
         "| step | documents |", "|---|---:|",
         f"| read | {d['read']:,} |",
         f"| dropped: mostly garbage (U+FFFD / control chars) | {d['dropped']['garbage']:,} |",
-        f"| dropped: shorter than {c['settings']['min_chars']} characters | {d['dropped']['shorter_than_min_chars']:,} |",
+        f"| dropped: shorter than {c['settings']['min_chars']} characters "
+        f"| {d['dropped']['shorter_than_min_chars']:,} |",
         f"| dropped: exact duplicate | {d['dropped']['duplicate']:,} |",
         f"| **kept** | **{d['kept']:,}** |", "",
         f"Modified but kept: line endings normalised in {d['modified']['line_endings_normalised']:,}, "

@@ -21,7 +21,8 @@ RAW = [
     "A cafe\u0301 written with a combining accent becomes one precomposed character in NFC.",
     "Control\x00 characters\x07 are stripped,\tbut the tab\nand the newline stay.",
     "Plain ASCII text that needs no change at all, long enough to pass min_chars.",
-    "Emoji \U0001F469\u200D\U0001F4BB and CJK \u4e2d\u6587 and Arabic \u0627\u0644\u0639\u0631\u0628\u064a\u0629 survive.",
+    "Emoji \U0001F469\u200D\U0001F4BB and CJK \u4e2d\u6587 and Arabic "
+    "\u0627\u0644\u0639\u0631\u0628\u064a\u0629 survive.",
     "A document that mentions <|endoftext|> as text: it must stay text, not become the special token.",
 ]
 CLEAN = [
@@ -118,8 +119,8 @@ def test_train_and_val_are_disjoint_and_hold_every_token(tmp_path, tok_path):
     tok = Tokenizer.load(tok_path)
     expected = np.concatenate([[tok.eot_token] + tok.encode(d) for d in docs])  # encoded independently
     files = shard_files(out)
-    assert [Path(f).name for f in files] == [f"t_val_000000.bin"] + [f"t_train_{i:06d}.bin"
-                                                                     for i in range(1, len(files))]
+    assert [Path(f).name for f in files] == ["t_val_000000.bin"] + [f"t_train_{i:06d}.bin"
+                                                                    for i in range(1, len(files))]
     val = prepare.read_shard(files[0])
     train = [prepare.read_shard(f) for f in files[1:]]
     assert len(val) == min(700, int(0.1 * len(expected)))  # val is capped at a tenth of the corpus
@@ -196,7 +197,8 @@ def test_each_filter_changes_its_count_in_the_card(tmp_path, tok_path, extra, de
     more, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'b.jsonl', BASE + [extra])}", *flags, name="b")
     assert counts(base) == {"read": 5, "kept": 5, "garbage": 0, "shorter_than_min_chars": 0, "duplicate": 0,
                             "line_endings_normalised": 0, "control_chars_stripped": 0, "nfc_normalised": 0}
-    assert {k: counts(more)[k] - counts(base)[k] for k in counts(base)} == {k: delta.get(k, 0) for k in counts(base)}
+    assert {k: counts(more)[k] - counts(base)[k] for k in counts(base)} == \
+        {k: delta.get(k, 0) for k in counts(base)}
 
 
 def test_nfd_and_nfc_spellings_are_one_document(tmp_path, tok_path):
@@ -260,6 +262,20 @@ def test_shard_header_and_reader_checks(tmp_path):
         prepare.read_shard(str(tmp_path / "no_such.bin"))
     with pytest.raises(ValueError, match="0..65535"):
         prepare.write_shard(path, [1, 2, 70000])
+
+
+def test_shard_writer_cuts_a_stream_of_uneven_pieces_exactly(tmp_path):
+    stream = np.arange(1000, dtype=np.uint16)
+    for val_tokens, expect in [(30, [30] + [100] * 9 + [70]), (0, [100] * 10)]:
+        w = prepare.ShardWriter(str(tmp_path), f"w{val_tokens}", 100, val_tokens, 0.1)
+        for piece in np.split(stream, [7, 8, 250, 251, 600]):  # pieces smaller and larger than a shard
+            w.add(piece)
+        shards = w.finish()
+        assert [s["tokens"] for s in shards] == expect
+        names = [s["file"] for s in shards]
+        assert names == ([f"w{val_tokens}_val_000000.bin"] if val_tokens else []) + \
+            [f"w{val_tokens}_train_{i:06d}.bin" for i in range(1, 11)]
+        np.testing.assert_array_equal(np.concatenate([prepare.read_shard(tmp_path / n) for n in names]), stream)
 
 
 def test_interrupted_write_leaves_no_shard(tmp_path, monkeypatch):
