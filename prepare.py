@@ -13,7 +13,8 @@ Sources. FineWeb-Edu (HuggingFaceFW/fineweb-edu, config sample-10BT) or any hub 
 datasets.load_dataset(..., streaming=True); local .jsonl/.parquet files through the same datasets
 streaming path; local .txt files (one document per file, or split on --separator); and `stdlib`: the .py
 sources of the interpreter running this script (test suites and site-packages left out, ~12 MB) plus the
-pydoc topic texts, one document per file in sorted order. stdlib is real text nobody here wrote and exists
+pydoc topic texts, one document per file, in a fixed shuffled order (so val is a random tenth of the files).
+Other sources keep the order they come in (FineWeb-Edu is not sorted by topic). stdlib is real text nobody here wrote and exists
 wherever Python does, so the quick start needs no network. The hub is probed with a 5 s timeout first, so an
 offline machine gets a one-line error naming the offline options instead of a hang.
 
@@ -48,6 +49,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import re
 import shlex
 import socket
@@ -217,11 +219,16 @@ def _stdlib_files():
 
 
 def _stdlib_docs():
-    for path in _stdlib_files()[1]:
-        yield path.read_bytes().decode("utf-8", errors="replace")  # raw bytes: the cleaner sees any \r
     from pydoc_data.topics import topics
-    for key in sorted(topics):
-        yield topics[key]
+    docs = _stdlib_files()[1] + sorted(topics)
+    # a fixed-seed shuffle of the sorted list: the same order on every run, but val (the first tokens) is a
+    # random tenth of the modules, and train.py, which reads shards in order, sees them mixed, not a-z
+    random.Random(1337).shuffle(docs)
+    for doc in docs:
+        if isinstance(doc, str):  # a pydoc topic name
+            yield topics[doc]
+        else:  # raw bytes: the cleaner sees any \r
+            yield doc.read_bytes().decode("utf-8", errors="replace")
 
 
 def _txt_docs(files, separator):

@@ -226,12 +226,18 @@ def test_card_records_source_command_and_tokens(tmp_path, tok_path):
     assert "CC-BY-4.0" in readme and f"--input={path}" in readme and "| **kept** | **6** |" in readme
 
 
-def test_stdlib_source_is_sorted_source_without_test_suites():
+def test_stdlib_source_is_library_code_in_a_fixed_mixed_order():
     root, files = prepare._stdlib_files()
     rel = [f.relative_to(root).as_posix() for f in files]
     assert rel == sorted(rel) and "os.py" in rel and "json/decoder.py" in rel
     assert not any(part in ("test", "tests", "site-packages") for r in rel for part in r.split("/"))
     assert 8e6 < sum(f.stat().st_size for f in files) < 20e6  # ~12 MB on CPython 3.11
+    docs = list(prepare._stdlib_docs())
+    assert docs == list(prepare._stdlib_docs())  # the same order every run
+    from pydoc_data.topics import topics
+    assert len(docs) == len(files) + len(topics) and topics["assert"] in docs
+    first = [(root / r).read_bytes().decode() for r in rel[:5]]
+    assert docs[:5] != first  # shuffled: val (the first tokens) is not just the a-z head of the library
 
 
 # -----------------------------------------------------------------------------
