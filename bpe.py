@@ -170,32 +170,34 @@ def learn_merges(chunks, num_merges, verbose=False):
         c = len(vocab)
         vocab.append(vocab[a] + vocab[b])
         merges.append(pair)
-        # Rewrite only the words that hold (a, b), left to right. Each merge at position j changes
-        # just the pairs around it: (x, a) and (b, y) vanish, (x, c) and (c, y) appear, where x and
-        # y are the neighbours *after* merging (two adjacent merges give (c, c), counted once).
+        # Rewrite only the words that hold (a, b). Each merge at position k changes just the pairs
+        # around it: (x, a) and (b, y) vanish, (x, c) and (c, y) appear, x and y being the neighbours
+        # in the new word (two adjacent merges make one (c, c), counted once).
         grown = defaultdict(set)  # pairs holding c (the only ones that can rise) -> words holding them
         for i in where.pop(pair):
             w, f = words[i], freqs[i]
-            out, j, L, merged_last = [], 0, len(w), False
-            while j < L:
-                if j + 1 < L and w[j] == a and w[j + 1] == b:
-                    if out:
-                        x = out[-1]
-                        if not merged_last:  # else (b, a) was already taken off by the previous merge
-                            pair_counts[x, a] -= f
-                        pair_counts[x, c] += f
-                        grown[x, c].add(i)
-                    if j + 2 < L:
-                        pair_counts[b, w[j + 2]] -= f
-                    out.append(c)
-                    j, merged_last = j + 2, True
-                else:
-                    if merged_last:
-                        pair_counts[c, w[j]] += f
-                        grown[c, w[j]].add(i)
-                    out.append(w[j])
-                    j, merged_last = j + 1, False
-            words[i] = out  # unchanged if the entry was stale (an earlier merge took this (a, b))
+            L, out, start, k = len(w), [], 0, -1  # w[start:] is not copied to out yet
+            for _ in range(w.count(a)):  # jump from each a to the next at C speed
+                k = w.index(a, k + 1)
+                if k < start or k + 1 == L or w[k + 1] != b:
+                    continue  # this a went into the previous merge (a == b), or no b follows it
+                out += w[start:k]
+                if out:
+                    x = out[-1]
+                    if start != k:  # else x is the c just made, and (b, a) is already taken off
+                        pair_counts[x, a] -= f
+                    pair_counts[x, c] += f
+                    grown[x, c].add(i)
+                if k + 2 < L:
+                    y = w[k + 2]
+                    pair_counts[b, y] -= f
+                    if not (y == a and k + 3 < L and w[k + 3] == b):  # else y merges next: (c, c) there
+                        pair_counts[c, y] += f
+                        grown[c, y].add(i)
+                out.append(c)
+                start = k + 2
+            if start:  # start == 0: a stale entry, an earlier merge already took this word's (a, b)
+                words[i] = out + w[start:]
         del pair_counts[pair]  # every occurrence is merged now; (a, b) is gone for good
         for p, holders in grown.items():
             where[p] |= holders

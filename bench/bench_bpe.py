@@ -1,0 +1,206 @@
+"""
+Benchmark bpe.py against Hugging Face `tokenizers` (Rust) on the stdlib corpus, and its encoder against
+tiktoken.
+
+    python bench/bench_bpe.py                          # vocab 8192 and 32768, 3 runs each, medians
+    python bench/bench_bpe.py --vocab_sizes=(8192,) --repeats=5
+
+Corpus: the recipe of `prepare.py --dataset=stdlib` (the interpreter's standard library .py files, test suites
+and site-packages left out, plus the pydoc topic texts, in sorted order; ~12.6 MB), raw (prepare.py also
+cleans). Every 10th document is held out; both trainers get the other nine tenths.
+
+Training, each as a whole process (interpreter start, imports, reading the corpus, training, saving):
+  bpe.py:     Tokenizer.train(docs, V).save(path)
+  tokenizers: BPE model, pre_tokenizers.Split(GPT-2 pattern, isolated) + ByteLevel(use_regex=False) (the same
+              regex split, bytes shown as GPT-2's printable characters), BpeTrainer(vocab_size=V, the 256 byte
+              alphabet, <|endoftext|>), train_from_iterator(docs), save(path)
+Wall time from subprocess start to exit. Peak memory: a sampler thread sums VmRSS over the process and its
+children (bpe.py counts with worker processes) every 20 ms. Runs alternate between the two, so a busy machine
+slows both alike; the figures are medians and the ratio is of medians.
+
+Compression: UTF-8 bytes / tokens on the held-out tenth, for both vocabularies.
+
+Encoding throughput (MB/s of UTF-8 text, whole corpus, encode_batch on `threads` threads): our Tokenizer,
+tiktoken's gpt2 encoding if it is cached on this machine (it is downloaded on first use; offline it is skipped
+and the line says so), the tokenizers vocabulary in its own Rust encoder, and bpe.py's pure-Python reference
+encoder on a 200 kB slice (for scale: it is the algorithm, not the engine).
+"""
+import os
+import pickle
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+vocab_sizes = (8192, 32768)
+repeats = 3
+threads = 2  # encode_batch threads
+child = ""  # internal: "bpe" or "hf" runs one training in this process (what the benchmark times)
+corpus = ""  # internal: the pickled training documents
+vocab_size = 0  # internal: for the child
+out = ""  # internal: for the child
+
+GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def stdlib_docs():
+    """prepare.py --dataset=stdlib's documents, before its cleaning."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    paths = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in skip]
+        paths += [os.path.join(folder, n) for n in names if n.endswith(".py")]
+    paths.sort(key=lambda p: os.path.relpath(p, root).replace(os.sep, "/"))
+    docs = []
+    for p in paths:
+        if os.path.relpath(p, root).replace(os.sep, "/") != "pydoc_data/topics.py":  # its texts come below
+            with open(p, "rb") as f:
+                docs.append(f.read().decode("utf-8", errors="replace"))
+    from pydoc_data.topics import topics
+    return docs + [topics[k] for k in sorted(topics)]
+
+
+def train_child():
+    """One training run, in a process of its own (the thing being timed)."""
+    with open(corpus, "rb") as f:
+        docs = pickle.load(f)
+    if child == "bpe":
+        from bpe import Tokenizer
+        Tokenizer.train(docs, vocab_size).save(out)
+    else:
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GPT2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(docs, trainer=trainer)
+        tok.save(out)
+
+
+def tree_rss_kb(pid):
+    """VmRSS (kB) of pid plus all its descendants."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            for t in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    todo += map(int, f.read().split())
+        except (OSError, StopIteration):
+            pass  # it exited meanwhile
+    return total
+
+
+def timed_run(which, corpus_path, v, out_path):
+    """Run one training as a whole process; return (wall seconds, peak tree RSS in MB)."""
+    cmd = [sys.executable, os.path.abspath(__file__), f"--child={which}", f"--corpus={corpus_path}",
+           f"--vocab_size={v}", f"--out={out_path}"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss_kb(proc.pid))
+            time.sleep(0.02)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    proc.wait()
+    wall = time.perf_counter() - t0
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"error: the {which} training run failed (exit {proc.returncode})")
+    return wall, peak[0] / 1024
+
+
+def mb_per_s(fn, texts, reps=3):
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(texts)
+        times.append(time.perf_counter() - t0)
+    return nbytes / 1e6 / statistics.median(times)
+
+
+def main():
+    import tiktoken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from bpe import Tokenizer
+    docs = stdlib_docs()
+    train = [d for i, d in enumerate(docs) if i % 10 != 9]
+    heldout = [d for i, d in enumerate(docs) if i % 10 == 9]
+    heldout_bytes = sum(len(d.encode("utf-8")) for d in heldout)
+    print(f"corpus: {len(docs)} stdlib documents, {sum(len(d.encode()) for d in docs) / 1e6:.1f} MB; training on "
+          f"{sum(len(d.encode()) for d in train) / 1e6:.1f} MB, held out {heldout_bytes / 1e6:.2f} MB")
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start "
+          f"(shared: other jobs slow both trainers; compare the ratio)\n")
+    tmp = tempfile.mkdtemp(prefix="bench_bpe_")
+    corpus_path = os.path.join(tmp, "train.pkl")
+    with open(corpus_path, "wb") as f:
+        pickle.dump(train, f)
+
+    results = {}
+    for v in vocab_sizes:
+        ours_path, hf_path = os.path.join(tmp, f"ours{v}.bpe"), os.path.join(tmp, f"hf{v}.json")
+        runs = {"bpe": [], "hf": []}
+        for r in range(repeats):
+            for which, path in (("bpe", ours_path), ("hf", hf_path)):
+                runs[which].append(timed_run(which, corpus_path, v, path))
+                print(f"  vocab {v} run {r + 1}: {which:<3} {runs[which][-1][0]:6.2f} s {runs[which][-1][1]:6.0f} MB",
+                      flush=True)
+        ours, hf = Tokenizer.load(ours_path), HFTokenizer.from_file(hf_path)
+        ours_bpt = heldout_bytes / sum(map(len, ours.encode_batch(heldout)))
+        hf_bpt = heldout_bytes / sum(len(e.ids) for e in hf.encode_batch(heldout))
+        med = {w: (statistics.median(x[0] for x in runs[w]), statistics.median(x[1] for x in runs[w])) for w in runs}
+        results[v] = (med, ours_bpt, hf_bpt, hf.get_vocab_size())
+
+    print(f"\ntraining, whole process, median of {repeats} (bpe.py / tokenizers):")
+    print(f"{'vocab':>7} | {'bpe.py s':>8} {'tokenizers s':>12} {'ratio':>6} | {'bpe.py MB':>9} {'tok. MB':>8} | "
+          f"{'bytes/token held-out: bpe.py':>28} {'tokenizers':>10} {'diff':>7}")
+    for v, (med, ob, hb, hv) in results.items():
+        print(f"{v:>7} | {med['bpe'][0]:8.2f} {med['hf'][0]:12.2f} {med['bpe'][0] / med['hf'][0]:5.2f}x | "
+              f"{med['bpe'][1]:9.0f} {med['hf'][1]:8.0f} | {ob:28.3f} {hb:10.3f} {(ob / hb - 1) * 100:+6.2f}%"
+              + ("" if hv == v else f"  (tokenizers vocab {hv})"))
+
+    # encoding throughput on the whole corpus, with the first vocabulary trained above
+    v = vocab_sizes[0]
+    ours, hf = Tokenizer.load(os.path.join(tmp, f"ours{v}.bpe")), HFTokenizer.from_file(os.path.join(tmp, f"hf{v}.json"))
+    ours.encode("warm up")
+    print(f"\nencoding, MB/s of UTF-8 text, all {len(docs)} documents, encode_batch on {threads} threads:")
+    print(f"  bpe.py Tokenizer ({ours.name}, via tiktoken)  {mb_per_s(lambda t: ours.encode_batch(t, num_threads=threads), docs):7.1f}")
+    try:
+        gpt2 = tiktoken.get_encoding("gpt2")
+        print(f"  tiktoken gpt2 (50257 tokens)              "
+              f"{mb_per_s(lambda t: gpt2.encode_ordinary_batch(t, num_threads=threads), docs):7.1f}")
+    except Exception as e:
+        print(f"  tiktoken gpt2: not measured, its vocabulary cannot be downloaded here ({type(e).__name__}); "
+              f"the line above is tiktoken's own engine on our ranks")
+    print(f"  tokenizers (its {v} vocabulary, Rust)      {mb_per_s(lambda t: hf.encode_batch(t), docs):7.1f}"
+          f"  (rayon threads: all cores)")
+    sample = [d for d in heldout if len(d) < 50_000][:40]
+    sample_mb = sum(len(d.encode()) for d in sample) / 1e6
+    print(f"  bpe.py encode_reference (pure Python)     "
+          f"{mb_per_s(lambda t: [ours.encode_reference(d) for d in t], sample, reps=1):7.2f}  (on {sample_mb:.2f} MB)")
+
+
+if __name__ == "__main__":
+    from configurator import configure
+    configure(globals())
+    if child:
+        train_child()
+    else:
+        main()
