@@ -57,15 +57,15 @@ def tree_rss_kb(pid):
 
 
 def run_prepare(args):
-    """Run prepare.py with args; return (wall seconds, peak tree RSS in MB, card)."""
+    """Run prepare.py with args; return (wall seconds, peak tree RSS in MB per quarter of the run, card)."""
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "prepare.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    peak = [0]
+    samples = []  # (seconds since start, tree RSS in kB)
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss_kb(proc.pid))
+            samples.append((time.time() - t0, tree_rss_kb(proc.pid)))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -77,8 +77,10 @@ def run_prepare(args):
         sys.exit(f"prepare.py {' '.join(args)} failed:\n{out[-3000:]}")
     data_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--data_dir="))
     name = next((a.split("=", 1)[1] for a in args if a.startswith("--name=")), "stdlib")
+    quarters = [max((r for t, r in samples if q * wall / 4 <= t < (q + 1) * wall / 4), default=0) / 1024
+                for q in range(4)]  # flat memory: the last quarters peak no higher than the first ones
     with open(os.path.join(data_dir, name, "card.json")) as f:
-        return wall, peak[0] / 1024, json.load(f)
+        return wall, quarters, json.load(f)
 
 
 def tiktoken_reference(tok, batches, threads):
@@ -96,9 +98,13 @@ def tiktoken_reference(tok, batches, threads):
 def report(label, wall, rss, card, ref_s):
     mb, tokens, secs = card["bytes"]["read"] / 1e6, card["tokens"]["total"], card["seconds"]
     ref = card["bytes"]["kept"] / 1e6 / ref_s  # the same documents, cleaned
-    print(f"{label:<22} {mb:7.1f} MB {tokens / 1e6:7.2f}M tok | pipeline {secs:6.1f} s {mb / secs:5.2f} MB/s "
-          f"{tokens / secs / 1e6:5.2f}M tok/s | process {wall:6.1f} s | peak RSS {rss:6.0f} MB | tiktoken "
-          f"{ref:5.2f} MB/s, pipeline reaches {ref_s / secs:4.0%}")
+    print(f"{label}: {mb:.1f} MB, {tokens / 1e6:.2f}M tokens, {len(card['shards'])} shards\n"
+          f"  pipeline {secs:.1f} s: {mb / secs:.2f} MB/s, {tokens / secs / 1e6:.2f}M tokens/s "
+          f"(whole process {wall:.1f} s)\n"
+          f"  plain tiktoken encode_ordinary_batch, {num_proc} threads, same text: {ref:.2f} MB/s; "
+          f"the pipeline reaches {ref_s / secs:.0%} of it\n"
+          f"  peak RSS of main + workers: {max(rss):.0f} MB (per quarter of the run: "
+          f"{', '.join(f'{r:.0f}' for r in rss)} MB)")
 
 
 def main():
@@ -116,7 +122,7 @@ def main():
     batches = list(prepare.clean_batches(iter(docs), Counter(), 0, 1.0))
     print(f"tokenizer {tok.name}: trained in the stdlib run ({card['tokenizer']['trained_on']['bytes'] / 1e6:.1f} "
           f"MB); {card['tokens']['bytes_per_token']} bytes/token")
-    report("stdlib", wall, rss, card, tiktoken_reference(tok, batches, num_proc))
+    report("stdlib (the process also trains the BPE)", wall, rss, card, tiktoken_reference(tok, batches, num_proc))
 
     if compare_modes:  # the design choice: worker processes or tiktoken's own threads?
         mb = sum(len(d.encode()) for d in docs) / 1e6
@@ -153,7 +159,7 @@ def main():
         texts = [json.loads(l)["text"] for l in open(path, encoding="utf-8")]
         ref_batches = list(prepare.clean_batches(iter(texts), Counter(), 0, 1.0, seen=_NoDedup()))
         del texts
-        report(f"jsonl {size} MB ({len(card['shards'])} shards)", wall, rss, card,
+        report(f"local .jsonl, {size} MB", wall, rss, card,
                tiktoken_reference(tok, ref_batches, num_proc))
         del ref_batches
         os.remove(path)

@@ -335,3 +335,12 @@ def test_unreachable_hub_fails_within_seconds_naming_the_offline_option(tmp_path
         prepare.main([f"--data_dir={tmp_path / 'data'}"])  # `python prepare.py`: FineWeb-Edu, GPT-2
     assert time.time() - t0 < 30  # a hang guard, not a speed target
     assert not (tmp_path / "data").exists()
+
+
+def test_command_line_errors_are_one_line_on_stderr(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "prepare.py", "--dataset=stdlib", "--vocab_size=70000",
+                        f"--data_dir={tmp_path}"], cwd=Path(prepare.__file__).parent, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("error: --vocab_size=70000") and r.stderr.count("\n") == 1
