@@ -16,16 +16,18 @@ Three ideas make training fast enough for real corpora (a 40k-merge vocabulary o
    by default ("cl100k", GPT-4's, by name, or your own regex).
 2. Count unique chunks, not text. The corpus becomes a table {chunk: count}; 12 MB of Python has
    only ~50k distinct chunks, so every later step works on the table and multiplies by counts.
+   The regex is the costly part here, so large inputs are split and counted on all cores.
 3. Update pair counts incrementally. The textbook loop recounts every pair after every merge:
-   O(corpus) per merge, hours for a real vocabulary. But a merge of (a, b) can only change pairs in
-   the chunks that contain (a, b): we keep an index pair -> chunks holding it, and after a merge we
-   visit only those chunks, subtract their old pairs and add their new ones (times the chunk's
-   count). The best pair comes from a max-heap with lazy invalidation: entries are never updated in
-   place; a popped entry whose count is out of date is put back with its true count. Only pairs that
-   contain the new token can grow, and those are pushed fresh, so every live pair always has an entry
-   at least as large as its true count. Hence the first popped entry that is up to date is the true
-   maximum, and the loop picks exactly the pair a full recount would pick, merge after merge
-   (tests/test_bpe.py checks this against a naive full-recount trainer on real text).
+   O(corpus) per merge, hours for a real vocabulary. But a merge of (a, b) into c can only change
+   the chunks that contain (a, b), and in them only the pairs next to each merge: (x, a) and (b, y)
+   give way to (x, c) and (c, y). We keep an index pair -> chunks holding it, visit only those
+   chunks, and move the counts by that difference (times the chunk's count). The best pair comes
+   from a max-heap with lazy invalidation: entries are never updated in place, and a popped entry
+   whose count is out of date is put back with its true count. Counts only fall, except for pairs
+   holding the new token, which are pushed fresh; so every live pair always has an entry at least
+   its true count, and the first up-to-date entry popped is the true maximum (ties included, as
+   the heap orders them by the same rule). The loop thus picks exactly the pair a full recount
+   would pick, merge after merge; tests/test_bpe.py checks it against a naive trainer.
 
 Determinism: ties in count are broken by the smallest pair of ids (left id first, then right id),
 so the same corpus and settings give the same merges, and the same file, on every machine and run.
@@ -324,11 +326,15 @@ class Tokenizer:
                                      allowed_special=self._allowed(allowed_special))
 
     def decode_bytes(self, ids):
-        return self.enc.decode_bytes(ids)
+        try:
+            return self.enc.decode_bytes(ids)
+        except (KeyError, OverflowError, TypeError) as e:  # tiktoken's words for a bad id
+            raise ValueError(f"cannot decode with {self.name}: ids must be ints in 0..{self.vocab_size - 1} "
+                             f"({type(e).__name__}: {e})") from None
 
     def decode(self, ids):
         """ids -> str; a sequence that stops inside a multi-byte character ends in U+FFFD."""
-        return self.enc.decode(ids, errors="replace")
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     # -- the same encoder in pure Python: what tiktoken computes, slowly -----------------------------
 

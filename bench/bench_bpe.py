@@ -27,6 +27,7 @@ encoder on a 200 kB slice (for scale: it is the algorithm, not the engine).
 """
 import os
 import pickle
+import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,18 @@ vocab_size = 0  # internal: for the child
 out = ""  # internal: for the child
 
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def _gpt2_byte_chars():
+    """GPT-2's byte -> printable character table (what ByteLevel shows bytes as), inverted."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shown = {b: chr(b) for b in keep}
+    for n, b in enumerate(b for b in range(256) if b not in shown):
+        shown[b] = chr(256 + n)
+    return {ch: b for b, ch in shown.items()}
+
+
+_BYTE_OF = _gpt2_byte_chars()
 
 
 def stdlib_docs():
@@ -104,9 +117,11 @@ def tree_rss_kb(pid):
 
 
 def timed_run(which, corpus_path, v, out_path):
-    """Run one training as a whole process; return (wall seconds, peak tree RSS in MB)."""
+    """Run one training as a whole process; return (wall s, CPU s of the process and its children,
+    peak tree RSS in MB)."""
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={which}", f"--corpus={corpus_path}",
            f"--vocab_size={v}", f"--out={out_path}"]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     peak = [0]
@@ -119,10 +134,12 @@ def timed_run(which, corpus_path, v, out_path):
     sampler.start()
     proc.wait()
     wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the worker processes it reaped
+    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
     sampler.join()
     if proc.returncode:
         raise SystemExit(f"error: the {which} training run failed (exit {proc.returncode})")
-    return wall, peak[0] / 1024
+    return wall, cpu, peak[0] / 1024
 
 
 def mb_per_s(fn, texts, reps=3):
@@ -160,21 +177,26 @@ def main():
         for r in range(repeats):
             for which, path in (("bpe", ours_path), ("hf", hf_path)):
                 runs[which].append(timed_run(which, corpus_path, v, path))
-                print(f"  vocab {v} run {r + 1}: {which:<3} {runs[which][-1][0]:6.2f} s {runs[which][-1][1]:6.0f} MB",
-                      flush=True)
+                wall, cpu, rss = runs[which][-1]
+                print(f"  vocab {v} run {r + 1}: {which:<3} {wall:6.2f} s wall {cpu:6.2f} s CPU {rss:5.0f} MB", flush=True)
         ours, hf = Tokenizer.load(ours_path), HFTokenizer.from_file(hf_path)
         ours_bpt = heldout_bytes / sum(map(len, ours.encode_batch(heldout)))
         hf_bpt = heldout_bytes / sum(len(e.ids) for e in hf.encode_batch(heldout))
-        med = {w: (statistics.median(x[0] for x in runs[w]), statistics.median(x[1] for x in runs[w])) for w in runs}
-        results[v] = (med, ours_bpt, hf_bpt, hf.get_vocab_size())
+        med = {w: [statistics.median(x[j] for x in runs[w]) for j in range(3)] for w in runs}
+        # the same algorithm should learn nearly the same tokens (ties may be broken differently)
+        hf_tokens = {bytes(_BYTE_OF[ch] for ch in t) for t in hf.get_vocab() if t != "<|endoftext|>"}
+        overlap = len(hf_tokens.intersection(ours.vocab[256:])) / len(ours.merges)
+        results[v] = (med, ours_bpt, hf_bpt, hf.get_vocab_size(), overlap)
 
     print(f"\ntraining, whole process, median of {repeats} (bpe.py / tokenizers):")
-    print(f"{'vocab':>7} | {'bpe.py s':>8} {'tokenizers s':>12} {'ratio':>6} | {'bpe.py MB':>9} {'tok. MB':>8} | "
-          f"{'bytes/token held-out: bpe.py':>28} {'tokenizers':>10} {'diff':>7}")
-    for v, (med, ob, hb, hv) in results.items():
-        print(f"{v:>7} | {med['bpe'][0]:8.2f} {med['hf'][0]:12.2f} {med['bpe'][0] / med['hf'][0]:5.2f}x | "
-              f"{med['bpe'][1]:9.0f} {med['hf'][1]:8.0f} | {ob:28.3f} {hb:10.3f} {(ob / hb - 1) * 100:+6.2f}%"
+    print(f"{'vocab':>6} | {'wall s':>13} {'ratio':>6} | {'CPU s':>13} {'ratio':>6} | {'peak RSS MB':>11} | "
+          f"{'held-out bytes/token':>20} {'diff':>7} | same merged tokens")
+    for v, (med, ob, hb, hv, overlap) in results.items():
+        (ow, oc, om), (hw, hc, hm) = med["bpe"], med["hf"]
+        print(f"{v:>6} | {ow:6.2f} {hw:6.2f} {ow / hw:5.2f}x | {oc:6.2f} {hc:6.2f} {oc / hc:5.2f}x | {om:5.0f} {hm:5.0f} | "
+              f"{ob:10.3f} {hb:9.3f} {(ob / hb - 1) * 100:+6.2f}% | {overlap:.1%}"
               + ("" if hv == v else f"  (tokenizers vocab {hv})"))
+    print("(each pair of columns: bpe.py, tokenizers)")
 
     # encoding throughput on the whole corpus, with the first vocabulary trained above
     v = vocab_sizes[0]

@@ -87,6 +87,9 @@ def test_decode_stops_inside_a_character(tok):
     assert tok.decode(partial) == "\ufffd"
     assert tok.decode_bytes(partial) == raw[:1]
     assert tok.decode(ids) == "é中"
+    for bad in ([2048], [-1], ["a"]):
+        with pytest.raises(ValueError, match="0..2047"):
+            tok.decode(bad)
 
 
 def test_wikipedia_example_by_hand():
