@@ -260,6 +260,10 @@ class Tokenizer:
             raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens "
                              f"and {len(special_tokens)} special token(s), at least {256 + len(special_tokens)}")
         pat = PATTERNS.get(pattern, pattern)
+        try:
+            regex.compile(pat)
+        except regex.error as e:
+            raise ValueError(f"pattern {pat!r} is not a valid regex ({e}); or use 'gpt2' or 'cl100k'") from None
         chunks = count_chunks(texts, pat, verbose)
         if not chunks:
             raise ValueError("empty corpus: no text to learn merges from")
@@ -309,6 +313,8 @@ class Tokenizer:
     def _allowed(self, allowed_special):
         if allowed_special == "all":
             return "all"
+        if isinstance(allowed_special, str):
+            allowed_special = {allowed_special}  # one name, not a set of characters
         unknown = set(allowed_special) - self.special_tokens.keys()
         if unknown:
             raise ValueError(f"allowed_special has {sorted(unknown)}, not special tokens of {self.name} "
@@ -476,12 +482,14 @@ if __name__ == "__main__":
         tok = Tokenizer.train(training_texts(), vocab_size, pattern, special_tokens, verbose=True)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    tok.save(out)
+    try:
+        tok.save(out)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {out}: {e.strerror}; check the --out path")
     print(f"trained {tok.name} in {time.time() - t0:.1f}s, saved to {out}")
-    print("first merges:", ", ".join(_show(tok.vocab[i]) for i in range(256, min(261, len(tok.vocab)))))
-    print("last merges: ", ", ".join(_show(tok.vocab[i]) for i in range(max(256, len(tok.vocab) - 5), len(tok.vocab))))
-    longest = sorted(tok.vocab[256:], key=len)[-5:]
-    print("longest:     ", ", ".join(map(_show, longest)))
+    print("first merges:", ", ".join(map(_show, tok.vocab[256:261])))
+    print("last merges: ", ", ".join(map(_show, tok.vocab[256:][-5:])))
+    print("longest:     ", ", ".join(map(_show, sorted(tok.vocab[256:], key=len)[-5:])))
     if heldout:
         ntok = sum(map(len, tok.encode_batch(heldout)))
         nbytes = sum(len(_utf8(t)) for t in heldout)

@@ -188,7 +188,7 @@ def test_special_tokens(tok):
     assert tok.eot_token not in plain and tok.decode(plain) == text
     allowed = tok.encode(text, allowed_special={"<|endoftext|>"})
     assert allowed == tok.encode("one") + [tok.eot_token] + tok.encode("two")
-    assert tok.encode(text, allowed_special="all") == allowed
+    assert tok.encode(text, allowed_special="all") == allowed == tok.encode(text, allowed_special="<|endoftext|>")
     assert tok.encode_reference(text, allowed_special="all") == allowed
     assert tok.decode(allowed) == text
     with pytest.raises(ValueError, match="<|eot|>"):
@@ -241,6 +241,11 @@ def test_error_vocab_size_too_small():
     with pytest.raises(ValueError, match="at least 257"):
         Tokenizer.train(["some text"], vocab_size=256)
     assert Tokenizer.train(["some text"], vocab_size=257).vocab_size == 257  # no merges: bytes only
+
+
+def test_error_bad_pattern():
+    with pytest.raises(ValueError, match="not a valid regex"):
+        Tokenizer.train(["some text"], vocab_size=300, pattern="gtp2(")
 
 
 def test_error_vocab_size_too_large():
