@@ -87,13 +87,13 @@ def _utf8(text):
 def count_chunks(texts, pattern, verbose=False, batch_chars=1 << 20):
     """Stream documents, return {chunk bytes: count}. The regex is most of the cost, so inputs of
     more than one ~1 MB batch are split across all cores (worker processes: the GIL)."""
+    t0 = last = time.time()
     batches = _batches(texts, batch_chars)
     first, second = next(batches, []), next(batches, None)
     if second is None:  # small input: not worth starting processes
         counts = _count_batch(first, pattern)
     else:
-        counts, pending, workers = Counter(), deque(), os.cpu_count() or 1
-        t0, nbytes, last = time.time(), 0, time.time()
+        counts, pending, workers, nbytes = Counter(), deque(), os.cpu_count() or 1, 0
         with multiprocessing.Pool(workers) as pool:
             for batch in itertools.chain([first, second], batches):
                 nbytes += sum(map(len, batch))
@@ -110,7 +110,8 @@ def count_chunks(texts, pattern, verbose=False, batch_chars=1 << 20):
     for text, n in counts.items():
         chunks[_utf8(text)] += n
     if verbose:
-        print(f"{len(chunks):,} distinct chunks, {sum(chunks.values()):,} in all")
+        print(f"split and counted in {time.time() - t0:.1f}s: {len(chunks):,} distinct chunks, "
+              f"{sum(chunks.values()):,} in all")
     return chunks
 
 
