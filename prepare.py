@@ -629,14 +629,15 @@ def make_card(cfg, argv, name, source, stats, shards, tok, spec, trained, elapse
 
 def render_card(c):
     d, s, t = c["documents"], c["source"], c["tokens"]
-    src = ", ".join(f"{k}: {v}" for k, v in s.items() if k not in ("files", "license"))
+    src = [f"- {k}: {json.dumps(v) if isinstance(v, str) and not v.isprintable() else v}"
+           for k, v in s.items() if k not in ("files", "license")]  # json.dumps shows a separator's \n
     lines = [
         f"# Data card: {c['name']}", "",
-        f"Prepared {c['created']} with `{c['command']}`.", "",
-        "## Source", "", src, "", f"Licence: {s['license']}", "",
+        f"Prepared {c['created']} with:", "", "```bash", c["command"], "```", "",
+        "## Source", "", *src, "", f"Licence: {s['license']}", "",
     ]
     if "files" in s:
-        lines += [f"- `{f['path']}` ({f['bytes']:,} bytes)" for f in s["files"]]
+        lines += ["Files:", ""] + [f"- `{f['path']}` ({f['bytes']:,} bytes)" for f in s["files"]]
         more = s["num_files"] - len(s["files"])
         lines += [f"- ... and {more:,} more files" if more else "", ""]
     lines += [
