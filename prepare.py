@@ -9,13 +9,14 @@ Documents flow through one streaming pipeline, so a 10B-token corpus never has t
 
     source -> clean -> deduplicate -> tokenize (num_proc workers, order kept) -> shard buffer -> .bin files
 
-Sources. FineWeb-Edu (HuggingFaceFW/fineweb-edu, config sample-10BT) or any hub dataset, streamed with
-datasets.load_dataset(..., streaming=True); local .jsonl/.parquet files through the same datasets
-streaming path; local .txt files (one document per file, or split on --separator); and `stdlib`: the .py
-sources of the interpreter running this script (test suites and site-packages left out, ~12 MB) plus the
-pydoc topic texts, one document per file, in a fixed shuffled order (so val is a random tenth of the files).
-Other sources keep the order they come in (FineWeb-Edu is not sorted by topic). stdlib is real text nobody here wrote and exists
-wherever Python does, so the quick start needs no network. The hub is probed with a 5 s timeout first, so an
+Sources. FineWeb-Edu (HuggingFaceFW/fineweb-edu, --hf_config=sample-10BT by default) or any hub dataset
+("owner/name", --text_field), streamed with datasets.load_dataset(..., streaming=True); local .jsonl and
+.parquet files through the same datasets streaming path; local .txt files (one document per file, or split
+on --separator); and `stdlib`: the .py sources of the interpreter running this script (test suites and
+site-packages left out, ~12 MB) plus the pydoc topic texts, one document per file. stdlib is real text nobody
+here wrote, exists wherever Python does, and needs no network: the quick start uses it. Its documents come in
+a fixed shuffled order, so val is a random tenth of the modules and train.py, which reads shards in order,
+sees them mixed; other sources keep their own order. The hub is probed with a 5 s timeout first, so an
 offline machine gets a one-line error naming the offline options instead of a hang.
 
 Cleaning, each step counted in the card, in this order: line endings to "\n"; drop documents that are mostly
@@ -28,8 +29,10 @@ HashSet) rather than the texts; a 64-bit digest makes a false duplicate among 10
 Tokens. --tokenizer=gpt2 (tiktoken's GPT-2 encoding), a .bpe file saved by bpe.py, or `train` (the default
 for stdlib): train a byte-level BPE with bpe.py on the first bpe_train_mb MB of the cleaned corpus, then use
 it. Every document is preceded by <|endoftext|>, as in llm.c's fineweb.py, so the model sees a document
-boundary before each start. Encoding runs in num_proc worker processes fed batches in order; a bounded number
-of batches is in flight, so output is deterministic and memory does not grow with the corpus.
+boundary before each start. Encoding runs in num_proc worker processes fed ~1 MB batches in order, with a
+bounded number in flight, so output is deterministic and memory does not grow with the corpus. Processes,
+not tiktoken's encode_batch threads: on 2 cores the threads ran at about the speed of one (the workers also
+turn ids into uint16 arrays in parallel); bench/bench_prepare.py measures both.
 
 Shards use llm.c's format so the two are interchangeable: a header of 256 int32 (magic 20240520, version 1,
 token count), then the tokens as uint16 (so a vocabulary must fit 65,536 ids). The first
