@@ -1,0 +1,32 @@
+# Quick start: a small GPT on the Python standard library (prepare.py --dataset=stdlib: offline, a
+# 4,096-token BPE, ~3M train tokens), sized for a 2-core laptop CPU: about 5 minutes of training,
+# then `python sample.py --out_dir=out-quickstart` prints recognisable Python.
+#   python prepare.py --dataset=stdlib && python train.py config/quickstart.py
+# Budget: ~0.35 s per 2,048-token step on 2 idle cores (this model, float32, eager), so 800 steps
+# = ~5 minutes = 1.6M tokens, about half an epoch. A faster machine: raise max_iters.
+dataset = "stdlib"
+out_dir = "out-quickstart"
+eval_interval = 200
+eval_iters = 20
+log_interval = 20
+
+# the model: Llama-style blocks (RMSNorm, rotary positions, SwiGLU), 4 layers 128 wide: 1.4M
+# parameters, of which the 4,096 x 128 embedding (tied with the output layer) is 0.5M
+preset = "modern"
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128
+dropout = 0.0                     # under one epoch: no data is seen twice, nothing to regularise
+
+batch_size = 16
+gradient_accumulation_steps = 1   # 2,048 tokens per step
+learning_rate = 2e-3              # small models take large steps (nanoGPT's baby GPT: 1e-3)
+max_iters = 800
+warmup_iters = 50
+min_lr = 2e-4                     # learning_rate / 10
+beta2 = 0.99                      # few tokens per step: average the second moment longer (as baby GPT)
+
+device = "cpu"
+dtype = "float32"                 # bfloat16 autocast only pays on CPUs with AMX/AVX512-BF16
+compile = False                   # measured on 2 cores: see the compile note in train.py
