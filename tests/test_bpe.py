@@ -241,6 +241,8 @@ def test_error_vocab_size_too_small():
     with pytest.raises(ValueError, match="at least 257"):
         Tokenizer.train(["some text"], vocab_size=256)
     assert Tokenizer.train(["some text"], vocab_size=257).vocab_size == 257  # no merges: bytes only
+    with pytest.raises(ValueError, match="1,048,576"):
+        Tokenizer.train(["some text"], vocab_size=1 << 21)
 
 
 def test_error_bad_pattern():
