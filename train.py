@@ -156,12 +156,12 @@ class TokenStream:
         return out
 
     def batch_at(self, start):
-        buf = torch.from_numpy(self.read(start, self.B * self.T + 1))
-        x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
-        if self.device.startswith("cuda"):
-            # page-locked host memory lets the copy run asynchronously, overlapping GPU compute
-            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+        """The batch whose first input token is at stream position start: x, y each (B, T)."""
+        buf = torch.from_numpy(self.read(start, self.B * self.T + 1))  # (B*T + 1,)
+        if self.device.startswith("cuda"):  # page-locked memory: the copy runs async, overlapping compute
+            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        buf = buf.to(self.device)
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)  # one copy, two views
 
     def next_batch(self):
         """The next training micro-batch of this rank; advances the stream for all ranks."""
@@ -318,8 +318,8 @@ if __name__ == "__main__":
     else:  # OpenAI's GPT-2 weights (a name, or a local Hugging Face directory) to fine-tune
         try:
             model = GPT.from_pretrained(init_from, dropout=dropout)
-        except ValueError as e:
-            raise SystemExit(f"error: init_from={init_from!r}: {e}")
+        except Exception as e:  # a bad name or directory, or no network for the download
+            raise SystemExit(f"error: init_from={init_from!r}: {' '.join(str(e).split()) or type(e).__name__}")
         if model.config.vocab_size != tokenizer.vocab_size:
             raise SystemExit(f"error: GPT-2 weights need the gpt2 tokenizer, but {tok_path} has "
                              f"{tokenizer.vocab_size} tokens; prepare the data with --tokenizer=gpt2")

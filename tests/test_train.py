@@ -98,6 +98,9 @@ def test_resume_is_exact_bit_for_bit(workdir):
     a, b = load(workdir / "out-full/ckpt_000008.pt"), load(workdir / "out-half/ckpt_000008.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["data"] == b["data"] and a["data"]["offset"] == 8 * 2 * 4 * 32  # steps x micro x B x T
+    # starting from scratch over a run's checkpoints would mix two runs: refused, naming the fix
+    line = error_line(train(workdir, "--out_dir=out-half", "--max_iters=8", check=False))
+    assert "already holds checkpoints" in line and "--init_from=resume" in line
 
 
 def test_ddp_two_processes_match_one_with_twice_the_accumulation(workdir):
