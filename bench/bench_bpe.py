@@ -25,9 +25,11 @@ tiktoken's gpt2 encoding if it is cached on this machine (it is downloaded on fi
 and the line says so), the tokenizers vocabulary in its own Rust encoder, and bpe.py's pure-Python reference
 encoder on a 200 kB slice (for scale: it is the algorithm, not the engine).
 """
+import atexit
 import os
 import pickle
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -166,6 +168,7 @@ def main():
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start "
           f"(shared: other jobs slow both trainers; compare the ratio)\n")
     tmp = tempfile.mkdtemp(prefix="bench_bpe_")
+    atexit.register(shutil.rmtree, tmp, True)  # the corpus copy and the trained files go at exit
     corpus_path = os.path.join(tmp, "train.pkl")
     with open(corpus_path, "wb") as f:
         pickle.dump(train, f)
