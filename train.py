@@ -364,7 +364,7 @@ if __name__ == "__main__":
             random.setstate(r["python"])
         else:
             say(f"warning: checkpoint has RNG states of {len(rngs)} processes, this run has {world}; "
-                  f"dropout masks will differ from an uninterrupted run")
+                f"dropout masks will differ from an uninterrupted run")
         say(f"resumed from {found[-1]} at step {iter_num}")
         ckpt = None  # free the memory
     if compile:
@@ -437,7 +437,10 @@ if __name__ == "__main__":
     if master:
         log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w")
     if wandb_log and master:
-        import wandb  # imported only when asked for: never a requirement
+        try:
+            import wandb  # imported only when asked for: never a requirement
+        except ImportError:
+            raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb") from None
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
     def log(record):
