@@ -84,7 +84,7 @@ name = ""  # output folder data_dir/<name>/ and shard prefix; "" = stdlib, finew
 license = ""  # licence of a local corpus as you know it, for the data card ("" = unknown)
 data_dir = "data"
 tokenizer = ""  # "gpt2", a path to a .bpe file, or "train"; "" = train for stdlib, gpt2 otherwise
-vocab_size = 4096  # --tokenizer=train only, counts everything (GPT-1 recipe: 256 + 40,000 merges + 1 = 40257)
+vocab_size = 4096  # --tokenizer=train; small for the CPU quick start (GPT-1's recipe: 256 + 40,000 merges + 1)
 bpe_train_mb = 100  # --tokenizer=train: train on the first this many MB (10^6 bytes) of cleaned text
 min_chars = 64  # drop shorter documents (stdlib: empty __init__.py files and one-line stubs)
 max_garbage = 0.25  # drop documents whose characters are more than this fraction U+FFFD or control chars
