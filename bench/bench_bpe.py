@@ -14,7 +14,8 @@ Training, each as a whole process (interpreter start, imports, reading the corpu
   tokenizers: BPE model, pre_tokenizers.Split(GPT-2 pattern, isolated) + ByteLevel(use_regex=False) (the same
               regex split, bytes shown as GPT-2's printable characters), BpeTrainer(vocab_size=V, the 256 byte
               alphabet, <|endoftext|>), train_from_iterator(docs), save(path)
-Wall time from subprocess start to exit. Peak memory: a sampler thread sums VmRSS over the process and its
+Wall time from subprocess start to exit; CPU time (user + system, worker processes included), which a
+loaded machine disturbs less than wall time. Peak memory: a sampler thread sums VmRSS over the process and its
 children (bpe.py counts with worker processes) every 20 ms. Runs alternate between the two, so a busy machine
 slows both alike; the figures are medians and the ratio is of medians.
 
@@ -23,7 +24,7 @@ Compression: UTF-8 bytes / tokens on the held-out tenth, for both vocabularies.
 Encoding throughput (MB/s of UTF-8 text, whole corpus, encode_batch on `threads` threads): our Tokenizer,
 tiktoken's gpt2 encoding if it is cached on this machine (it is downloaded on first use; offline it is skipped
 and the line says so), the tokenizers vocabulary in its own Rust encoder, and bpe.py's pure-Python reference
-encoder on a 200 kB slice (for scale: it is the algorithm, not the engine).
+encoder on ~0.5 MB of held-out text (for scale: it is the algorithm, not the engine).
 """
 import atexit
 import os
