@@ -339,6 +339,8 @@ class Tokenizer:
                                      allowed_special=self._allowed(allowed_special))
 
     def decode_bytes(self, ids):
+        if hasattr(ids, "tolist"):  # a numpy array or torch tensor of ids
+            ids = ids.tolist()
         try:
             return self.enc.decode_bytes(ids)
         except (KeyError, OverflowError, TypeError) as e:  # tiktoken's words for a bad id

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import sysconfig
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +88,7 @@ def test_decode_stops_inside_a_character(tok):
     assert tok.decode(partial) == "\ufffd"
     assert tok.decode_bytes(partial) == raw[:1]
     assert tok.decode(ids) == "é中"
+    assert tok.decode(np.array(ids, dtype=np.uint16)) == "é中"  # as read back from a uint16 shard
     for bad in ([2048], [-1], ["a"]):
         with pytest.raises(ValueError, match="0..2047"):
             tok.decode(bad)
