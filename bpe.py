@@ -55,7 +55,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 from collections import Counter, defaultdict, deque
 
@@ -446,8 +445,8 @@ class Tokenizer:
 
     def save(self, path):
         """Write atomically: a crash never leaves half a file at `path`."""
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        tmp = f"{path}.tmp"  # same directory, so the rename is atomic
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(self.dumps())
         os.replace(tmp, path)
 
