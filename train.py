@@ -3,7 +3,7 @@ train.py: train a GPT (model.py) on the token shards written by prepare.py, on a
 GPU, or many GPUs and nodes through torchrun.
 
     python train.py config/quickstart.py                                   # 2-core CPU, ~5 minutes
-    python train.py config/gpt2_124m.py --batch_size=16 --gradient_accumulation_steps=32   # one GPU
+    python train.py config/gpt2_124m.py --batch_size=16 --gradient_accumulation_steps=32  # a 40 GB GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py  # one node, 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \
              --nproc_per_node=8 train.py config/gpt2_124m.py               # first of two nodes
