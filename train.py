@@ -13,14 +13,17 @@ The settings below are plain variables; config files, then --key=value flags, ov
 setup, data, model, optimizer, and the loop that evaluates, logs and checkpoints.
 
 Design choices
-- Data. The train shards are one endless stream of tokens: shard after shard, then back to the first
-  (a new epoch). A micro-batch is the next batch_size*block_size tokens, read as batch_size rows;
-  a row reads block_size+1 tokens (inputs, and targets shifted by one) and the next row starts where
-  this row's inputs end, so every token is an input exactly once per epoch. Nothing is dropped or
-  repeated at shard ends: a row that straddles two shards is stitched from both. Under DDP rank r of
-  W takes micro-batches r, r+W, r+2W, ... of that stream, so W ranks read exactly the tokens one
-  process would. Reading in order (no random sampling) makes the data position two integers
-  (shard, offset), saved in every checkpoint; documents come in the order prepare.py wrote them.
+- Data. The train shards are one endless stream of tokens, shard after shard, wrapping around at the
+  end, cut into rows of block_size inputs. A row also reads the token after it as its last target
+  (the next row's first input), so every token is an input exactly once per pass; a row that
+  straddles two shards is stitched from both, nothing is dropped or repeated. An epoch is the next
+  total_tokens // block_size rows (the leftover < block_size tokens start the next epoch instead of
+  being dropped). shuffle=True reads an epoch's rows in a random order seeded by (seed, epoch): on a
+  corpus stored in order (stdlib's sorted files, a book's chapters) reading in file order made
+  batches from one region at a time, and the quickstart model fitted the encodings/ charmap tables
+  and forgot the rest (val loss 5.7 -> 7.1). Under DDP rank r of W reads micro-batches r, r+W, ...,
+  so W ranks read exactly the rows one process would. The data position is one integer, the rows
+  read so far, saved in every checkpoint.
 - Exact resume. A checkpoint holds everything the next step depends on: weights, AdamW moments,
   GradScaler, step, data position and every rank's RNG states (dropout masks). On CPU in float32,
   N steps + resume + N steps gives the same losses and weights as 2N steps, bit for bit.
@@ -71,6 +74,7 @@ wandb_log = False             # Weights & Biases logging (works with WANDB_MODE=
 wandb_project = "gpt"
 wandb_run_name = "run"
 # data
+shuffle = True                # read each epoch's rows in a random (seeded) order; False: in file order
 batch_size = 12               # sequences per micro-batch per process
 gradient_accumulation_steps = 40  # micro-batches per optimizer step, summed over all processes
 # model: a preset from model.py, plus overrides; None keeps the preset's value
@@ -100,7 +104,7 @@ compile = None                # torch.compile; None = on for CUDA, off on CPU (s
 seed = 1337
 # ----------------------------------------------------------------------------------------------
 
-_CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 1  # bump when the checkpoint layout changes; sample.py checks it
 
 # Dense peak FLOP/s per GPU from NVIDIA's datasheets (no 2:4 sparsity), for MFU. float32 means TF32
 # tensor cores, which train.py switches on. First substring match of the device name wins.
@@ -129,22 +133,25 @@ def peak_flops(device_type, dtype_name):
 
 
 class TokenStream:
-    """The shards `files` as one endless token stream, cut into (B, T) batches of inputs x and
-    targets y (x shifted by one). Rank `rank` of `world` reads micro-batches rank, rank+world, ...
-    (see the file docstring). self.pos counts the tokens consumed since the start of training."""
+    """The shards `files` as one endless token stream, cut into rows of T inputs (and the T targets,
+    shifted by one). Rows are numbered in the order they are read; rank `rank` of `world` reads
+    micro-batches rank, rank+world, ... of B rows each. An epoch is the next `rows` whole rows of
+    the stream; with a seed they are read in a random order, a new one each epoch (see the file
+    docstring). self.pos counts the rows read so far by all ranks: the data position."""
 
-    def __init__(self, files, B, T, rank=0, world=1, device="cpu"):
+    def __init__(self, files, B, T, rank=0, world=1, device="cpu", seed=None):
         self.shards = [read_shard(f) for f in files]  # np.memmap uint16: pages are read on demand
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # offset of each shard's 1st token
-        self.total = int(self.starts[-1])  # tokens in one epoch
+        self.total = int(self.starts[-1])  # tokens in the stream, before it wraps around
         if self.total < B * T + 1:
             raise ValueError(f"{files[0]}...: {self.total} tokens, fewer than one batch of "
                              f"{B}x{T}+1; lower batch_size or block_size, or prepare more data")
-        self.B, self.T, self.rank, self.world, self.device = B, T, rank, world, device
-        self.pos = 0
+        self.rows = self.total // T  # rows per epoch; epoch e covers rows e*rows .. (e+1)*rows - 1
+        self.B, self.T, self.rank, self.world, self.device, self.seed = B, T, rank, world, device, seed
+        self.pos, self.order = 0, (None, None)  # (epoch, its permutation), computed once per epoch
 
     def read(self, start, n):
-        """n tokens from stream position start, stitched across shard ends and the epoch end."""
+        """n tokens from stream position start, stitched across shard ends and the wrap-around."""
         out = np.empty(n, dtype=np.int64)  # int64: what embedding lookups and cross_entropy take
         done, start = 0, start % self.total
         while done < n:
@@ -155,31 +162,42 @@ class TokenStream:
             done, start = done + take, (start + take) % self.total
         return out
 
-    def batch_at(self, start):
-        """The batch whose first input token is at stream position start: x, y each (B, T)."""
-        buf = torch.from_numpy(self.read(start, self.B * self.T + 1))  # (B*T + 1,)
+    def row_start(self, r):
+        """Stream position of the first input token of the r-th row read."""
+        epoch, j = divmod(r, self.rows)
+        if self.seed is not None:
+            if self.order[0] != epoch:  # the same permutation on every rank and after a resume
+                self.order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.rows))
+            j = int(self.order[1][j])
+        return (epoch * self.rows + j) * self.T
+
+    def batch(self, starts):
+        """Rows at stream positions `starts` -> inputs x and targets y, each (B, T) on the device."""
+        buf = torch.from_numpy(np.stack([self.read(p, self.T + 1) for p in starts]))  # (B, T+1)
         if self.device.startswith("cuda"):  # page-locked memory: the copy runs async, overlapping compute
             buf = buf.pin_memory().to(self.device, non_blocking=True)
         buf = buf.to(self.device)
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)  # one copy, two views
+        return buf[:, :-1], buf[:, 1:]  # one copy, two views
 
     def next_batch(self):
-        """The next training micro-batch of this rank; advances the stream for all ranks."""
-        x, y = self.batch_at(self.pos + self.rank * self.B * self.T)
-        self.pos += self.world * self.B * self.T
-        return x, y
+        """This rank's next training micro-batch; advances the position of all ranks."""
+        first = self.pos + self.rank * self.B
+        self.pos += self.world * self.B
+        return self.batch([self.row_start(r) for r in range(first, first + self.B)])
+
+    def eval_batch(self, k):
+        """The k-th batch of the stream in file order: the same fixed batches for every evaluation."""
+        return self.batch([(k * self.B + b) * self.T for b in range(self.B)])
 
     def state(self):
-        epoch, p = divmod(self.pos, self.total)
-        shard = int(np.searchsorted(self.starts, p, side="right")) - 1
-        return {"shard": shard, "offset": p - int(self.starts[shard]), "epoch": epoch, "epoch_tokens": self.total}
+        return {"epoch": self.pos // self.rows, "row": self.pos % self.rows, "rows_per_epoch": self.rows}
 
     def load_state(self, s):
-        if s["epoch_tokens"] != self.total:
-            print(f"warning: the train shards changed since the checkpoint ({s['epoch_tokens']} -> "
-                  f"{self.total} tokens); reading them from the start")
+        if s["rows_per_epoch"] != self.rows:
+            print(f"warning: the train shards changed since the checkpoint ({s['rows_per_epoch']} -> "
+                  f"{self.rows} rows per epoch); reading them from the start")
             return
-        self.pos = s["epoch"] * self.total + int(self.starts[s["shard"]]) + s["offset"]
+        self.pos = s["epoch"] * self.rows + s["row"]
 
 
 def get_lr(it, warmup, decay_iters, lr, lr_min):
@@ -202,6 +220,22 @@ def atomic_save(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def pick_device(device="auto", dtype="auto"):
+    """Device and dtype settings -> (device, device_type, torch dtype), shared with sample.py. auto
+    device: cuda > mps > cpu; auto dtype: bfloat16 on GPUs that have it, float16 on older GPUs
+    (V100, T4), float32 elsewhere (CPUs without bfloat16 units gain nothing from 16 bits)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device_type = device.split(":")[0]
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: device={device!r} but torch sees no CUDA GPU; use --device=cpu")
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: dtype={dtype!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+    return device, device_type, getattr(torch, dtype)
 
 
 def compile_problem(device_type):
@@ -239,21 +273,13 @@ if __name__ == "__main__":
         raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be divisible "
                          f"by the number of processes ({world}); use a multiple of {world}")
     accum = gradient_accumulation_steps // world  # micro-steps per process per optimizer step
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device_type = device.split(":")[0]
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: device='cuda' but torch sees no CUDA GPU; use --device=cpu")
+    device, device_type, ptdtype = pick_device(device, dtype)
+    dtype = str(ptdtype).removeprefix("torch.")  # the resolved name, e.g. for the peak-FLOPs table
     if ddp:
         if device_type == "cuda":
             device = f"cuda:{local_rank}"  # one GPU per process
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: dtype={dtype!r} is not one of 'float32', 'bfloat16', 'float16'")
-    ptdtype = getattr(torch, dtype)
     # autocast runs matmuls in 16 bits and keeps reductions (softmax, norms, loss) in float32
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls on Ampere+
@@ -330,7 +356,7 @@ if __name__ == "__main__":
     raw_model = model  # the uncompiled module: its state_dict has clean keys (no _orig_mod.)
     tokens_per_step = gradient_accumulation_steps * batch_size * T
     try:  # a corrupt or truncated shard, or too little data, is a one-line error naming the file
-        train_data = TokenStream(train_files, batch_size, T, rank, world, device)
+        train_data = TokenStream(train_files, batch_size, T, rank, world, device, seed if shuffle else None)
         val_data = TokenStream(val_files, batch_size, T, device=device)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
@@ -382,7 +408,7 @@ if __name__ == "__main__":
         for split, stream in (("train", train_data), ("val", val_data)):
             stats = torch.zeros(3, device=device)  # sum of mean batch losses, batches, bytes
             for k in range(rank, eval_iters, world):
-                x, y = stream.batch_at(k * batch_size * T)
+                x, y = stream.eval_batch(k)
                 with ctx:
                     _, loss = model(x, y)
                 stats += torch.stack([loss.float(), torch.ones((), device=device), token_bytes[y].sum().float()])
@@ -405,7 +431,7 @@ if __name__ == "__main__":
         if not master:
             return
         path = os.path.join(out_dir, f"ckpt_{iter_num:06d}.pt")
-        atomic_save({"version": _CHECKPOINT_VERSION, "model": raw_model.state_dict(),
+        atomic_save({"version": CHECKPOINT_VERSION, "model": raw_model.state_dict(),
                      "model_args": dataclasses.asdict(raw_model.config), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
                      "evals_since_best": evals_since_best, "config": config, "tokenizer": tokenizer.dumps(),

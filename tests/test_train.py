@@ -97,7 +97,7 @@ def test_resume_is_exact_bit_for_bit(workdir):
     assert full == half  # the same floats, to the last bit
     a, b = load(workdir / "out-full/ckpt_000008.pt"), load(workdir / "out-half/ckpt_000008.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["data"] == b["data"] and a["data"]["offset"] == 8 * 2 * 4 * 32  # steps x micro x B x T
+    assert a["data"] == b["data"] and a["data"]["row"] == 8 * 2 * 4  # steps x micro-batches x rows
     # starting from scratch over a run's checkpoints would mix two runs: refused, naming the fix
     line = error_line(train(workdir, "--out_dir=out-half", "--max_iters=8", check=False))
     assert "already holds checkpoints" in line and "--init_from=resume" in line
@@ -119,35 +119,58 @@ def test_ddp_two_processes_match_one_with_twice_the_accumulation(workdir):
     assert len(load(workdir / "out-ddp/ckpt_000005.pt")["rng"]) == 2  # each rank's RNG, for exact resume
 
 
-def test_stream_neither_drops_nor_repeats_tokens(tmp_path):
-    """Three shards of odd lengths read by 3 ranks: micro-batch g (rank g % 3) holds stream tokens
-    g*B*T ... (g+1)*B*T - 1 as inputs, the next token as target, across shard ends and epochs."""
-    lengths, files = [37, 50, 23], []
-    stream = np.arange(sum(lengths))  # token i is the number i: each position is recognisable
+def shards(tmp_path, lengths):
+    """Shards holding the stream 0, 1, 2, ...: every token says where in the stream it is."""
+    stream, files = np.arange(sum(lengths)), []
     for i, (start, n) in enumerate(zip(np.cumsum([0] + lengths), lengths)):
         files.append(str(tmp_path / f"s_train_{i:06d}.bin"))
         write_shard(files[-1], stream[start:start + n])
-    B, T, world, steps = 2, 5, 3, 9  # 9 steps x 3 ranks x 10 tokens = 270: 2.5 epochs of 110
-    ranks = [TokenStream(files, B, T, rank=r, world=world) for r in range(world)]
-    seen = []
+    return files
+
+
+def read_all(ranks, steps):
+    """Micro-batches in global order (step by step, rank by rank), as a list of x rows and y rows."""
+    xs, ys = [], []
     for _ in range(steps):
-        for r, ts in enumerate(ranks):
+        for ts in ranks:
             x, y = ts.next_batch()
-            assert x.shape == y.shape == (B, T) and x.dtype == torch.int64
-            assert torch.equal(y.flatten()[:-1], x.flatten()[1:])  # targets are inputs shifted by one
-            seen.append((x.flatten(), y.flatten()[-1]))
-    inputs = torch.cat([x for x, _ in seen]).numpy()
+            assert x.shape == y.shape == (ts.B, ts.T) and x.dtype == torch.int64
+            xs += list(x.numpy())
+            ys += list(y.numpy())
+    return np.array(xs), np.array(ys)
+
+
+def test_stream_in_file_order_neither_drops_nor_repeats_tokens(tmp_path):
+    """Three shards of odd lengths (111 tokens) read by 3 ranks in file order: concatenated, the inputs
+    of all micro-batches are the stream itself, across shard ends and around the end of the data."""
+    files = shards(tmp_path, [37, 50, 24])
+    B, T, world, steps = 2, 5, 3, 9  # 9 steps x 3 ranks x 10 tokens = 270: 2.4 passes over 111
+    x, y = read_all([TokenStream(files, B, T, rank=r, world=world) for r in range(world)], steps)
     n = steps * world * B * T
-    assert np.array_equal(inputs, np.arange(n) % len(stream))  # every token once per epoch, in order
-    assert [int(last) for _, last in seen] == [(g + 1) * B * T % len(stream) for g in range(len(seen))]
-    # the state is two integers (+ epoch) and a fresh stream continues exactly where the old one was
+    assert np.array_equal(x.flatten(), np.arange(n) % 111)  # every token once per pass, in order
+    assert np.array_equal(y.flatten(), np.arange(1, n + 1) % 111)  # targets: the next token
+
+
+def test_shuffled_stream_reads_each_row_once_per_epoch_in_a_new_order(tmp_path):
+    files = shards(tmp_path, [37, 50, 24])
+    B, T, world = 2, 5, 3  # 111 tokens = 22 rows of 5 per epoch (+1 token that starts the next epoch)
+    ranks = [TokenStream(files, B, T, rank=r, world=world, seed=7) for r in range(world)]
+    x, y = read_all(ranks, 8)  # 8 x 3 x 2 = 48 rows: two epochs and 4 rows
+    assert np.array_equal(x, (x[:, :1] + np.arange(T)) % 111)  # each row is a contiguous run
+    assert np.array_equal(y, (x + 1) % 111)
+    epochs = [x[:22, 0], x[22:44, 0]]
+    for e, starts in enumerate(epochs):  # epoch e: the 22 rows after the previous epoch, each once
+        assert sorted(starts) == sorted((e * 110 + 5 * j) % 111 for j in range(22))
+    orders = [(starts - e * 110) % 111 // 5 for e, starts in enumerate(epochs)]  # row j of the epoch
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[0], np.arange(22))
+    # the position is one integer (rows read); a fresh stream set to it continues exactly
     s = ranks[1].state()
-    assert s == {"shard": 1, "offset": n % 110 - 37, "epoch": n // 110, "epoch_tokens": 110}
-    again = TokenStream(files, B, T, rank=1, world=world)
+    assert s == {"epoch": 2, "row": 4, "rows_per_epoch": 22}
+    again = TokenStream(files, B, T, rank=1, world=world, seed=7)
     again.load_state(s)
     assert all(torch.equal(a, b) for a, b in zip(again.next_batch(), ranks[1].next_batch()))
-    # the fixed evaluation batches start from the stream's beginning whatever the training position
-    assert torch.equal(ranks[0].batch_at(0)[0].flatten(), torch.arange(10))
+    # evaluation batches are fixed: the first rows in file order, whatever the training position
+    assert torch.equal(ranks[0].eval_batch(1)[0], torch.arange(10, 20).view(2, 5))
 
 
 def test_learning_rate_schedule():
