@@ -326,10 +326,10 @@ if __name__ == "__main__":
                              f"with; resume with the same --dataset")
         model = GPT(GPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
+    elif checkpoints(out_dir):  # a new run would interleave its checkpoints with the old run's
+        raise SystemExit(f"error: {out_dir}/ already holds checkpoints of another run; continue it "
+                         f"with --init_from=resume, or use a new --out_dir (or delete the old one)")
     elif init_from == "scratch":
-        if checkpoints(out_dir):
-            raise SystemExit(f"error: {out_dir}/ already holds checkpoints of another run; continue it "
-                             f"with --init_from=resume, or use a new --out_dir (or delete the old one)")
         overrides = {k: v for k, v in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                             dropout=dropout, bias=bias).items() if v is not None}
         try:
