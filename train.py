@@ -18,12 +18,12 @@ Design choices
   (the next row's first input), so every token is an input exactly once per pass; a row that
   straddles two shards is stitched from both, nothing is dropped or repeated. An epoch is the next
   total_tokens // block_size rows (the leftover < block_size tokens start the next epoch instead of
-  being dropped). shuffle=True reads an epoch's rows in a random order seeded by (seed, epoch): on a
-  corpus stored in order (stdlib's sorted files, a book's chapters) reading in file order made
-  batches from one region at a time, and the quickstart model fitted the encodings/ charmap tables
-  and forgot the rest (val loss 5.7 -> 7.1). Under DDP rank r of W reads micro-batches r, r+W, ...,
-  so W ranks read exactly the rows one process would. The data position is one integer, the rows
-  read so far, saved in every checkpoint.
+  being dropped). shuffle=True reads an epoch's rows in a random order seeded by (seed, epoch), so a
+  batch mixes the whole corpus, not one region of it: with the stdlib files in sorted order, reading
+  in file order made the quickstart model fit the encodings/ charmap tables and forget the rest (val
+  loss 5.7 -> 7.1 while it read them; 2.09 vs 1.75 val bits per byte after 800 steps). Under DDP
+  rank r of W reads micro-batches r, r+W, ..., so W ranks read exactly the rows one process would.
+  The data position is one integer, the rows read so far, saved in every checkpoint.
 - Exact resume. A checkpoint holds everything the next step depends on: weights, AdamW moments,
   GradScaler, step, data position and every rank's RNG states (dropout masks). On CPU in float32,
   N steps + resume + N steps gives the same losses and weights as 2N steps, bit for bit.
