@@ -23,8 +23,10 @@ _TYPES = (bool, int, float, str, tuple, list, type(None))
 
 
 def _known_keys(defaults):
-    # the settings are the script's public module-level variables of plain types
-    return {k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, _TYPES)}
+    # the settings are the script's public module-level variables of plain types; ALL_CAPS names are
+    # constants (e.g. train.CHECKPOINT_VERSION), not settings
+    return {k: v for k, v in defaults.items()
+            if not k.startswith("_") and not k.isupper() and isinstance(v, _TYPES)}
 
 
 def _unknown(key, known):

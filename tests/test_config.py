@@ -6,7 +6,7 @@ from configurator import configure
 
 def defaults():
     return {"batch_size": 12, "learning_rate": 6e-4, "compile": True, "out_dir": "out", "top_k": None,
-            "betas": (0.9, 0.95), "__doc__": "a test script", "_private": 1}
+            "betas": (0.9, 0.95), "VERSION": 1, "__doc__": "a test script", "_private": 1}
 
 
 def test_file_then_flags_override_in_order(tmp_path):
@@ -55,4 +55,4 @@ def test_help_lists_keys(capsys):
         configure(defaults(), ["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "--batch_size=12" in out and "_private" not in out
+    assert "--batch_size=12" in out and "_private" not in out and "VERSION" not in out

@@ -1,0 +1,62 @@
+"""The README's quick start, end to end at a tiny size: prepare the offline stdlib corpus, train a few
+steps with config/quickstart.py, sample. Every artefact a user relies on is checked, and the README's
+two commands are the ones CI and a newcomer run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, cwd):
+    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, f"{args[0]} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    return p.stdout, p.stderr
+
+
+def test_quickstart_end_to_end(tmp_path):
+    # 1. prepare: the real stdlib corpus with a small vocabulary, so the test stays quick
+    run([os.path.join(ROOT, "prepare.py"), "--dataset=stdlib", "--vocab_size=512", "--num_proc=1"], tmp_path)
+    data = tmp_path / "data" / "stdlib"
+    assert {"stdlib_val_000000.bin", "stdlib_train_000001.bin", "tokenizer.bpe", "card.json",
+            "README.md"} <= set(os.listdir(data))
+    card = json.loads((data / "card.json").read_text())
+    assert card["documents"]["kept"] > 500  # the stdlib has hundreds of modules
+    sys.path.insert(0, ROOT)
+    from prepare import read_shard
+    from bpe import Tokenizer
+    tok = Tokenizer.load(str(data / "tokenizer.bpe"))
+    assert tok.vocab_size == 512
+    val = read_shard(str(data / "stdlib_val_000000.bin"))
+    assert val[0] == tok.eot_token and "import" in tok.decode(np.asarray(val[:5000]).tolist())
+
+    # 2. train: the quick start's config, a few steps, one evaluation at the end
+    out, _ = run([os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "quickstart.py"),
+                  "--max_iters=30", "--eval_interval=30", "--eval_iters=2", "--log_interval=10",
+                  "--out_dir=out-qs"], tmp_path)
+    assert "val_bpb" in out
+    ckpts = sorted(os.listdir(tmp_path / "out-qs"))
+    assert "best.pt" in ckpts and "ckpt_000030.pt" in ckpts, ckpts
+
+    # 3. sample: loads the checkpoint and its embedded tokenizer with nothing else to point at
+    text, err = run([os.path.join(ROOT, "sample.py"), "--out_dir=out-qs", "--max_new_tokens=40",
+                     "--start=import ", "--seed=1"], tmp_path)
+    assert text.startswith("import ") and len(text) > len("import ") + 10
+    assert "tokens/s" in err
+    again, _ = run([os.path.join(ROOT, "sample.py"), "--out_dir=out-qs", "--max_new_tokens=40",
+                    "--start=import ", "--seed=1"], tmp_path)
+    assert again == text  # same seed, same text
+
+
+def test_readme_opens_with_the_two_commands_ci_runs():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    blocks = [b.split("```")[0].strip() for b in readme.split("```bash")[1:3]]
+    assert "prepare.py --dataset=stdlib" in blocks[0] and "config/quickstart.py" in blocks[0]
+    assert "sample.py" in blocks[0]
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert blocks[1] in ci  # CI runs exactly the README's test command
+    assert "pytest" in blocks[1]
