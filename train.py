@@ -86,6 +86,8 @@ n_embd = None
 block_size = None             # context length (gpt1: 512, gpt2: 1024, modern: 4096)
 dropout = None                # 0 for pretraining on lots of data; 0.1+ against overfitting small data
 bias = None                   # biases in Linear and LayerNorm
+grad_checkpoint = False       # out of memory? recompute each block in backward: far less activation
+                              # memory for ~1/3 more compute (applies to resumed and pretrained models too)
 # optimizer: AdamW (Loshchilov & Hutter 2019)
 learning_rate = 6e-4          # peak, reached after warmup
 max_iters = 5000              # optimizer steps of the whole run
@@ -353,6 +355,7 @@ if __name__ == "__main__":
     T = block_size if (block_size and init_from not in ("scratch", "resume")) else model.config.block_size
     if T > model.config.block_size:
         raise SystemExit(f"error: block_size={T} exceeds the model's context {model.config.block_size}")
+    model.config.grad_checkpoint = grad_checkpoint  # a memory/compute trade, not part of the model
     model.to(device)
     raw_model = model  # the uncompiled module: its state_dict has clean keys (no _orig_mod.)
     tokens_per_step = gradient_accumulation_steps * batch_size * T

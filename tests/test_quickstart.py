@@ -37,7 +37,7 @@ def test_quickstart_end_to_end(tmp_path):
     # 2. train: the quick start's config, a few steps, one evaluation at the end
     out, _ = run([os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "quickstart.py"),
                   "--max_iters=30", "--eval_interval=30", "--eval_iters=2", "--log_interval=10",
-                  "--out_dir=out-qs"], tmp_path)
+                  "--out_dir=out-qs", "--grad_checkpoint=True"], tmp_path)  # the out-of-memory knob, too
     assert "val_bpb" in out
     ckpts = sorted(os.listdir(tmp_path / "out-qs"))
     assert "best.pt" in ckpts and "ckpt_000030.pt" in ckpts, ckpts

@@ -1,0 +1,230 @@
+"""
+bench/bench_quickstart.py: how good a model does a CPU user get in a few minutes?
+
+Side by side, in one run, on the same ~1 MB of English prose (the King James Bible, printed by Debian's
+`bible-kjv` package: `apt-get install bible-kjv`; or any text file via --text=FILE):
+
+  reference  nanoGPT's CPU "baby GPT" recipe from its README: character level, 4 layers, 4 heads,
+             128 wide, context 64, batch 12, 2,000 iterations, lr 1e-3 (config/train_shakespeare_char.py)
+  ours       prepare.py --input=FILE --tokenizer=train, then train.py config/quickstart.py
+
+Both are scored the same way: bits per byte over the *whole* validation text (non-overlapping windows
+of each model's context), so a character model and a BPE model compare. nanoGPT sees exactly our
+validation and training text: its char-level files are made by decoding our shards.
+
+    git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT
+    python bench/bench_quickstart.py --nanogpt=/tmp/nanoGPT
+    python bench/bench_quickstart.py --nanogpt=/tmp/nanoGPT --our_max_iters=600 --vocab_size=2048
+
+Also prints ms/step and tokens/s of config/quickstart.py and of a baby-GPT-sized model in train.py,
+with and without torch.compile (--speed=True).
+"""
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configurator import configure  # noqa: E402
+
+nanogpt = ""             # path to a nanoGPT checkout (the reference); "" skips it
+text = ""                # a prose file; "" = the first prose_mb MB of the KJV Bible from `bible`
+prose_mb = 1.0
+vocab_size = 2048        # our BPE for the prose (prepare.py --vocab_size)
+our_config = "config/quickstart.py"
+our_max_iters = 0        # 0 = the config's max_iters
+our_args = ""            # more train.py flags, space separated
+speed = False            # also time ms/step with and without compile
+threads = 0              # torch threads for every run; 0 = torch's default (all cores)
+work = "data/bench_quickstart"
+configure(globals())
+
+PY = sys.executable
+
+
+def kjv_prose(path, mb):
+    """The first `mb` MB of the KJV as plain prose: a title line per chapter, one verse per line."""
+    raw = subprocess.run(["bible", "-l0", "Genesis1:1-Revelation22:21"], capture_output=True, text=True,
+                         check=True).stdout
+    out, size = [], 0
+    for chapter in re.split(r"\n(?=\S)", raw.strip("\n")):  # chapters start with an unindented title
+        lines = chapter.splitlines()
+        verses = [re.sub(r"^\s*\d+\s+", "", v) for v in lines[1:] if v.strip()]
+        block = lines[0] + "\n\n" + "\n".join(verses) + "\n\n"
+        out.append(block)
+        size += len(block.encode())
+        if size >= mb * 1e6:
+            break
+    with open(path, "w") as f:
+        f.write("".join(out))
+
+
+def run(cmd, cwd=ROOT, log=None):
+    """Run cmd, return (wall seconds, stdout). Output also goes to the log file."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else dict(os.environ)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    dt = time.perf_counter() - t0
+    if log:
+        with open(log, "w") as f:
+            f.write(p.stdout + p.stderr)
+    if p.returncode:
+        sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-2000:]}{p.stderr[-3000:]}")
+    return dt, p.stdout
+
+
+@torch.no_grad()
+def val_bits_per_byte(model, tokens, byte_len, block):
+    """Bits per byte of `tokens` (1-D int64) under `model`, in non-overlapping windows of `block`."""
+    model.eval()
+    n = (len(tokens) - 1) // block * block
+    x, y = tokens[:n].view(-1, block), tokens[1:n + 1].view(-1, block)
+    nats = 0.0
+    for i in range(0, x.size(0), 64):
+        logits = model(x[i:i + 64])
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y[i:i + 64].flatten(),
+                                                  reduction="sum").item()
+    return nats / math.log(2) / byte_len[y].sum().item()
+
+
+def score_ours(data_dir, out_dir):
+    from bpe import Tokenizer
+    from model import GPT, GPTConfig
+    from prepare import read_shard
+    from train import checkpoints
+    ckpt = torch.load(checkpoints(out_dir)[-1], map_location="cpu", weights_only=False)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    tok = Tokenizer.loads(ckpt["tokenizer"])
+    byte_len = torch.tensor([0 if i in tok.special_tokens.values() else len(tok.decode_bytes([i]))
+                             for i in range(tok.vocab_size)])
+    val = torch.from_numpy(read_shard(next(iter(sorted(
+        os.path.join(data_dir, f) for f in os.listdir(data_dir) if "_val_" in f)))).astype(np.int64))
+    # ours computes the head at every position only when given targets; pass dummy targets
+    class Full(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x, torch.zeros_like(x))[0]
+    return val_bits_per_byte(Full(model), val, byte_len, model.config.block_size)
+
+
+def nanogpt_files(data_dir, dst):
+    """Write nanoGPT char-level train.bin/val.bin/meta.pkl holding exactly the text of our shards."""
+    from bpe import Tokenizer
+    from prepare import read_shard
+    tok = Tokenizer.load(os.path.join(data_dir, "tokenizer.bpe"))
+    texts = {}
+    for split in ("train", "val"):
+        parts = []
+        for f in sorted(os.listdir(data_dir)):
+            if f"_{split}_" in f and f.endswith(".bin"):
+                ids = read_shard(os.path.join(data_dir, f)).astype(np.int64)
+                parts.append(tok.decode_bytes([int(t) for t in ids if t != tok.eot_token]))
+        texts[split] = b"".join(parts).decode("utf-8", errors="replace")
+    chars = sorted(set(texts["train"]) | set(texts["val"]))
+    stoi = {c: i for i, c in enumerate(chars)}
+    os.makedirs(dst, exist_ok=True)
+    for split, t in texts.items():
+        np.array([stoi[c] for c in t], dtype=np.uint16).tofile(os.path.join(dst, f"{split}.bin"))
+    with open(os.path.join(dst, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    return {s: len(t.encode()) for s, t in texts.items()}, {s: len(t) for s, t in texts.items()}
+
+
+NANOGPT_SCORE = r"""
+import math, sys, numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from model import GPT, GPTConfig
+ck = torch.load(sys.argv[2], map_location='cpu', weights_only=False)
+m = GPT(GPTConfig(**ck['model_args']))
+m.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ck['model'].items()})
+m.eval()
+val = torch.from_numpy(np.fromfile(sys.argv[3], dtype=np.uint16).astype(np.int64))
+T = m.config.block_size
+n = (len(val) - 1) // T * T
+x, y = val[:n].view(-1, T), val[1:n + 1].view(-1, T)
+nats = 0.0
+with torch.no_grad():
+    for i in range(0, x.size(0), 64):
+        logits, _ = m(x[i:i + 64], y[i:i + 64])
+        nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[i:i + 64].flatten(), reduction='sum').item()
+print(nats / math.log(2) / y.numel())  # bits per character
+"""
+
+
+def main():
+    os.makedirs(os.path.join(ROOT, work), exist_ok=True)
+    prose = text or os.path.join(ROOT, work, "prose.txt")
+    if not text:
+        kjv_prose(prose, prose_mb)
+    name = "bench_prose"
+    data_dir = os.path.join(ROOT, "data", name)
+    dt, _ = run([PY, "prepare.py", f"--input={prose}", f"--name={name}", "--tokenizer=train",
+                 f"--vocab_size={vocab_size}"], log=os.path.join(ROOT, work, "prepare.log"))
+    print(f"prepared {os.path.getsize(prose) / 1e6:.2f} MB of prose with a {vocab_size}-token BPE in {dt:.1f} s")
+
+    rows = []
+    if nanogpt:
+        nbytes, nchars = nanogpt_files(data_dir, os.path.join(nanogpt, "data", name + "_char"))
+        out = os.path.join(ROOT, work, "out-nanogpt")
+        dt, _ = run([PY, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+                     "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
+                     "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000",
+                     "--dropout=0.0", f"--dataset={name}_char", f"--out_dir={out}"], cwd=nanogpt,
+                    log=os.path.join(ROOT, work, "nanogpt.log"))
+        _, bpc = run([PY, "-c", NANOGPT_SCORE, nanogpt, os.path.join(out, "ckpt.pt"),
+                      os.path.join(nanogpt, "data", name + "_char", "val.bin")])
+        bpb = float(bpc.split()[-1]) * nchars["val"] / nbytes["val"]
+        rows.append(("nanoGPT baby GPT (char, 2000 iters)", dt, bpb))
+        print(f"reference: {dt:.1f} s wall, val {bpb:.4f} bits/byte")
+
+    out = os.path.join(ROOT, work, "out-ours")
+    flags = [f"--dataset={name}", f"--out_dir={out}", "--init_from=scratch"]
+    flags += [f"--max_iters={our_max_iters}"] if our_max_iters else []
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    dt, log = run([PY, "train.py", our_config, *flags, *our_args.split()], log=os.path.join(ROOT, work, "ours.log"))
+    bpb = score_ours(data_dir, out)
+    rows.append((f"ours: {our_config} {' '.join(flags[3:] + our_args.split())}", dt, bpb))
+
+    print(f"\n{'run':60s} {'wall s':>8s} {'val bits/byte':>14s}")
+    for r in rows:
+        print(f"{r[0]:60s} {r[1]:8.1f} {r[2]:14.4f}")
+    if len(rows) == 2:
+        print(f"wall-time ratio ours/reference: {rows[1][1] / rows[0][1]:.2f} (target <= 0.33); "
+              f"bpb ours - reference: {rows[1][2] - rows[0][2]:+.4f} (target <= 0)")
+
+    if speed:
+        print(f"\n{'model':44s} {'compile':>8s} {'ms/step':>8s} {'tokens/s':>9s}")
+        shapes = {"config/quickstart.py": [],
+                  "baby GPT shape (4x4x128, ctx 64, batch 12)": ["--preset=gpt2", "--n_layer=4", "--n_head=4",
+                                                                 "--n_embd=128", "--block_size=64",
+                                                                 "--batch_size=12",
+                                                                 "--gradient_accumulation_steps=1"]}
+        for label, extra in shapes.items():
+            for comp in (False, True):
+                o = os.path.join(ROOT, work, "out-speed")
+                shutil.rmtree(o, ignore_errors=True)
+                _, log = run([PY, "train.py", "config/quickstart.py", f"--dataset={name}", f"--out_dir={o}",
+                              "--max_iters=120", "--eval_interval=1000", "--log_interval=40",
+                              f"--compile={comp}", *extra])
+                # the first log window holds compilation/warm-up; report the last one
+                last = [ln for ln in log.splitlines() if "ms_per_step" in ln][-1]
+                ms = float(re.search(r"ms_per_step ([\d.]+)", last).group(1))
+                tps = float(re.search(r"tokens_per_s ([\d.]+)", last).group(1))
+                print(f"{label:44s} {str(comp):>8s} {ms:8.1f} {tps:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
