@@ -51,6 +51,17 @@ def test_quickstart_end_to_end(tmp_path):
                     "--start=import ", "--seed=1"], tmp_path)
     assert again == text  # same seed, same text
 
+    # a prompt longer than the context is cropped with a warning; a missing run is a one-line error
+    (tmp_path / "long.txt").write_text("x = 1\n" * 300)
+    text, err = run([os.path.join(ROOT, "sample.py"), "--out_dir=out-qs", "--max_new_tokens=5",
+                     "--start=FILE:long.txt"], tmp_path)
+    assert "warning: the prompt is" in err and "keeping its last 127 tokens" in err
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir=nope"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "error: no run directory nope/; train one (python train.py ...) or pass --out_dir=DIR of a run, "
+        "or --init_from=gpt2"]
+
 
 def test_readme_opens_with_the_two_commands_ci_runs():
     readme = open(os.path.join(ROOT, "README.md")).read()
