@@ -22,8 +22,8 @@ import torch
 
 from bpe import Tokenizer
 from configurator import configure
-from model import GPT, GPTConfig
-from train import CHECKPOINT_VERSION, checkpoints, pick_device
+from model import GPT
+from train import checkpoints, load_checkpoint, pick_device
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
 out_dir = "out"            # the run whose checkpoint to load (init_from='resume')
@@ -61,18 +61,7 @@ def load_model(out_dir, ckpt, init_from):
         path = ckpt
         if not os.path.exists(path):
             raise SystemExit(f"error: checkpoint {path} does not exist; pass --ckpt=best|last|PATH")
-    try:
-        # weights_only=False: a checkpoint holds RNG states (Python and NumPy objects) besides tensors.
-        # Load only checkpoints you trust: unpickling can run code.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path}: {e}")
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        got = state.get("version") if isinstance(state, dict) else type(state).__name__
-        raise SystemExit(f"error: {path} is checkpoint version {got}, this sample.py reads version "
-                         f"{CHECKPOINT_VERSION}; sample with the train.py/sample.py that wrote it")
-    model = GPT(GPTConfig(**state["model_args"]))
-    model.load_state_dict(state["model"])
+    state, model = load_checkpoint(path)
     return model, Tokenizer.loads(state["tokenizer"]), f"{path} (step {state['iter_num']})"
 
 

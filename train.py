@@ -257,6 +257,24 @@ def checkpoints(directory):
     return sorted(glob.glob(os.path.join(directory, "ckpt_[0-9]*.pt")))
 
 
+def load_checkpoint(path):
+    """(checkpoint dict, GPT with its weights, on the CPU): the one reader of the format save_checkpoint
+    writes, shared by resume and sample.py. A checkpoint of another version is a one-line error."""
+    try:
+        # weights_only=False: a checkpoint holds RNG states (Python and NumPy objects) besides tensors.
+        # Load only checkpoints you trust: unpickling can run code.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {path}: {e}")
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        got = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise SystemExit(f"error: {path} is checkpoint version {got}, this code reads version "
+                         f"{CHECKPOINT_VERSION}; use the train.py/sample.py that wrote it")
+    model = GPT(GPTConfig(**state["model_args"]))
+    model.load_state_dict(state["model"])
+    return state, model
+
+
 if __name__ == "__main__":
     config = configure(globals())
 
@@ -319,16 +337,10 @@ if __name__ == "__main__":
         if not found:
             raise SystemExit(f"error: init_from='resume' but {out_dir}/ has no ckpt_*.pt; "
                              f"start with --init_from=scratch or point --out_dir at a run")
-        try:
-            # weights_only=False: the RNG states are numpy/python objects. Resume only your own runs.
-            ckpt = torch.load(found[-1], map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise SystemExit(f"error: cannot load checkpoint {found[-1]}: {e}")
+        ckpt, model = load_checkpoint(found[-1])
         if ckpt["tokenizer"] != tokenizer.dumps():
             raise SystemExit(f"error: {tok_path} differs from the tokenizer the checkpoint was trained "
                              f"with; resume with the same --dataset")
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
     elif checkpoints(out_dir):  # a new run would interleave its checkpoints with the old run's
         raise SystemExit(f"error: {out_dir}/ already holds checkpoints of another run; continue it "
                          f"with --init_from=resume, or use a new --out_dir (or delete the old one)")

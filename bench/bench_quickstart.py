@@ -97,12 +97,9 @@ def val_bits_per_byte(model, tokens, byte_len, block):
 
 def score_ours(data_dir, out_dir):
     from bpe import Tokenizer
-    from model import GPT, GPTConfig
     from prepare import read_shard
-    from train import checkpoints
-    ckpt = torch.load(checkpoints(out_dir)[-1], map_location="cpu", weights_only=False)
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    from train import checkpoints, load_checkpoint
+    ckpt, model = load_checkpoint(checkpoints(out_dir)[-1])
     tok = Tokenizer.loads(ckpt["tokenizer"])
     byte_len = torch.tensor([0 if i in tok.special_tokens.values() else len(tok.decode_bytes([i]))
                              for i in range(tok.vocab_size)])

@@ -61,6 +61,11 @@ def test_quickstart_end_to_end(tmp_path):
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
         "error: no run directory nope/; train one (python train.py ...) or pass --out_dir=DIR of a run, "
         "or --init_from=gpt2"]
+    import torch
+    torch.save({"version": 99}, tmp_path / "old.pt")  # a checkpoint of another layout
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt=old.pt"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "old.pt is checkpoint version 99, this code reads version 1" in p.stderr
 
 
 def test_readme_opens_with_the_two_commands_ci_runs():
