@@ -61,6 +61,8 @@ from collections import Counter, defaultdict, deque
 import regex  # tiktoken's dependency; unlike `re` it knows \p{L} (letter) and \p{N} (number)
 import tiktoken
 
+from atomic import atomic_write
+
 # GPT-2's split, as tiktoken writes it (possessive ++ avoids backtracking): contractions, an optional
 # space + letters, an optional space + digits, an optional space + other symbols, then whitespace
 # (a run of spaces gives its last space to the next word: "   x" -> "  ", " x").
@@ -72,12 +74,20 @@ _HEADER = "bpe.py tokenizer v1"  # first line of every file; bump the version wh
 _GPT2 = dict(vocab_size=50257, special_tokens={"<|endoftext|>": 50256})  # tiktoken's gpt2, known offline
 
 
-def _utf8(text):
-    """str -> UTF-8 bytes; lone surrogates become U+FFFD (exactly what tiktoken does)."""
+def fix_surrogates(text):
+    """str -> str that UTF-8 can encode: a surrogate pair left split (as UTF-16 sources and JSON
+    escapes produce, 'a\\ud83d\\ude00b') is joined into its character ('a😀b'), and a lone surrogate
+    becomes U+FFFD. This is what tiktoken does, and prepare.py cleans text with the same rule."""
     try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:  # rejoins valid surrogate pairs too
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _utf8(text):
+    """str -> UTF-8 bytes, surrogates repaired as fix_surrogates does."""
+    return fix_surrogates(text).encode("utf-8")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,7 +103,7 @@ def count_chunks(texts, pattern, verbose=False, batch_chars=1 << 20):
         counts = _count_batch(first, pattern)
     else:
         counts, pending, workers, nbytes = Counter(), deque(), os.cpu_count() or 1, 0
-        with multiprocessing.Pool(workers) as pool:
+        with multiprocessing.Pool(workers, initializer=ignore_sigint) as pool:
             for batch in itertools.chain([first, second], batches):
                 nbytes += sum(map(len, batch))
                 pending.append(pool.apply_async(_count_batch, (batch, pattern)))
@@ -112,6 +122,13 @@ def count_chunks(texts, pattern, verbose=False, batch_chars=1 << 20):
         print(f"split and counted in {time.time() - t0:.1f}s: {len(chunks):,} distinct chunks, "
               f"{sum(chunks.values()):,} in all")
     return chunks
+
+
+def ignore_sigint():
+    """A worker process's initializer: Ctrl-C is the parent's to handle (it stops the pool); workers
+    that also caught it would each print a traceback."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _batches(texts, size):
@@ -350,6 +367,12 @@ class Tokenizer:
         """ids -> str; a sequence that stops inside a multi-byte character ends in U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def token_byte_lengths(self):
+        """UTF-8 bytes each id spells, as a list indexed by id; special tokens stand for no text, 0.
+        Bits per byte divide a loss in bits by the bytes of the targets: sum(lengths[y])."""
+        specials = set(self.special_tokens.values())
+        return [0 if i in specials else len(self.decode_bytes([i])) for i in range(self.vocab_size)]
+
     # -- the same encoder in pure Python: what tiktoken computes, slowly -----------------------------
 
     def encode_reference(self, text, allowed_special=()):
@@ -445,10 +468,7 @@ class Tokenizer:
 
     def save(self, path):
         """Write atomically: a crash never leaves half a file at `path`."""
-        tmp = f"{path}.tmp"  # same directory, so the rename is atomic
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(self.dumps())
-        os.replace(tmp, path)
+        atomic_write(path, self.dumps())
 
     @classmethod
     def load(cls, path):

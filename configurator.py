@@ -1,6 +1,7 @@
 """
-configurator.py: the one configuration mechanism shared by train.py, sample.py, prepare.py and bpe.py.
+configurator.py: the command line every script shares: its settings, and how it fails.
 
+Settings. 
 A script declares its settings as plain module-level variables with defaults, then calls
 
     config = configure(globals())
@@ -13,13 +14,50 @@ which applies, in order:
 Values are parsed with ast.literal_eval (so 3e-4, True, None, (0.9, 0.95) work) and fall back to the
 raw string. Every name must already exist in the script, and the value must have the default's type,
 so a typo is an error that names the closest known keys instead of a silently ignored setting.
-Errors exit with one line on stderr (SystemExit), never a traceback.
+Calling configure again (a test running main() twice in one process) starts from the defaults.
+
+Failing. A user's mistake (a typo, a missing file, a bad value) must end as one line that names the
+problem and the fix, never as a traceback from deep inside torch. Scripts raise UserError for what
+they check themselves; library modules (model.py, bpe.py, checkpoint.py, shards.py) raise ValueError,
+as libraries should. Every script runs its main() through run(), the one place that turns those, and
+an OSError naming a file (a read-only folder, a path that is a file), into `error: ...` on stderr
+with exit status 1, and Ctrl-C into one line and status 130. TRACEBACK=1 shows the full traceback.
 """
 import ast
 import difflib
+import os
 import sys
 
 _TYPES = (bool, int, float, str, tuple, list, type(None))
+
+
+class UserError(SystemExit):
+    """A mistake the user can fix. A SystemExit, so that it ends a script with its one line (and
+    status 1) even outside run(); `except Exception` in library code does not swallow it."""
+
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+
+
+def run(main, argv=None):
+    """Call main(argv) as a script's entry point: expected failures become one line on stderr."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped; files are written atomically, so no output is half-written",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, OSError) as e:
+        if os.environ.get("TRACEBACK"):
+            raise
+        if isinstance(e, OSError) and e.filename is not None:
+            what = f"{e.strerror or type(e).__name__}: {e.filename}"
+            hint = {PermissionError: "; choose a folder you can write to, or fix its permissions",
+                    FileExistsError: "; a file stands where a folder is needed: move it or pick another path",
+                    NotADirectoryError: "; a file stands where a folder is needed: move it or pick another path",
+                    }.get(type(e), "")
+            raise UserError(what + hint) from None
+        raise UserError(" ".join(str(e).split()) or type(e).__name__) from None
 
 
 def _known_keys(defaults):
@@ -32,7 +70,7 @@ def _known_keys(defaults):
 def _unknown(key, known):
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; run with --help to list the keys"
-    return SystemExit(f"error: unknown config key '{key}'{hint}")
+    return UserError(f"unknown config key '{key}'{hint}")
 
 
 def _coerce(key, value, default):
@@ -49,7 +87,7 @@ def _coerce(key, value, default):
     else:
         ok = type(value) is type(default)
     if not ok:
-        raise SystemExit(f"error: config key '{key}' expects {type(default).__name__} "
+        raise UserError(f"config key '{key}' expects {type(default).__name__} "
                          f"(default {default!r}), got {value!r} of type {type(value).__name__}")
     return value
 
@@ -67,7 +105,10 @@ def configure(defaults, argv=None):
     """Apply config files and --key=value flags from argv to `defaults` (a script's globals()) in place.
     Returns the resolved settings as a dict (what checkpoints and wandb record)."""
     argv = sys.argv[1:] if argv is None else argv
-    known = _known_keys(defaults)
+    # the settings as the script wrote them, kept from the first call, so later calls start afresh
+    pristine = defaults.setdefault("__settings__", dict(_known_keys(defaults)))
+    defaults.update(pristine)
+    known = dict(pristine)
     if any(a in ("-h", "--help") for a in argv):
         doc = (defaults.get("__doc__") or "").strip()
         print(doc + "\n\nsettings (override with a config file and/or --key=value):" if doc else "settings:")
@@ -81,12 +122,12 @@ def configure(defaults, argv=None):
                 with open(arg) as f:
                     source = f.read()
             except OSError as e:
-                raise SystemExit(f"error: cannot read config file '{arg}': {e.strerror}")
+                raise UserError(f"cannot read config file '{arg}': {e.strerror}")
             namespace = {}
             try:
                 exec(compile(source, arg, "exec"), namespace)
             except Exception as e:
-                raise SystemExit(f"error: config file '{arg}' failed: {type(e).__name__}: {e}")
+                raise UserError(f"config file '{arg}' failed: {type(e).__name__}: {e}")
             for key, value in namespace.items():
                 if key.startswith("_") or not isinstance(value, _TYPES):
                     continue  # __builtins__, helper imports
@@ -95,7 +136,7 @@ def configure(defaults, argv=None):
                 known[key] = _coerce(key, value, defaults[key])
         else:
             if "=" not in arg:
-                raise SystemExit(f"error: flag '{arg}' needs a value: write {arg}=VALUE")
+                raise UserError(f"flag '{arg}' needs a value: write {arg}=VALUE")
             key, raw = arg[2:].split("=", 1)
             if key not in known:
                 raise _unknown(key, known)

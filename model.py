@@ -221,8 +221,6 @@ class GPT(nn.Module):
             for name, p in self.named_parameters():
                 if name.endswith("c_proj.weight"):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        print(f"GPT: {self.num_params(non_embedding=False):,} parameters "
-              f"({self.num_params():,} without looked-up position/input tables)")
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):  # N(0, 0.02) as GPT-1 and GPT-2
@@ -259,11 +257,12 @@ class GPT(nn.Module):
                 raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, "
                                  f"{self.config.vocab_size}); the tokenizer and the model's vocab_size disagree")
 
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) ids -> (logits, loss). With targets (B, T) (-1 = ignore): logits (B, T, vocab_size)
-        and the mean cross-entropy. Without: logits at the last position only, (B, 1, vocab_size).
-        cache: a KVCache, used by generate; positions then continue from cache.pos."""
+    def hidden_states(self, idx, cache=None):
+        """idx (B, T) ids -> (B, T, C) final hidden states, after the last norm: what the head reads,
+        and what a task head reads (finetune.py). cache: a KVCache; positions continue from cache.pos."""
         start = cache.pos if cache is not None else 0
+        if start and idx.size(1) > 1:  # the attention below has no mask for T new tokens after a prefix
+            raise ValueError(f"a step with a filled KVCache takes one token, got {idx.size(1)}")
         self._check_input(idx, start)
         T = idx.size(1)
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -282,15 +281,27 @@ class GPT(nn.Module):
                 x = block(x, rope, cache, layer)
         if cache is not None:
             cache.pos += T
-        x = self.transformer.ln_f(x)
-        V = self.config.vocab_size
-        if targets is None:  # inference: the head (the largest matmul) only where it is needed
-            return self.lm_head(x[:, [-1], :])[..., :V], None
-        # padded columns are sliced off so the softmax is over real tokens only (torch.compile fuses
-        # the slice into the loss); autocast runs the log-softmax inside cross_entropy in fp32
-        logits = self.lm_head(x)[..., :V]
-        loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return self.transformer.ln_f(x)
+
+    def head(self, h):
+        """Hidden states (..., C) -> logits (..., vocab_size). The padded columns are sliced off, so
+        the softmax is over real tokens only (torch.compile fuses the slice into the loss)."""
+        return self.lm_head(h)[..., :self.config.vocab_size]
+
+    def forward(self, idx, targets=None, cache=None, reduction="mean"):
+        """idx (B, T) ids -> (logits, loss).
+        Without targets: logits (B, T, vocab_size) at every position, and loss None. With a cache
+        (generation): logits (B, 1, vocab_size) at the last position only, as the head is the
+        largest matmul and only the last position is sampled.
+        With targets (B, T) (-1 = ignore): logits None, so they are not kept alive through backward
+        (at batch 32 with a 50k vocabulary they are 3 GB in bf16), and the cross-entropy: the mean
+        over scored tokens, or with reduction="none" one loss per token, (B, T), 0 where ignored."""
+        h = self.hidden_states(idx, cache)
+        if targets is None:
+            return self.head(h[:, -1:] if cache is not None else h), None
+        # autocast runs the log-softmax inside cross_entropy in float32
+        loss = F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+        return None, loss.view_as(targets) if reduction == "none" else loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
         """AdamW with decay on matrices and embeddings (dim >= 2) only: biases and norm gains stay
@@ -299,8 +310,6 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        for name, group in (("decayed", decay), ("not decayed", no_decay)):
-            print(f"{name}: {len(group)} tensors, {sum(p.numel() for p in group):,} parameters")
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
 
@@ -386,17 +395,17 @@ class GPT(nn.Module):
         model = cls(config)
         own = model.state_dict()  # tensors sharing storage with the parameters: copy_ fills the model
         loaded = set()
-        for key, w in sd.items():
-            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                continue  # old causal-mask buffers; the head is tied to wte
-            key = key if key.startswith("transformer.") else "transformer." + key  # saved from GPT2Model
-            if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                w = w.t()  # HF's Conv1D stores (in, out); nn.Linear holds (out, in)
+        for hf_key, w in sd.items():
+            key = hf_to_ours(hf_key)
+            if key is None:
+                continue
             target = own.get(key)
+            if target is not None and key.endswith(_CONV1D):
+                w = w.t()  # HF's Conv1D stores (in, out); nn.Linear holds (out, in)
             if key == "transformer.wte.weight" and target is not None:
                 target = target[:w.size(0)]  # padded rows keep their init; their logits are sliced off
             if target is None or target.shape != w.shape:
-                raise ValueError(f"{file}: tensor {key} {tuple(w.shape)} has no match in this GPT "
+                raise ValueError(f"{file}: tensor {hf_key} {tuple(w.shape)} has no match in this GPT "
                                  f"{tuple(target.shape) if target is not None else ''}")
             target.copy_(w)
             loaded.add(key)
@@ -404,6 +413,37 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"{file} lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
         return model
+
+    def hf_state_dict(self):
+        """This model's weights under Hugging Face GPT2LMHeadModel's names and layouts (for export):
+        the inverse of from_pretrained. Only the GPT-2 architecture has such a form."""
+        c = self.config
+        if (c.norm, c.pos, c.mlp, c.prenorm, c.tie_weights) != ("layernorm", "learned", "gelu", True, True):
+            raise ValueError("only the gpt2 architecture (pre-LayerNorm, learned positions, GELU, tied head) "
+                             "maps onto Hugging Face's GPT2LMHeadModel")
+        sd, out = self.state_dict(), {}
+        for key, w in sd.items():
+            if key == "lm_head.weight":
+                continue  # tied: HF ties it to wte when loading
+            w = w[:c.vocab_size] if key == "transformer.wte.weight" else w  # drop the padding rows
+            out[key] = (w.t() if key.endswith(_CONV1D) else w).contiguous()
+            bias = key.removesuffix("weight") + "bias"
+            if key.endswith("weight") and "wte" not in key and "wpe" not in key and bias not in sd:
+                out[bias] = torch.zeros(w.size(0), dtype=w.dtype)  # trained without biases: HF's are 0
+        return out
+
+
+# Hugging Face's GPT-2 uses the same module names (GPT2LMHeadModel prefixes "transformer."), but its
+# Conv1D layers store weights (in, out) where nn.Linear holds (out, in): these are transposed.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_to_ours(hf_key):
+    """A Hugging Face GPT-2 tensor name -> ours, or None for what we do not keep: the old causal-mask
+    buffers, and lm_head (tied to wte). Files saved from GPT2Model have no "transformer." prefix."""
+    if hf_key.endswith((".attn.bias", ".attn.masked_bias")) or hf_key == "lm_head.weight":
+        return None
+    return hf_key if hf_key.startswith("transformer.") else "transformer." + hf_key
 
 
 def _load_hf_weights(path):

@@ -1,4 +1,4 @@
-"""
+r"""
 prepare.py: raw text in, clean deduplicated token shards and a data card out.
 
     python prepare.py --dataset=stdlib                  # offline: the Python standard library (quick start)
@@ -15,8 +15,8 @@ Sources. FineWeb-Edu (HuggingFaceFW/fineweb-edu, --hf_config=sample-10BT by defa
 on --separator); and `stdlib`: the .py sources of the interpreter running this script (test suites and
 site-packages left out, ~12 MB) plus the pydoc topic texts, one document per file. stdlib is real text nobody
 here wrote, exists wherever Python does, and needs no network: the quick start uses it. Its documents come in
-a fixed shuffled order, so val is a random tenth of the modules and train.py, which reads shards in order,
-sees them mixed; other sources keep their own order. The hub is probed with a 5 s timeout first, so an
+a fixed shuffled order, so val (the first tokens) is a random tenth of the modules, not the a-z head of
+the library; other sources keep their own order. The hub is probed with a 5 s timeout first, so an
 offline machine gets a one-line error naming the offline options instead of a hang.
 
 Cleaning, each step counted in the card, in this order: line endings to "\n"; drop documents that are mostly
@@ -42,7 +42,8 @@ validation; the fraction cap keeps a small corpus from going all to val), then s
 are exactly the token stream. Each file is written to a temporary name and renamed when complete; a re-run
 first removes the previous run's shards and card. tokenizer.bpe and card.json + README.md (the data card:
 source, licence, command, counts per filter, tokens per split, bytes per token) are written last, so their
-presence marks a complete run.
+presence marks a complete run; command.txt is written first. A run that fails removes the folder it made;
+Ctrl-C keeps the complete shards written so far.
 
 Memory: one shard buffer (max(val_tokens + shard_size, val_tokens / val_fraction) uint16, 220 MB at the
 defaults), the batches in flight, the workers, and 8 bytes per distinct document for dedup.
@@ -55,6 +56,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import socket
 import sys
 import threading
@@ -69,7 +71,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from configurator import configure
+from atomic import atomic_write
+from bpe import Tokenizer, fix_surrogates, ignore_sigint
+from configurator import UserError, configure, run
+from shards import MAGIC, MAX_VOCAB, VERSION, write_shard
 
 # -----------------------------------------------------------------------------
 # settings: override with a config file and/or --key=value (see configurator.py)
@@ -94,65 +99,16 @@ val_fraction = 0.1
 num_proc = os.cpu_count() or 1  # tokenizer worker processes
 # -----------------------------------------------------------------------------
 
-_MAGIC, _VERSION, _HEADER_INTS = 20240520, 1, 256  # llm.c's shard header (data/fineweb.py, train_gpt2.c)
-_HEADER_BYTES = 4 * _HEADER_INTS
-_MAX_VOCAB = 1 << 16  # uint16 token ids: 0 .. 65535
 _FINEWEB = "HuggingFaceFW/fineweb-edu"
 _FINEWEB_LICENSE = ("ODC-By 1.0 (Open Data Commons Attribution License), as stated on the dataset card; "
                     "use is also subject to CommonCrawl's Terms of Use")
-_TOO_BIG = (f"does not fit the uint16 token shards (ids must be below {_MAX_VOCAB:,}, as in llm.c's format); "
-            f"use a vocabulary of at most {_MAX_VOCAB:,}")
+_TOO_BIG = (f"does not fit the uint16 token shards (ids must be below {MAX_VOCAB:,}, as in llm.c's format); "
+            f"use a vocabulary of at most {MAX_VOCAB:,}")
 _BATCH_CHARS = 1 << 20  # documents are cleaned, deduplicated and encoded in batches of ~1M characters
 
 
 # -----------------------------------------------------------------------------
-# shard files: llm.c's format, written atomically, checked on read (train.py imports read_shard)
-
-def write_shard(path, tokens):
-    """Write tokens (ints < 65536) to path as header + uint16, via a temporary file and a rename, so an
-    interrupted write never leaves a file that looks whole."""
-    tokens = np.asarray(tokens)
-    if tokens.dtype != np.uint16:
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= _MAX_VOCAB):
-            raise ValueError(f"{path}: token ids must be in 0..65535 to fit uint16 shards")
-        tokens = tokens.astype(np.uint16)
-    if len(tokens) >= 1 << 31:
-        raise ValueError(f"{path}: {len(tokens)} tokens do not fit the int32 count of the header")
-    header = np.zeros(_HEADER_INTS, dtype="<i4")
-    header[:3] = _MAGIC, _VERSION, len(tokens)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.ascontiguousarray(tokens, dtype="<u2").data)  # no copy for a buffer slice (little-endian)
-        f.flush()
-        os.fsync(f.fileno())  # the data is on disk before the name says the shard is complete
-    os.replace(tmp, path)
-
-
-def read_shard(path):
-    """Return the tokens of a shard as a read-only uint16 memmap (no copy: shards can be GBs) after
-    checking magic, version and that the file size matches the token count. ValueError names the file."""
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise ValueError(f"shard {path}: {e.strerror}") from None
-    if size < _HEADER_BYTES:
-        raise ValueError(f"shard {path}: truncated: {size} bytes, smaller than the {_HEADER_BYTES}-byte "
-                         f"header; re-run prepare.py")
-    header = np.fromfile(path, dtype="<i4", count=_HEADER_INTS)
-    if header[0] != _MAGIC:
-        raise ValueError(f"shard {path}: wrong magic number {header[0]} (expected {_MAGIC}): not a "
-                         f"token shard, or corrupt; re-run prepare.py")
-    if header[1] != _VERSION:
-        raise ValueError(f"shard {path}: unsupported version {header[1]} (expected {_VERSION})")
-    ntok = int(header[2])
-    if ntok < 0 or size != _HEADER_BYTES + 2 * ntok:
-        raise ValueError(f"shard {path}: {size} bytes but the header says {ntok} tokens "
-                         f"({_HEADER_BYTES + 2 * ntok} bytes): truncated or corrupt; re-run prepare.py")
-    if ntok == 0:
-        return np.zeros(0, dtype=np.uint16)  # mmap cannot map zero bytes
-    return np.memmap(path, dtype="<u2", mode="r", offset=_HEADER_BYTES, shape=(ntok,))
-
+# cutting the token stream into shard files (the format itself: shards.py)
 
 class ShardWriter:
     """Cuts the token stream into shards: val first, then train shards of shard_size tokens.
@@ -254,20 +210,37 @@ def _datasets_docs(load_args, text_field, what):
     import datasets
     # without this, streaming imports torch (~3 s, ~300 MB) only to share a counter with DataLoader workers
     datasets.config.TORCH_AVAILABLE = False
+    # datasets logs each error it then raises; the raise becomes our one line, so the log would repeat it
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         ds = datasets.load_dataset(**load_args, streaming=True)
     except Exception as e:
-        raise SystemExit(f"error: cannot load {what}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        raise UserError(f"cannot load {what}: {_first_line(e)}")
     if ds.column_names is not None:  # known up front for local files; the hub may only know at the first row
         if text_field not in ds.column_names:
-            raise SystemExit(f"error: {what} has no column '{text_field}' (columns: "
+            raise UserError(f"{what} has no column '{text_field}' (columns: "
                              f"{', '.join(ds.column_names)}); set --text_field")
         ds = ds.select_columns([text_field])
-    for batch in ds.iter(batch_size=1000):
+    rows = ds.iter(batch_size=1000)
+    while True:
+        try:  # only the read is guarded, not the yield below (that is where the consumer's errors surface)
+            batch = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # a malformed JSON line or a corrupt file, found mid-stream
+            raise UserError(f"cannot read {what}: {_first_line(e)}")
         if text_field not in batch:
-            raise SystemExit(f"error: {what} has no column '{text_field}' (columns: {', '.join(batch)}); "
+            raise UserError(f"{what} has no column '{text_field}' (columns: {', '.join(batch)}); "
                              f"set --text_field")
-        yield from (t or "" for t in batch[text_field])  # a null text is an empty document
+        for t in batch[text_field]:
+            if t is not None and not isinstance(t, str):  # an int, a list, bytes: not a text column
+                raise UserError(f"{what}: column '{text_field}' holds {type(t).__name__} values, not text "
+                                f"(e.g. {str(t)[:40]!r}); point --text_field at a column of strings")
+            yield t  # None (a null or missing text) is counted in the card as such
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: " + (str(e).splitlines() or [""])[0]
 
 
 def _check_hub(timeout=5.0):
@@ -278,7 +251,7 @@ def _check_hub(timeout=5.0):
     hint = ("offline, use --dataset=stdlib (the Python standard library) or --input=PATH "
             "(local .txt/.jsonl/.parquet files)")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise SystemExit(f"error: HF_HUB_OFFLINE is set, so the hub cannot be streamed from; {hint}")
+        raise UserError(f"HF_HUB_OFFLINE is set, so the hub cannot be streamed from; {hint}")
     outcome = []
 
     def probe():
@@ -293,7 +266,7 @@ def _check_hub(timeout=5.0):
     thread.join(timeout)
     if not outcome or outcome[0] is not None:
         why = f"{outcome[0]}" if outcome else f"no answer in {timeout:.0f} s"
-        raise SystemExit(f"error: cannot reach the Hugging Face hub at {host}:{port} ({why}); {hint}")
+        raise UserError(f"cannot reach the Hugging Face hub at {host}:{port} ({why}); {hint}")
 
 
 def _safe_name(s):
@@ -306,11 +279,11 @@ def resolve_source(cfg):
         files = sorted(glob(cfg.input)) if any(c in cfg.input for c in "*?[") else [cfg.input]
         if not files or not all(os.path.isfile(f) for f in files):
             missing = next((f for f in files if not os.path.isfile(f)), cfg.input)
-            raise SystemExit(f"error: input '{missing}' " + ("matches no file" if not files else
+            raise UserError(f"input '{missing}' " + ("matches no file" if not files else
                              "does not exist or is not a file") + "; check --input")
         kinds = {Path(f).suffix.lower() for f in files}
         if len(kinds) > 1 or not kinds <= {".txt", ".jsonl", ".json", ".parquet"}:
-            raise SystemExit(f"error: --input must be .txt, .jsonl or .parquet files of one kind, got "
+            raise UserError(f"--input must be .txt, .jsonl or .parquet files of one kind, got "
                              f"{', '.join(sorted(kinds))}")
         kind = kinds.pop()
         pattern = Path(cfg.input)  # default name: the file's stem, or the folder of a glob like corpus/*.txt
@@ -361,11 +334,8 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls exc
 
 def clean(text, stats, min_chars, max_garbage):
     """Return the cleaned text, or None if the document is dropped; counts every change in stats."""
-    try:
-        stats["bytes_read"] += len(text.encode("utf-8"))
-    except UnicodeEncodeError:  # lone surrogates (e.g. from surrogateescape): make them U+FFFD
-        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-        stats["bytes_read"] += len(text.encode("utf-8"))
+    text = fix_surrogates(text)  # split pairs joined, lone surrogates to U+FFFD: bpe.py's rule
+    stats["bytes_read"] += len(text.encode("utf-8"))
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         stats["fixed_line_endings"] += 1
@@ -416,6 +386,9 @@ def clean_batches(docs, stats, min_chars, max_garbage, seen=None):
     batch, chars = [], 0
     for text in docs:
         stats["read"] += 1
+        if text is None:
+            stats["dropped_missing"] += 1
+            continue
         text = clean(text, stats, min_chars, max_garbage)
         if text is not None:
             batch.append(text)
@@ -457,7 +430,7 @@ _worker_tok = None  # the tokenizer of a worker process
 
 def _init_worker(tok_text):
     global _worker_tok
-    from bpe import Tokenizer
+    ignore_sigint()  # Ctrl-C is handled once, by the parent
     _worker_tok = Tokenizer.loads(tok_text)
 
 
@@ -483,25 +456,23 @@ def encoded_batches(batches, tok, num_proc):
 
 def load_tokenizer(spec):
     """The tokenizer named by --tokenizer (gpt2 or a .bpe path), refused if its ids do not fit uint16."""
-    from bpe import Tokenizer
     if spec != "gpt2" and not os.path.isfile(spec):
-        raise SystemExit(f"error: tokenizer file '{spec}' not found; give --tokenizer=gpt2, =train or the "
+        raise UserError(f"tokenizer file '{spec}' not found; give --tokenizer=gpt2, =train or the "
                          f"path of a .bpe file saved by bpe.py")
     try:
         tok = Tokenizer.from_spec(spec)
         tok.encode("x")  # gpt2: tiktoken downloads its files on first use; fail now, not mid-corpus
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load tokenizer '{spec}': {e}")
+        raise UserError(f"cannot load tokenizer '{spec}': {e}")
     except RuntimeError as e:
-        raise SystemExit(f"error: cannot load tokenizer '{spec}': {e}; offline, use --tokenizer=train")
-    if tok.vocab_size > _MAX_VOCAB:
-        raise SystemExit(f"error: tokenizer '{spec}' has {tok.vocab_size} tokens and {_TOO_BIG}")
+        raise UserError(f"cannot load tokenizer '{spec}': {e}; offline, use --tokenizer=train")
+    if tok.vocab_size > MAX_VOCAB:
+        raise UserError(f"tokenizer '{spec}' has {tok.vocab_size} tokens and {_TOO_BIG}")
     return tok
 
 
 def train_tokenizer(cfg, docs_fn):
     """Train a BPE on the first bpe_train_mb MB of the cleaned, deduplicated corpus."""
-    from bpe import Tokenizer
     texts, nbytes, stats = [], 0, Counter()
     for text in chain.from_iterable(clean_batches(docs_fn(), stats, cfg.min_chars, cfg.max_garbage)):
         if nbytes >= cfg.bpe_train_mb * 1_000_000:
@@ -509,21 +480,22 @@ def train_tokenizer(cfg, docs_fn):
         texts.append(text)
         nbytes += len(text.encode("utf-8"))
     if not texts:
-        raise SystemExit(_empty_error(stats, cfg))
+        raise UserError(_empty_error(stats, cfg))
     print(f"training a {cfg.vocab_size}-token BPE on {len(texts):,} documents, {nbytes / 1e6:.1f} MB")
     t0 = time.time()
     try:
         tok = Tokenizer.train(texts, cfg.vocab_size, verbose=True)
     except ValueError as e:  # vocab_size too small, or more merges than this text allows
-        raise SystemExit(f"error: cannot train the tokenizer: {e}")
+        raise UserError(f"cannot train the tokenizer: {e}")
     print(f"trained {tok.name} in {time.time() - t0:.1f} s")
     return tok, {"docs": len(texts), "bytes": nbytes}
 
 
 def _empty_error(stats, cfg):
-    return (f"error: no documents left after cleaning (read {stats['read']}: {stats['dropped_short']} shorter "
-            f"than min_chars={cfg.min_chars}, {stats['dropped_garbage']} garbage, "
-            f"{stats['dropped_duplicate']} duplicates); check the input and --text_field, or lower --min_chars")
+    return (f"no documents left after cleaning (read {stats['read']}: {stats['dropped_missing']} without "
+            f"text, {stats['dropped_short']} shorter than min_chars={cfg.min_chars}, {stats['dropped_garbage']} "
+            f"garbage, {stats['dropped_duplicate']} duplicates); check the input and --text_field, or lower "
+            f"--min_chars")
 
 
 # -----------------------------------------------------------------------------
@@ -533,23 +505,46 @@ def prepare(cfg, argv=()):
     """Run the whole pipeline for the settings in cfg (a namespace); return the data card (a dict)."""
     for key in ("shard_size", "num_proc", "bpe_train_mb"):
         if getattr(cfg, key) < 1:
-            raise SystemExit(f"error: --{key} must be at least 1, got {getattr(cfg, key)}")
+            raise UserError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
     if not 0 < cfg.val_fraction < 1 or cfg.val_tokens < 0:
-        raise SystemExit("error: need 0 < val_fraction < 1 and val_tokens >= 0")
+        raise UserError("need 0 < val_fraction < 1 and val_tokens >= 0")
     spec = cfg.tokenizer or ("train" if cfg.dataset == "stdlib" and not cfg.input else "gpt2")
-    if spec == "train" and cfg.vocab_size > _MAX_VOCAB:  # before any work
-        raise SystemExit(f"error: --vocab_size={cfg.vocab_size} {_TOO_BIG}")
+    if spec == "train" and cfg.vocab_size > MAX_VOCAB:  # before any work
+        raise UserError(f"--vocab_size={cfg.vocab_size} {_TOO_BIG}")
     name, docs_fn, source = resolve_source(cfg)  # offline, the hub check fails here within seconds
     tok = None if spec == "train" else load_tokenizer(spec)
     out_dir = os.path.join(cfg.data_dir, name)
-    os.makedirs(out_dir, exist_ok=True)
-    # a re-run replaces the previous run wholesale: no stale shard from a longer run survives
-    prefix = os.path.join(glob_escape(out_dir), glob_escape(name))
-    stale = glob(f"{prefix}_val_*.bin*") + glob(f"{prefix}_train_*.bin*")
-    for f in stale + [os.path.join(out_dir, f) for f in ("card.json", "README.md", "tokenizer.bpe")]:
-        if os.path.exists(f):
-            os.remove(f)
+    made = []  # the folders this run creates, out_dir first, so that a failed run can remove them again
+    d = os.path.abspath(out_dir)
+    while not os.path.lexists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(out_dir, exist_ok=True)  # a read-only folder, or a file in the path: one line, before any work
+    try:
+        # the command goes in first: it proves the folder is writable before any long work, and train.py
+        # names it when the folder turns out to be incomplete
+        atomic_write(os.path.join(out_dir, "command.txt"), shlex.join(["python", "prepare.py", *argv]) + "\n")
+        # a re-run replaces the previous run wholesale: no stale shard from a longer run survives
+        prefix = os.path.join(glob_escape(out_dir), glob_escape(name))
+        stale = glob(f"{prefix}_val_*.bin*") + glob(f"{prefix}_train_*.bin*")
+        for f in stale + [os.path.join(out_dir, f) for f in ("card.json", "README.md", "tokenizer.bpe")]:
+            if os.path.exists(f):
+                os.remove(f)
+        return _prepare(cfg, argv, name, docs_fn, source, spec, tok, out_dir)
+    except (Exception, UserError):  # bad input found mid-stream (UserError is a SystemExit, not an Exception):
+        # remove what this run made. A Ctrl-C keeps the complete shards written so far, and a failed re-run
+        # keeps the old folder; a parent made here goes only if empty (a concurrent run may be writing in it)
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
+            for parent in made[1:]:
+                try:
+                    os.rmdir(parent)
+                except OSError:
+                    break
+        raise
 
+
+def _prepare(cfg, argv, name, docs_fn, source, spec, tok, out_dir):
     trained = None
     if tok is None:
         tok, trained = train_tokenizer(cfg, docs_fn)
@@ -567,22 +562,16 @@ def prepare(cfg, argv=()):
             print(f"{stats['read']:,} docs read, {stats['bytes_read'] / 1e6:,.0f} MB, {ntok:,} tokens, "
                   f"{stats['bytes_read'] / 1e6 / dt:.1f} MB/s, {ntok / dt / 1e6:.2f}M tokens/s")
     if stats["kept"] == 0:
-        raise SystemExit(_empty_error(stats, cfg))
+        raise UserError(_empty_error(stats, cfg))
     shards = writer.finish()
     elapsed = time.time() - t0
     tok.save(os.path.join(out_dir, "tokenizer.bpe"))
     card = make_card(cfg, argv, name, source, stats, shards, tok, spec, trained, elapsed)
-    _write_atomic(os.path.join(out_dir, "card.json"), json.dumps(card, indent=2) + "\n")
-    _write_atomic(os.path.join(out_dir, "README.md"), render_card(card))
+    atomic_write(os.path.join(out_dir, "card.json"), json.dumps(card, indent=2) + "\n")
+    atomic_write(os.path.join(out_dir, "README.md"), render_card(card))
     print(f"done in {elapsed:.1f} s: {stats['kept']:,} of {stats['read']:,} documents kept, "
           f"{card['tokens']['train']:,} train + {card['tokens']['val']:,} val tokens in {out_dir}/")
     return card
-
-
-def _write_atomic(path, text):
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
 
 
 # -----------------------------------------------------------------------------
@@ -608,7 +597,8 @@ def make_card(cfg, argv, name, source, stats, shards, tok, spec, trained, elapse
         "source": source,
         "documents": {
             "read": stats["read"],
-            "dropped": {"garbage": stats["dropped_garbage"], "shorter_than_min_chars": stats["dropped_short"],
+            "dropped": {"missing_text": stats["dropped_missing"], "garbage": stats["dropped_garbage"],
+                        "shorter_than_min_chars": stats["dropped_short"],
                         "duplicate": stats["dropped_duplicate"]},
             "kept": stats["kept"],
             "modified": {"line_endings_normalised": stats["fixed_line_endings"],
@@ -621,7 +611,7 @@ def make_card(cfg, argv, name, source, stats, shards, tok, spec, trained, elapse
         "tokens": {"train": ntrain, "val": nval, "total": ntrain + nval,
                    "bytes_per_token": round(stats["bytes_kept"] / max(text_tokens, 1), 4)},
         "shards": shards,
-        "format": (f"llm.c token shards: 256 int32 header (magic {_MAGIC}, version {_VERSION}, token count), "
+        "format": (f"llm.c token shards: 256 int32 header (magic {MAGIC}, version {VERSION}, token count), "
                    f"then uint16 tokens; every document is preceded by <|endoftext|> (id {tok.eot_token}); "
                    f"val is the first min(val_tokens, val_fraction * total) tokens"),
         "seconds": round(elapsed, 1),
@@ -647,6 +637,7 @@ def render_card(c):
         "## Documents", "",
         "| step | documents |", "|---|---:|",
         f"| read | {d['read']:,} |",
+        f"| dropped: text missing or null | {d['dropped']['missing_text']:,} |",
         f"| dropped: mostly garbage (U+FFFD / control chars) | {d['dropped']['garbage']:,} |",
         f"| dropped: shorter than {c['settings']['min_chars']} characters "
         f"| {d['dropped']['shorter_than_min_chars']:,} |",
@@ -672,11 +663,10 @@ def render_card(c):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    # configure a copy of the module's settings, so calling main() twice (tests) starts from the defaults
-    cfg = configure(dict(globals()), argv)
+    cfg = configure(globals(), argv)
     from types import SimpleNamespace
     return prepare(SimpleNamespace(**cfg), argv)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -2,73 +2,70 @@
 train.py: train a GPT (model.py) on the token shards written by prepare.py, on a laptop CPU, one
 GPU, or many GPUs and nodes through torchrun.
 
-    python train.py config/quickstart.py                                   # 2-core CPU, ~5 minutes
+    python train.py config/quickstart.py                                   # 2-core CPU, ~7 minutes
     python train.py config/gpt2_124m.py --batch_size=16 --gradient_accumulation_steps=32  # a 40 GB GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py  # one node, 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \
              --nproc_per_node=8 train.py config/gpt2_124m.py               # first of two nodes
 
 The settings below are plain variables; config files, then --key=value flags, override them
-(configurator.py; `--help` lists them). The script then reads in the order the run happens:
-setup, data, model, optimizer, and the loop that evaluates, logs and checkpoints.
+(configurator.py; `--help` lists them). main() then reads in the order the run happens: setup, data,
+model, optimizer, and the loop that evaluates, logs and checkpoints.
 
 Design choices
-- Data. The train shards are one endless stream of tokens, shard after shard, wrapping around at the
-  end, cut into rows of block_size inputs. A row also reads the token after it as its last target
-  (the next row's first input), so every token is an input exactly once per pass; a row that
-  straddles two shards is stitched from both, nothing is dropped or repeated. An epoch is the next
-  total_tokens // block_size rows (the leftover < block_size tokens start the next epoch instead of
-  being dropped). shuffle=True reads an epoch's rows in a random order seeded by (seed, epoch), so a
-  batch mixes the whole corpus, not one region of it: with the stdlib files in sorted order, reading
-  in file order made the quickstart model fit the encodings/ charmap tables and forget the rest (val
-  loss 5.7 -> 7.1 while it read them; 2.09 vs 1.75 val bits per byte after 800 steps), and with
-  the files in shuffled order, rows of one file still came together (1.98 vs 1.49). Under DDP
-  rank r of W reads micro-batches r, r+W, ..., so W ranks read exactly the rows one process would.
-  The data position is one integer, the rows read so far, saved in every checkpoint.
-- Exact resume. A checkpoint holds everything the next step depends on: weights, AdamW moments,
-  GradScaler, step, data position and every rank's RNG states (dropout masks). On CPU in float32,
-  N steps + resume + N steps gives the same losses and weights as 2N steps, bit for bit.
-- Crash safety. Checkpoints are written to a temp file in out_dir and moved into place with
-  os.replace (atomic), so a crash or SIGKILL mid-save leaves the previous checkpoints intact.
-  SIGTERM/SIGINT (a preempted machine, Ctrl-C) finish the current step, save, and exit cleanly.
+- Data. shards.TokenStream: the train shards as one endless stream cut into rows, every token an
+  input once per epoch, an epoch's rows in a seeded random order (reading sorted data in file order
+  makes a model fit one region and forget the rest; the README has the measurement). Under DDP rank r
+  of W reads micro-batches r, r+W, ..., so W ranks read exactly the rows one process would.
+- Exact resume. A checkpoint (checkpoint.py) holds everything the next step depends on: weights,
+  AdamW moments, GradScaler, step, data position and every rank's RNG states (dropout masks). On CPU
+  in float32, N steps + resume + N steps gives the same losses and weights as 2N steps, bit for bit.
+- Crash safety. Checkpoints are written atomically, so a crash or SIGKILL mid-save leaves the previous
+  ones intact. SIGTERM (a preempted machine) and Ctrl-C finish the current step, save, and exit
+  cleanly; only a second Ctrl-C stops at once (a SIGTERM that arrives twice, from the scheduler and
+  from torchrun, still saves). Under DDP the ranks vote every step, so all of them save the same step
+  well inside torchrun's 30 s grace before SIGKILL.
 - No host syncs in the step: the loss is summed on the device and read (.item(), which waits for the
-  GPU) only every log_interval steps, so the CPU queues work ahead of the GPU.
+  GPU) only every log_interval steps, so the CPU queues work ahead of the GPU. The stop vote travels
+  over a separate CPU (gloo) group, so it does not wait for the GPU either.
 - Bits per byte. val loss in nats per token depends on the tokenizer; loss/ln 2 * tokens / UTF-8
   bytes of the same text does not, so runs with different vocabularies compare (as nanochat reports).
+- Multi-node. out_dir must be one filesystem that every node sees (rank 0 picks the checkpoint to
+  resume and all ranks read it; rank 0 writes). data/ may be a copy per node, but every rank checks
+  that it holds the same train tokens and tokenizer as rank 0.
 """
+import atexit
 import dataclasses
 import glob
-import importlib.util
+import hashlib
 import json
 import math
 import os
-import random
-import shutil
 import signal
-import sys
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 from bpe import Tokenizer
-from configurator import configure
+from configurator import UserError, configure, run
+from device import autocast, compile_problem, peak_flops, pick_device
 from model import GPT, GPTConfig
-from prepare import read_shard
+from shards import TokenStream
 
 # ----------------------------------------------------------------------------------------------
 # default settings: GPT-2 124M shapes on the stdlib corpus; config/*.py hold the real recipes
 # I/O
 dataset = "stdlib"            # reads data/<dataset>/*_train_*.bin, *_val_*.bin and tokenizer.bpe
 out_dir = "out"               # checkpoints ckpt_XXXXXX.pt, best.pt and log.jsonl go here
-init_from = "scratch"         # 'scratch' | 'resume' (latest ckpt in out_dir) | 'gpt2'... | local HF dir
+init_from = "scratch"         # 'scratch' | 'resume' (latest ckpt in out_dir) | 'auto' (resume if out_dir
+                              # has checkpoints, else scratch) | 'gpt2'... | a local Hugging Face dir
 eval_interval = 250           # steps between evaluations; each evaluation also saves a checkpoint
-eval_iters = 20               # batches per split in an evaluation (always the same, first, batches)
-log_interval = 10             # steps between log lines; each waits for the GPU (and, under DDP, is
-                              # where ranks agree to stop on SIGTERM/SIGINT)
+eval_iters = 20               # batches per split in an evaluation: fixed rows spread over the split
+log_interval = 10             # steps between log lines; each waits for the GPU
 keep_last = 2                 # step checkpoints to keep, besides best.pt (lowest val loss)
 patience = 0                  # stop after this many evaluations without a better val loss; 0 = off
 wandb_log = False             # Weights & Biases logging (works with WANDB_MODE=offline)
@@ -107,100 +104,7 @@ compile = None                # torch.compile; None = on for CUDA, off on CPU (s
 seed = 1337
 # ----------------------------------------------------------------------------------------------
 
-CHECKPOINT_VERSION = 1  # bump when the checkpoint layout changes; sample.py checks it
-
-# Dense peak FLOP/s per GPU from NVIDIA's datasheets (no 2:4 sparsity), for MFU. float32 means TF32
-# tensor cores, which train.py switches on. First substring match of the device name wins.
-_PEAK_FLOPS = [  # (name part, {dtype: FLOP/s})
-    ("h100 pcie", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
-    ("h100 nvl", {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12}),
-    ("h100", {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12}),  # SXM
-    ("h200", {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12}),
-    ("a100", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
-    ("a10g", {"bfloat16": 70e12, "float16": 70e12, "float32": 35e12}),
-    ("l40s", {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12}),
-    ("l4", {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
-    ("4090", {"bfloat16": 165e12, "float16": 165e12, "float32": 83e12}),
-    ("3090", {"bfloat16": 71e12, "float16": 71e12, "float32": 36e12}),
-    ("v100", {"float16": 125e12, "float32": 15.7e12}),  # no bfloat16 tensor cores
-    ("t4", {"float16": 65e12, "float32": 8.1e12}),
-]
-
-
-def peak_flops(device_type, dtype_name):
-    """Peak FLOP/s of this GPU at dtype_name, or None (CPU, MPS, an unknown GPU: then no MFU)."""
-    if device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name().lower()
-    return next((table.get(dtype_name) for part, table in _PEAK_FLOPS if part in name), None)
-
-
-class TokenStream:
-    """The shards `files` as one endless token stream, cut into rows of T inputs (and the T targets,
-    shifted by one). Rows are numbered in the order they are read; rank `rank` of `world` reads
-    micro-batches rank, rank+world, ... of B rows each. An epoch is the next `rows` whole rows of
-    the stream; with a seed they are read in a random order, a new one each epoch (see the file
-    docstring). self.pos counts the rows read so far by all ranks: the data position."""
-
-    def __init__(self, files, B, T, rank=0, world=1, device="cpu", seed=None):
-        self.shards = [read_shard(f) for f in files]  # np.memmap uint16: pages are read on demand
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # offset of each shard's 1st token
-        self.total = int(self.starts[-1])  # tokens in the stream, before it wraps around
-        if self.total < B * T + 1:
-            raise ValueError(f"{files[0]}...: {self.total} tokens, fewer than one batch of "
-                             f"{B}x{T}+1; lower batch_size or block_size, or prepare more data")
-        self.rows = self.total // T  # rows per epoch; epoch e covers rows e*rows .. (e+1)*rows - 1
-        self.B, self.T, self.rank, self.world, self.device, self.seed = B, T, rank, world, device, seed
-        self.pos, self.order = 0, (None, None)  # (epoch, its permutation), computed once per epoch
-
-    def read(self, start, n):
-        """n tokens from stream position start, stitched across shard ends and the wrap-around."""
-        out = np.empty(n, dtype=np.int64)  # int64: what embedding lookups and cross_entropy take
-        done, start = 0, start % self.total
-        while done < n:
-            i = int(np.searchsorted(self.starts, start, side="right")) - 1  # shard holding `start`
-            off = start - int(self.starts[i])
-            take = min(n - done, len(self.shards[i]) - off)
-            out[done:done + take] = self.shards[i][off:off + take]
-            done, start = done + take, (start + take) % self.total
-        return out
-
-    def row_start(self, r):
-        """Stream position of the first input token of the r-th row read."""
-        epoch, j = divmod(r, self.rows)
-        if self.seed is not None:
-            if self.order[0] != epoch:  # the same permutation on every rank and after a resume
-                self.order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.rows))
-            j = int(self.order[1][j])
-        return (epoch * self.rows + j) * self.T
-
-    def batch(self, starts):
-        """Rows at stream positions `starts` -> inputs x and targets y, each (B, T) on the device."""
-        buf = torch.from_numpy(np.stack([self.read(p, self.T + 1) for p in starts]))  # (B, T+1)
-        if self.device.startswith("cuda"):  # page-locked memory: the copy runs async, overlapping compute
-            buf = buf.pin_memory().to(self.device, non_blocking=True)
-        buf = buf.to(self.device)
-        return buf[:, :-1], buf[:, 1:]  # one copy, two views
-
-    def next_batch(self):
-        """This rank's next training micro-batch; advances the position of all ranks."""
-        first = self.pos + self.rank * self.B
-        self.pos += self.world * self.B
-        return self.batch([self.row_start(r) for r in range(first, first + self.B)])
-
-    def eval_batch(self, k):
-        """The k-th batch of the stream in file order: the same fixed batches for every evaluation."""
-        return self.batch([(k * self.B + b) * self.T for b in range(self.B)])
-
-    def state(self):
-        return {"epoch": self.pos // self.rows, "row": self.pos % self.rows, "rows_per_epoch": self.rows}
-
-    def load_state(self, s):
-        if s["rows_per_epoch"] != self.rows:
-            print(f"warning: the train shards changed since the checkpoint ({s['rows_per_epoch']} -> "
-                  f"{self.rows} rows per epoch); reading them from the start")
-            return
-        self.pos = s["epoch"] * self.rows + s["row"]
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")  # the model overrides
 
 
 def get_lr(it, warmup, decay_iters, lr, lr_min):
@@ -214,72 +118,22 @@ def get_lr(it, warmup, decay_iters, lr, lr_min):
     return lr_min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - lr_min)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same directory, flushed to disk, then renamed over path:
-    readers see the old file or the new one, never a partial one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def duration(seconds):
+    """4m10s, 2h05m: an ETA to read at a glance."""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
-def pick_device(device="auto", dtype="auto"):
-    """Device and dtype settings -> (device, device_type, torch dtype), shared with sample.py. auto
-    device: cuda > mps > cpu; auto dtype: bfloat16 on GPUs that have it, float16 on older GPUs
-    (V100, T4), float32 elsewhere (CPUs without bfloat16 units gain nothing from 16 bits)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device_type = device.split(":")[0]
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: device={device!r} but torch sees no CUDA GPU; use --device=cpu")
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: dtype={dtype!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
-    return device, device_type, getattr(torch, dtype)
+# how each logged number is printed: the same format every line, so columns can be compared
+FORMATS = {"loss": ".4f", "train_loss": ".4f", "val_loss": ".4f", "val_bpb": ".4f", "lr": ".2e",
+           "grad_norm": ".3f", "ms_per_step": ".0f", "tokens_per_s": ",.0f", "mfu": ".1%"}
 
 
-def compile_problem(device_type):
-    """Why torch.compile cannot run here (it generates C++ on CPU and Triton on CUDA), or None."""
-    if device_type == "mps":
-        return "torch.compile does not support training on MPS"
-    if device_type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "clang++", "cl")):
-        return "torch.compile on CPU needs a C++ compiler (g++, clang++ or MSVC's cl) on the PATH"
-    if device_type == "cuda" and importlib.util.find_spec("triton") is None:
-        return "torch.compile on CUDA needs the triton package"
-    return None
-
-
-def checkpoints(directory):
-    """The step checkpoints in directory, oldest first."""
-    return sorted(glob.glob(os.path.join(directory, "ckpt_[0-9]*.pt")))
-
-
-def load_checkpoint(path):
-    """(checkpoint dict, GPT with its weights, on the CPU): the one reader of the format save_checkpoint
-    writes, shared by resume and sample.py. A checkpoint of another version is a one-line error."""
-    try:
-        # weights_only=False: a checkpoint holds RNG states (Python and NumPy objects) besides tensors.
-        # Load only checkpoints you trust: unpickling can run code.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path}: {e}")
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        got = state.get("version") if isinstance(state, dict) else type(state).__name__
-        raise SystemExit(f"error: {path} is checkpoint version {got}, this code reads version "
-                         f"{CHECKPOINT_VERSION}; use the train.py/sample.py that wrote it")
-    model = GPT(GPTConfig(**state["model_args"]))
-    model.load_state_dict(state["model"])
-    return state, model
-
-
-if __name__ == "__main__":
-    config = configure(globals())
+def main(argv=None):
+    config = configure(globals(), argv)
 
     # ---- setup: processes, device, precision --------------------------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
+    ddp = "RANK" in os.environ  # started by torchrun?
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     master = rank == 0  # only rank 0 prints, logs and writes checkpoints
 
@@ -288,146 +142,184 @@ if __name__ == "__main__":
             print(*args, flush=True)
 
     for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
-        if globals()[k] < 1:
-            raise SystemExit(f"error: {k}={globals()[k]} must be at least 1")
+        if config[k] < 1:
+            raise UserError(f"{k}={config[k]} must be at least 1")
     if gradient_accumulation_steps % world:
-        raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be divisible "
-                         f"by the number of processes ({world}); use a multiple of {world}")
+        raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible "
+                        f"by the number of processes ({world}); use a multiple of {world}")
     accum = gradient_accumulation_steps // world  # micro-steps per process per optimizer step
-    device, device_type, ptdtype = pick_device(device, dtype)
-    dtype = str(ptdtype).removeprefix("torch.")  # the resolved name, e.g. for the peak-FLOPs table
+    dev, device_type, ptdtype = pick_device(device, dtype)  # under torchrun, cuda:LOCAL_RANK
+    dtype_name = str(ptdtype).removeprefix("torch.")
+    vote_group = None
     if ddp:
-        if device_type == "cuda":
-            device = f"cuda:{local_rank}"  # one GPU per process
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    # autocast runs matmuls in 16 bits and keeps reductions (softmax, norms, loss) in float32
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                device_id=torch.device(dev) if device_type == "cuda" else None)
+        atexit.register(dist.destroy_process_group)  # on every exit, errors included
+        # the stop vote is a CPU flag: over gloo it is summed without waiting for the GPU
+        vote_group = dist.new_group(backend="gloo") if device_type == "cuda" else None
+    ctx = autocast(device_type, ptdtype)
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls on Ampere+
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed + rank)  # ranks differ in dropout masks; DDP copies rank 0's initial weights
-    np.random.seed(seed + rank)
-    random.seed(seed + rank)
-    if compile is None:
-        # CUDA: fused kernels, the usual large speedup. CPU (2 cores, measured A/B in one process): the
-        # quickstart model steps 0.86x the eager time, nanoGPT's baby GPT 1.29x, and the first compile
-        # costs ~1 minute, a fifth of a 5-minute run; so off on CPU unless asked for.
-        compile = device_type == "cuda"
-    if compile and compile_problem(device_type):
+    use_compile = compile
+    if use_compile is None:
+        # CUDA: fused kernels, the usual large speedup. CPU: measured slower for the quickstart model,
+        # and the first compile costs a minute (README), so off unless asked for.
+        use_compile = device_type == "cuda"
+    if use_compile and compile_problem(device_type):
         say(f"warning: {compile_problem(device_type)}; running without torch.compile")
-        compile = False
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
+        use_compile = False
 
     # ---- data -----------------------------------------------------------------------------------
     data_dir = os.path.join("data", dataset)
     tok_path = os.path.join(data_dir, "tokenizer.bpe")
+    command_file = os.path.join(data_dir, "command.txt")  # prepare.py records how it made the folder
+    remake = open(command_file).read().strip() if os.path.exists(command_file) else \
+        f"python prepare.py --dataset={dataset}"
     train_files = sorted(glob.glob(os.path.join(data_dir, "*_train_*.bin")))
     val_files = sorted(glob.glob(os.path.join(data_dir, "*_val_*.bin")))
     if not (train_files and val_files and os.path.exists(tok_path)):
-        raise SystemExit(f"error: {data_dir}/ lacks train shards, val shards or tokenizer.bpe; "
-                         f"run: python prepare.py --dataset={dataset}")
-    tokenizer = Tokenizer.load(tok_path)
+        raise UserError(f"{data_dir}/ lacks train shards, val shards or tokenizer.bpe; run: {remake}")
+    try:
+        tokenizer = Tokenizer.load(tok_path)
+    except ValueError as e:
+        raise UserError(f"{e}; re-run: {remake}")
 
     # ---- model ----------------------------------------------------------------------------------
+    # rank 0 alone looks for the checkpoint and tells the others which file it is, so all ranks
+    # resume the same step (on a shared filesystem, see the docstring)
+    found = [checkpoint.step_checkpoints(out_dir)[-1:] if master else None]
+    if ddp:
+        dist.broadcast_object_list(found, src=0)
+    found = found[0][0] if found[0] else None
+    overrides = {k: config[k] for k in SHAPE_KEYS if config[k] is not None}
     ckpt = None
-    if init_from == "resume":  # model shape from the checkpoint: the model settings above are ignored
-        found = checkpoints(out_dir)
-        if not found:
-            raise SystemExit(f"error: init_from='resume' but {out_dir}/ has no ckpt_*.pt; "
-                             f"start with --init_from=scratch or point --out_dir at a run")
-        ckpt, model = load_checkpoint(found[-1])
+    if init_from == "resume" and not found:
+        raise UserError(f"init_from='resume' but {out_dir}/ has no ckpt_*.pt; start with "
+                        f"--init_from=scratch (or auto) or point --out_dir at a run")
+    if init_from in ("resume", "auto") and found:
+        if not os.path.exists(found):
+            raise UserError(f"rank {rank} cannot see {found}, which rank 0 resumes from: out_dir must be "
+                            f"on a filesystem every node shares")
+        ckpt = checkpoint.load(found)
         if ckpt["tokenizer"] != tokenizer.dumps():
-            raise SystemExit(f"error: {tok_path} differs from the tokenizer the checkpoint was trained "
-                             f"with; resume with the same --dataset")
-    elif checkpoints(out_dir):  # a new run would interleave its checkpoints with the old run's
-        raise SystemExit(f"error: {out_dir}/ already holds checkpoints of another run; continue it "
-                         f"with --init_from=resume, or use a new --out_dir (or delete the old one)")
-    elif init_from == "scratch":
-        overrides = {k: v for k, v in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                                            dropout=dropout, bias=bias).items() if v is not None}
-        try:
-            base = GPTConfig.preset(preset)
-            for k, v in overrides.items():  # None defaults accept any type, so check against the preset's
-                want = type(getattr(base, k))
-                if not (isinstance(v, want) or want is float and type(v) is int):
-                    raise ValueError(f"config key '{k}' expects {want.__name__}, got {v!r}")
-            model = GPT(GPTConfig.preset(preset, vocab_size=tokenizer.vocab_size, **overrides))
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
+            raise UserError(f"{tok_path} differs from the tokenizer the checkpoint was trained with; "
+                            f"resume with the same --dataset")
+        for k, v in overrides.items():  # a resumed run has the checkpoint's shape: say so, do not ignore
+            if ckpt["model_args"][k] != v:
+                raise UserError(f"{k}={v!r} but the checkpoint {found} has {k}={ckpt['model_args'][k]!r}; a "
+                                f"resumed run keeps its shape: drop --{k}, or start a new --out_dir")
+        if ckpt["iter_num"] >= max_iters:  # nothing to do; not an error (a re-run of the quick start)
+            say(f"{out_dir}/ is already at step {ckpt['iter_num']}, max_iters={max_iters}: nothing to "
+                f"train; raise --max_iters to continue the run")
+            return
+        model = checkpoint.build_model(ckpt)
+    elif found:  # a new run would interleave its checkpoints with the old run's
+        raise UserError(f"{out_dir}/ already holds checkpoints of another run; continue it with "
+                        f"--init_from=resume, or use a new --out_dir (or delete the old one)")
+    elif init_from in ("scratch", "auto"):
+        base = GPTConfig.preset(preset)
+        for k, v in overrides.items():  # None defaults accept any type, so check against the preset's
+            want = type(getattr(base, k))
+            if not (isinstance(v, want) or want is float and type(v) is int):
+                raise UserError(f"config key '{k}' expects {want.__name__}, got {v!r}")
+        model = GPT(GPTConfig.preset(preset, vocab_size=tokenizer.vocab_size, **overrides))
     else:  # OpenAI's GPT-2 weights (a name, or a local Hugging Face directory) to fine-tune
         try:
             model = GPT.from_pretrained(init_from, dropout=dropout)
-        except Exception as e:  # a bad name or directory, or no network for the download
-            raise SystemExit(f"error: init_from={init_from!r}: {' '.join(str(e).split()) or type(e).__name__}")
+        except ValueError as e:
+            raise UserError(f"init_from={init_from!r}: {e}")
         if model.config.vocab_size != tokenizer.vocab_size:
-            raise SystemExit(f"error: GPT-2 weights need the gpt2 tokenizer, but {tok_path} has "
-                             f"{tokenizer.vocab_size} tokens; prepare the data with --tokenizer=gpt2")
-    T = block_size if (block_size and init_from not in ("scratch", "resume")) else model.config.block_size
+            raise UserError(f"GPT-2 weights need the gpt2 tokenizer, but {tok_path} has "
+                            f"{tokenizer.vocab_size} tokens; prepare the data with --tokenizer=gpt2")
+    T = block_size if (block_size and init_from not in ("scratch", "resume", "auto")) else model.config.block_size
     if T > model.config.block_size:
-        raise SystemExit(f"error: block_size={T} exceeds the model's context {model.config.block_size}")
+        raise UserError(f"block_size={T} exceeds the model's context {model.config.block_size}")
     model.config.grad_checkpoint = grad_checkpoint  # a memory/compute trade, not part of the model
-    model.to(device)
-    raw_model = model  # the uncompiled module: its state_dict has clean keys (no _orig_mod.)
+    model.to(dev)
+    raw_model = model  # the uncompiled, unwrapped module: its state_dict has clean keys (no _orig_mod.)
     tokens_per_step = gradient_accumulation_steps * batch_size * T
-    try:  # a corrupt or truncated shard, or too little data, is a one-line error naming the file
-        train_data = TokenStream(train_files, batch_size, T, rank, world, device, seed if shuffle else None)
-        val_data = TokenStream(val_files, batch_size, T, device=device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    # UTF-8 bytes of each token, for bits per byte; special tokens stand for no text: 0 bytes
-    specials = set(tokenizer.special_tokens.values())
-    token_bytes = torch.tensor([0 if i in specials else len(tokenizer.decode_bytes([i]))
-                                for i in range(tokenizer.vocab_size)], device=device)
+    train_data = TokenStream(train_files, batch_size, T, rank, world, dev, seed if shuffle else None)
+    val_data = TokenStream(val_files, batch_size, T, device=dev)
+    if ddp:  # data/ may be a copy per node: it must be the same copy
+        mine = (train_data.total, hashlib.sha256(tokenizer.dumps().encode()).hexdigest()[:16])
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        if any(other != every[0] for other in every):
+            bad = next(r for r, other in enumerate(every) if other != every[0])
+            raise UserError(f"rank {bad} has {every[bad][0]:,} train tokens and tokenizer {every[bad][1]}, rank 0 "
+                            f"{every[0][0]:,} and {every[0][1]}: every node needs the same {data_dir}/")
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=dev)  # for bits per byte
+    peak = peak_flops(torch.cuda.get_device_name(dev), dtype_name) if device_type == "cuda" else None
+
+    # everything is checked: now the run directory may be written (by rank 0 only)
     if master:
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (non-embedding), {model.config}")
+        os.makedirs(out_dir, exist_ok=True)
+        log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if ckpt else "w")
+        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
+        print(f"model: {raw_model.num_params(non_embedding=False):,} parameters "
+              f"({raw_model.num_params():,} non-embedding), {model.config}")
         print(f"global batch: {gradient_accumulation_steps} micro-batches x {batch_size} x {T} = "
               f"{tokens_per_step:,} tokens per step, {world} process(es); {train_data.total:,} train tokens "
               f"= {train_data.total / tokens_per_step:.1f} steps per epoch")
 
     # ---- optimizer --------------------------------------------------------------------------------
     optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
+    for name, group in zip(("decayed", "not decayed"), optimizer.param_groups):
+        say(f"optimizer group {name}: {len(group['params'])} tensors, "
+            f"{sum(p.numel() for p in group['params']):,} parameters, weight_decay {group['weight_decay']}")
     # float16 has a narrow range: scale the loss up so small gradients do not flush to zero
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     iter_num, best_val_loss, evals_since_best = 0, float("inf"), 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        # the saved groups carry the old run's settings (fused=False from a CPU run, old betas, eps,
+        # weight_decay); the config's win, and what changed is said
+        saved, changed = ckpt["optimizer"], set()
+        for g_saved, g_now in zip(saved["param_groups"], optimizer.param_groups):
+            for k in ("betas", "eps", "weight_decay", "fused"):
+                if g_saved.get(k) != g_now[k]:
+                    changed.add(f"{k} {g_saved.get(k)} -> {g_now[k]}")
+                g_saved[k] = g_now[k]
+        optimizer.load_state_dict(saved)
+        if changed:
+            say(f"optimizer settings from the config, not the checkpoint: {', '.join(sorted(changed))}")
+        if scaler.is_enabled() and ckpt["scaler"]:  # a float32/bfloat16 run saved an empty scaler
+            scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss, evals_since_best = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["evals_since_best"]
-        train_data.load_state(ckpt["data"])
+        if not train_data.load_state(ckpt["data"]):
+            say(f"warning: the train shards changed since the checkpoint ({ckpt['data']['rows_per_epoch']} -> "
+                f"{train_data.rows} rows per epoch); reading them from the start")
         rngs = ckpt["rng"]
         if len(rngs) == world:  # restore after the model was built, since init drew from the RNG
-            r = rngs[rank]
-            torch.set_rng_state(r["torch"])
-            if r["cuda"] is not None and device_type == "cuda":
-                torch.cuda.set_rng_state(r["cuda"])
-            np.random.set_state(r["numpy"])
-            random.setstate(r["python"])
+            checkpoint.set_rng_state(rngs[rank], device_type)
         else:
             say(f"warning: checkpoint has RNG states of {len(rngs)} processes, this run has {world}; "
                 f"dropout masks will differ from an uninterrupted run")
-        say(f"resumed from {found[-1]} at step {iter_num}")
+        say(f"resumed from {found} at step {iter_num}")
         ckpt = None  # free the memory
-    if compile:
+    if use_compile:
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        # broadcast_buffers=False: the only buffers (RoPE tables) are computed identically on every
+        # rank, so broadcasting them each forward is wasted work, and a collective inside forward
+        # would hang an evaluation in which some ranks have no batch
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    eval_model = model.module if ddp else model  # no DDP hooks for forward-only passes
     decay_iters = lr_decay_iters or max_iters
 
     @torch.no_grad()
     def evaluate():
-        """Mean loss over the first eval_iters batches of each split (the same batches every time,
-        so evaluations compare), and val bits per byte. Ranks split the batches and sum."""
+        """Mean loss over eval_iters fixed batches of each split (rows spread over the whole split, the
+        same rows every time, so evaluations compare), and val bits per byte. Ranks split the batches."""
         model.eval()
         out = {}
         for split, stream in (("train", train_data), ("val", val_data)):
-            stats = torch.zeros(3, device=device)  # sum of mean batch losses, batches, bytes
+            stats = torch.zeros(3, device=dev)  # sum of mean batch losses, batches, bytes
             for k in range(rank, eval_iters, world):
-                x, y = stream.eval_batch(k)
+                x, y = stream.eval_batch(k, eval_iters)
                 with ctx:
-                    _, loss = model(x, y)
-                stats += torch.stack([loss.float(), torch.ones((), device=device), token_bytes[y].sum().float()])
+                    _, loss = eval_model(x, y)
+                stats += torch.stack([loss.float(), torch.ones((), device=dev), token_bytes[y].sum().float()])
             if ddp:
                 dist.all_reduce(stats)
             loss_sum, n, nbytes = stats.tolist()
@@ -438,56 +330,44 @@ if __name__ == "__main__":
         return out
 
     def save_checkpoint(is_best):
-        """Every rank contributes its RNG state; rank 0 writes ckpt_<step>.pt, links best.pt to it
-        when is_best, and keeps only the newest keep_last step checkpoints."""
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+        """Every rank contributes its RNG state; rank 0 writes the checkpoint."""
         rngs = [None] * world
-        dist.all_gather_object(rngs, rng) if ddp else rngs.__setitem__(0, rng)
+        dist.all_gather_object(rngs, checkpoint.rng_state(device_type)) if ddp else \
+            rngs.__setitem__(0, checkpoint.rng_state(device_type))
         if not master:
             return
-        path = os.path.join(out_dir, f"ckpt_{iter_num:06d}.pt")
-        atomic_save({"version": CHECKPOINT_VERSION, "model": raw_model.state_dict(),
-                     "model_args": dataclasses.asdict(raw_model.config), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
-                     "evals_since_best": evals_since_best, "config": config, "tokenizer": tokenizer.dumps(),
-                     "rng": rngs, "data": train_data.state()}, path)
-        if is_best:  # a hard link costs no copy; filesystems without links get a copy
-            best, tmp = os.path.join(out_dir, "best.pt"), os.path.join(out_dir, "best.pt.tmp")
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            try:
-                os.link(path, tmp)
-            except OSError:
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, best)
-        for old in checkpoints(out_dir)[:-max(1, keep_last)]:
-            os.remove(old)
-        print(f"saved {path}" + (" (best so far)" if is_best else ""))
+        path = checkpoint.save_step(
+            {"version": checkpoint.VERSION, "model": raw_model.state_dict(),
+             "model_args": dataclasses.asdict(raw_model.config), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
+             "evals_since_best": evals_since_best, "config": config, "tokenizer": tokenizer.dumps(),
+             "rng": rngs, "data": train_data.state()}, out_dir, is_best, keep_last)
+        print(f"saved {path}" + (" (best so far)" if is_best else ""), flush=True)
 
     # ---- the loop -----------------------------------------------------------------------------
-    stop_signal = None
+    stop = {"signal": None, "sigints": 0}
 
     def on_signal(signum, frame):  # finish the step in flight, then save and exit (see the loop)
-        global stop_signal
-        if stop_signal is not None:
-            raise KeyboardInterrupt  # a second signal (Ctrl-C twice): stop at once, no save
-        stop_signal = signum
+        stop["sigints"] += signum == signal.SIGINT
+        if stop["sigints"] >= 2:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop at once, without saving
+        stop["signal"] = stop["signal"] or signum
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if master:
-        log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w")
     if wandb_log and master:
         try:
             import wandb  # imported only when asked for: never a requirement
         except ImportError:
-            raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb") from None
+            raise UserError("wandb_log=True needs the wandb package: pip install wandb") from None
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-    def log(record):
+    def log(record, prefix=""):
         """One line for people (stdout), one JSON line for programs (out_dir/log.jsonl), and wandb."""
-        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        extra = record.pop("eta", None)
+        parts = [f"{k} {v:{FORMATS[k]}}" if k in FORMATS else f"{k} {v}" for k, v in record.items() if k != "step"]
+        print(" | ".join([f"{prefix}step {record['step']}/{max_iters}", *parts] + ([f"eta {extra}"] if extra else [])),
+              flush=True)
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
         if wandb_log:
@@ -495,19 +375,22 @@ if __name__ == "__main__":
 
     def stop_if_not_finite(value, what):
         if not math.isfinite(value):
-            kept = checkpoints(out_dir)
-            raise SystemExit(f"error: {what} is {value} at step {iter_num}; stopped without saving (last good "
-                             f"checkpoint: {kept[-1] if kept else 'none'}). Lower learning_rate, keep grad_clip on, "
-                             f"or use bfloat16/float32 instead of float16")
+            kept = checkpoint.step_checkpoints(out_dir)
+            raise UserError(f"{what} is {value} at step {iter_num}; stopped without saving (last good "
+                            f"checkpoint: {kept[-1] if kept else 'none'}). Lower learning_rate, keep grad_clip "
+                            f"on, or use bfloat16/float32 instead of float16")
 
-    start_iter, resumed = iter_num, init_from == "resume"
-    loss_sum = torch.zeros((), device=device)  # summed on the device between log lines: no sync
-    steps_since_log, t0, stopping = 0, time.time(), False
+    start_iter = iter_num
+    resumed = start_iter > 0
+    loss_sum = torch.zeros((), device=dev)  # summed on the device between log lines: no sync
+    steps_since_log, t0, train_time, stopping = 0, time.time(), 0.0, False
     while True:
         if stopping:  # a signal arrived: the step in flight has finished
-            say(f"received {signal.Signals(stop_signal).name} at step {iter_num}: saving and exiting")
+            say(f"received {signal.Signals(stop['signal'] or signal.SIGTERM).name} at step {iter_num}: "
+                f"saving and exiting")
             save_checkpoint(False)
-            break
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # saved: a repeated SIGTERM must not kill
+            break                                          # the exit (Python resets handlers at exit)
         # evaluate and checkpoint every eval_interval steps and at the end (not again right after a resume)
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (resumed and iter_num == start_iter):
             losses = evaluate()
@@ -516,7 +399,7 @@ if __name__ == "__main__":
             best_val_loss, evals_since_best = (losses["val"], 0) if is_best else (best_val_loss, evals_since_best + 1)
             if master:
                 log({"step": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                     "val_bpb": losses["val_bpb"]})
+                     "val_bpb": losses["val_bpb"]}, prefix="eval ")
             save_checkpoint(is_best)
             if patience and evals_since_best >= patience:
                 say(f"early stop: {patience} evaluations without a better val loss; best is {out_dir}/best.pt")
@@ -545,27 +428,31 @@ if __name__ == "__main__":
         iter_num += 1
         steps_since_log += 1
 
-        # A log step is the one place the loop waits for the device. Under DDP it is also where ranks
-        # agree to stop on a signal (any rank got one), so they all save at the same step; alone, a
-        # signal makes this step a log step at once.
-        if iter_num % log_interval == 0 or iter_num == max_iters or (stop_signal is not None and not ddp):
-            stats = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
+        # a stop signal may reach one rank only: every step the ranks vote (a CPU flag), so that all
+        # of them save the same step
+        votes = torch.tensor([float(stop["signal"] is not None)])
+        if ddp:
+            dist.all_reduce(votes, group=vote_group)
+        stopping = votes.item() > 0
+        # a log step is the one place the loop waits for the device
+        if iter_num % log_interval == 0 or iter_num == max_iters or stopping:
             if ddp:
-                dist.all_reduce(stats)
-            loss_total, stop_votes = stats.tolist()  # .tolist() waits for the device
-            train_loss = loss_total / (steps_since_log * gradient_accumulation_steps)
+                dist.all_reduce(loss_sum)
+            train_loss = loss_sum.item() / (steps_since_log * gradient_accumulation_steps)
             stop_if_not_finite(train_loss, "the training loss")
-            stopping = stop_votes > 0
             dt = (time.time() - t0) / steps_since_log
+            train_time += dt * steps_since_log
             if master:
                 record = {"step": iter_num, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                           "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_step / dt}
-                peak = peak_flops(device_type, dtype)
                 if peak:  # model FLOPs per second per GPU over the GPU's peak
                     record["mfu"] = raw_model.estimate_mfu(tokens_per_step / dt / world, peak, T)
+                # the remaining steps at the mean step time so far (evaluations not counted)
+                record["eta"] = duration((max_iters - iter_num) * train_time / (iter_num - start_iter))
                 log(record)
             loss_sum.zero_()
             steps_since_log, t0 = 0, time.time()
 
-    if ddp:
-        dist.destroy_process_group()
+
+if __name__ == "__main__":
+    run(main)

@@ -5,15 +5,15 @@ tiktoken.
     python bench/bench_bpe.py                          # vocab 8192 and 32768, 3 runs each, medians
     python bench/bench_bpe.py --vocab_sizes=(8192,) --repeats=5
 
-Corpus: the recipe of `prepare.py --dataset=stdlib` (the interpreter's standard library .py files, test suites
-and site-packages left out, plus the pydoc topic texts, in sorted order; ~12.6 MB), raw (prepare.py also
-cleans). Every 10th document is held out; both trainers get the other nine tenths.
+Corpus: the files of `prepare.py --dataset=stdlib` (the interpreter's standard library .py files, test suites
+and site-packages left out, plus the pydoc topic texts; ~12.6 MB), raw (prepare.py also cleans), in sorted
+order (prepare.py shuffles). Every 10th document is held out; both trainers get the other nine tenths.
 
 Training, each as a whole process (interpreter start, imports, reading the corpus, training, saving):
-  bpe.py:     Tokenizer.train(docs, V).save(path)
-  tokenizers: BPE model, pre_tokenizers.Split(GPT-2 pattern, isolated) + ByteLevel(use_regex=False) (the same
-              regex split, bytes shown as GPT-2's printable characters), BpeTrainer(vocab_size=V, the 256 byte
-              alphabet, <|endoftext|>), train_from_iterator(docs), save(path)
+  bpe.py:     Tokenizer.train(docs, V, bpe.PATTERNS["gpt2"]).save(path)
+  tokenizers: BPE model, pre_tokenizers.Split(bpe.PATTERNS["gpt2"], isolated) + ByteLevel(use_regex=False)
+              (the same regex split, bytes shown as GPT-2's printable characters), BpeTrainer(vocab_size=V, the
+              256 byte alphabet, <|endoftext|>), train_from_iterator(docs), save(path)
 Wall time from subprocess start to exit; CPU time (user + system, worker processes included), which a
 loaded machine disturbs less than wall time. Peak memory: a sampler thread sums VmRSS over the process and its
 children (bpe.py counts with worker processes) every 20 ms. Runs alternate between the two, so a busy machine
@@ -34,23 +34,18 @@ import shutil
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
-import threading
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+from benchlib import watch_rss
 
 vocab_sizes = (8192, 32768)
 repeats = 3
 threads = 2  # encode_batch threads
 child = ""  # internal: "bpe" or "hf" runs one training in this process (what the benchmark times)
-corpus = ""  # internal: the pickled training documents
+corpus = ""  # internal: the pickled (split pattern, training documents)
 vocab_size = 0  # internal: for the child
 out = ""  # internal: for the child
-
-GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
 def _gpt2_byte_chars():
@@ -66,57 +61,34 @@ _BYTE_OF = _gpt2_byte_chars()
 
 
 def stdlib_docs():
-    """prepare.py --dataset=stdlib's documents, before its cleaning."""
-    root = sysconfig.get_paths()["stdlib"]
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    paths = []
-    for folder, subdirs, names in os.walk(root):
-        subdirs[:] = [d for d in subdirs if d not in skip]
-        paths += [os.path.join(folder, n) for n in names if n.endswith(".py")]
-    paths.sort(key=lambda p: os.path.relpath(p, root).replace(os.sep, "/"))
-    docs = []
-    for p in paths:
-        if os.path.relpath(p, root).replace(os.sep, "/") != "pydoc_data/topics.py":  # its texts come below
-            with open(p, "rb") as f:
-                docs.append(f.read().decode("utf-8", errors="replace"))
+    """prepare.py --dataset=stdlib's documents before its cleaning, in its sorted file order, unshuffled."""
+    # prepare.py's own walk, so the corpus is the one it defines (bench_prepare.py times that script's
+    # functions, so bench/ imports it anyway); only here, in the parent, never in the timed children
     from pydoc_data.topics import topics
+
+    from prepare import _stdlib_files
+    docs = [p.read_bytes().decode("utf-8", errors="replace") for p in _stdlib_files()[1]]
     return docs + [topics[k] for k in sorted(topics)]
 
 
 def train_child():
     """One training run, in a process of its own (the thing being timed)."""
     with open(corpus, "rb") as f:
-        docs = pickle.load(f)
+        pattern, docs = pickle.load(f)  # the pattern comes from the parent: the tokenizers child never imports bpe
     if child == "bpe":
         from bpe import Tokenizer
-        Tokenizer.train(docs, vocab_size).save(out)
+        Tokenizer.train(docs, vocab_size, pattern).save(out)
     else:
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(GPT2_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(docs, trainer=trainer)
         tok.save(out)
-
-
-def tree_rss_kb(pid):
-    """VmRSS (kB) of pid plus all its descendants."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-            for t in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    todo += map(int, f.read().split())
-        except (OSError, StopIteration):
-            pass  # it exited meanwhile
-    return total
 
 
 def timed_run(which, corpus_path, v, out_path):
@@ -127,14 +99,7 @@ def timed_run(which, corpus_path, v, out_path):
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    peak = [0]
-
-    def sample():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss_kb(proc.pid))
-            time.sleep(0.02)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    samples, sampler = watch_rss(proc, every=0.02)
     proc.wait()
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the worker processes it reaped
@@ -142,7 +107,7 @@ def timed_run(which, corpus_path, v, out_path):
     sampler.join()
     if proc.returncode:
         raise SystemExit(f"error: the {which} training run failed (exit {proc.returncode})")
-    return wall, cpu, peak[0] / 1024
+    return wall, cpu, max((kb for _, kb in samples), default=0) / 1024
 
 
 def mb_per_s(fn, texts, reps=3):
@@ -159,7 +124,7 @@ def main():
     import tiktoken
     from tokenizers import Tokenizer as HFTokenizer
 
-    from bpe import Tokenizer
+    from bpe import PATTERNS, Tokenizer
     docs = stdlib_docs()
     train = [d for i, d in enumerate(docs) if i % 10 != 9]
     heldout = [d for i, d in enumerate(docs) if i % 10 == 9]
@@ -172,7 +137,7 @@ def main():
     atexit.register(shutil.rmtree, tmp, True)  # the corpus copy and the trained files go at exit
     corpus_path = os.path.join(tmp, "train.pkl")
     with open(corpus_path, "wb") as f:
-        pickle.dump(train, f)
+        pickle.dump((PATTERNS["gpt2"], train), f)
 
     results = {}
     for v in vocab_sizes:

@@ -24,13 +24,12 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import prepare  # noqa: E402
-from bpe import Tokenizer  # noqa: E402
+from benchlib import ROOT, watch_rss  # first: it puts the repository root on sys.path for the imports below
+import prepare  # the code under test: its pipeline's functions are timed one by one below
+from bpe import Tokenizer
 
 sizes = "50,200"  # MB of the local .jsonl corpora
 num_proc = os.cpu_count() or 1
@@ -41,24 +40,6 @@ if __name__ == "__main__":
     from configurator import configure
     configure(globals())
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
-
-def tree_rss_kb(pid):
-    """Sum of VmRSS (kB) over pid and all its descendants, from /proc."""
-    total, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
-            for t in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    stack += [int(c) for c in f.read().split()]
-        except (OSError, StopIteration):
-            pass  # the process ended between listing and reading
-    return total
-
 
 def cpu_seconds():
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -68,26 +49,18 @@ def cpu_seconds():
 def run_prepare(args):
     """Run prepare.py with args; return (wall s, CPU s of the whole process tree, peak tree RSS in MB per
     quarter of the run, card)."""
-    t0, c0 = time.time(), cpu_seconds()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     proc = subprocess.Popen([sys.executable, "prepare.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    samples = []  # (seconds since start, tree RSS in kB)
-
-    def sample():
-        while proc.poll() is None:
-            samples.append((time.time() - t0, tree_rss_kb(proc.pid)))
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    samples, sampler = watch_rss(proc, every=0.05)  # (perf_counter, tree RSS in kB)
     out, _ = proc.communicate()
-    wall = time.time() - t0
+    wall = time.perf_counter() - t0
     sampler.join()
     if proc.returncode:
         sys.exit(f"prepare.py {' '.join(args)} failed:\n{out[-3000:]}")
     data_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--data_dir="))
     name = next((a.split("=", 1)[1] for a in args if a.startswith("--name=")), "stdlib")
-    quarters = [max((r for t, r in samples if q * wall / 4 <= t < (q + 1) * wall / 4), default=0) / 1024
+    quarters = [max((r for t, r in samples if q * wall / 4 <= t - t0 < (q + 1) * wall / 4), default=0) / 1024
                 for q in range(4)]  # flat memory: the last quarters peak no higher than the first ones
     with open(os.path.join(data_dir, name, "card.json")) as f:
         return wall, cpu_seconds() - c0, quarters, json.load(f)

@@ -19,10 +19,12 @@ validation and training text: its char-level files are made by decoding our shar
 Also prints ms/step and tokens/s of config/quickstart.py and of a baby-GPT-sized model in train.py,
 with and without torch.compile (--speed=True).
 """
+import json
 import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -30,9 +32,11 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configurator import configure  # noqa: E402
+from benchlib import ROOT  # first: it puts the repository root on sys.path for the imports below
+from bpe import Tokenizer
+from checkpoint import load_model
+from configurator import configure
+from shards import read_shard
 
 nanogpt = ""             # path to a nanoGPT checkout (the reference); "" skips it
 text = ""                # a prose file; "" = the first prose_mb MB of the KJV Bible from `bible`
@@ -44,7 +48,6 @@ our_args = ""            # more train.py flags, space separated
 speed = False            # also time ms/step with and without compile
 threads = 0              # torch threads for every run; 0 = torch's default (all cores)
 work = "data/bench_quickstart"
-configure(globals())
 
 PY = sys.executable
 
@@ -82,44 +85,29 @@ def run(cmd, cwd=ROOT, log=None):
 
 @torch.no_grad()
 def val_bits_per_byte(model, tokens, byte_len, block):
-    """Bits per byte of `tokens` (1-D int64) under `model`, in non-overlapping windows of `block`."""
+    """Bits per byte of `tokens` (1-D int64) under our `model`, in non-overlapping windows of `block`;
+    byte_len[id] is the UTF-8 length of token id (Tokenizer.token_byte_lengths)."""
     model.eval()
     n = (len(tokens) - 1) // block * block
     x, y = tokens[:n].view(-1, block), tokens[1:n + 1].view(-1, block)
     nats = 0.0
     for i in range(0, x.size(0), 64):
-        logits = model(x[i:i + 64])
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y[i:i + 64].flatten(),
-                                                  reduction="sum").item()
+        _, loss = model(x[i:i + 64], y[i:i + 64], reduction="none")  # (64, block) nats per token
+        nats += loss.double().sum().item()
     return nats / math.log(2) / byte_len[y].sum().item()
 
 
 def score_ours(data_dir, out_dir):
-    from bpe import Tokenizer
-    from prepare import read_shard
-    from train import checkpoints, load_checkpoint
-    ckpt, model = load_checkpoint(checkpoints(out_dir)[-1])
-    tok = Tokenizer.loads(ckpt["tokenizer"])
-    byte_len = torch.tensor([0 if i in tok.special_tokens.values() else len(tok.decode_bytes([i]))
-                             for i in range(tok.vocab_size)])
+    """Val bits per byte of the newest checkpoint in out_dir, over the first val shard in data_dir."""
+    model, tok, _ = load_model(out_dir, which="last")
+    byte_len = torch.tensor(tok.token_byte_lengths())
     val = torch.from_numpy(read_shard(next(iter(sorted(
         os.path.join(data_dir, f) for f in os.listdir(data_dir) if "_val_" in f)))).astype(np.int64))
-    # ours computes the head at every position only when given targets; pass dummy targets
-    class Full(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x, torch.zeros_like(x))[0]
-    return val_bits_per_byte(Full(model), val, byte_len, model.config.block_size)
+    return val_bits_per_byte(model, val, byte_len, model.config.block_size)
 
 
 def nanogpt_files(data_dir, dst):
     """Write nanoGPT char-level train.bin/val.bin/meta.pkl holding exactly the text of our shards."""
-    from bpe import Tokenizer
-    from prepare import read_shard
     tok = Tokenizer.load(os.path.join(data_dir, "tokenizer.bpe"))
     texts = {}
     for split in ("train", "val"):
@@ -189,7 +177,6 @@ def main():
     out = os.path.join(ROOT, work, "out-ours")
     flags = [f"--dataset={name}", f"--out_dir={out}", "--init_from=scratch"]
     flags += [f"--max_iters={our_max_iters}"] if our_max_iters else []
-    import shutil
     shutil.rmtree(out, ignore_errors=True)
     dt, log = run([PY, "train.py", our_config, *flags, *our_args.split()], log=os.path.join(ROOT, work, "ours.log"))
     bpb = score_ours(data_dir, out)
@@ -213,15 +200,16 @@ def main():
             for comp in (False, True):
                 o = os.path.join(ROOT, work, "out-speed")
                 shutil.rmtree(o, ignore_errors=True)
-                _, log = run([PY, "train.py", "config/quickstart.py", f"--dataset={name}", f"--out_dir={o}",
-                              "--max_iters=120", "--eval_interval=1000", "--log_interval=40",
-                              f"--compile={comp}", *extra])
-                # the first log window holds compilation/warm-up; report the last one
-                last = [ln for ln in log.splitlines() if "ms_per_step" in ln][-1]
-                ms = float(re.search(r"ms_per_step ([\d.]+)", last).group(1))
-                tps = float(re.search(r"tokens_per_s ([\d.]+)", last).group(1))
+                run([PY, "train.py", "config/quickstart.py", f"--dataset={name}", f"--out_dir={o}",
+                     "--max_iters=120", "--eval_interval=1000", "--log_interval=40", f"--compile={comp}", *extra])
+                # log.jsonl holds the figures unrounded; the first log window holds compilation/warm-up,
+                # so report the last one
+                with open(os.path.join(o, "log.jsonl")) as f:
+                    last = [r for r in map(json.loads, f) if "ms_per_step" in r][-1]
+                ms, tps = last["ms_per_step"], last["tokens_per_s"]
                 print(f"{label:44s} {str(comp):>8s} {ms:8.1f} {tps:9.0f}")
 
 
 if __name__ == "__main__":
+    configure(globals())
     main()

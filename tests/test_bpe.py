@@ -11,9 +11,8 @@ import sysconfig
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from bpe import PATTERNS, Tokenizer, count_chunks, learn_merges  # noqa: E402
+from bpe import PATTERNS, Tokenizer, count_chunks, learn_merges
+from conftest import ROOT
 
 
 def real_docs(nchars, start=0):

@@ -1,15 +1,16 @@
 """model.py: the behaviour a user relies on, checked on tiny CPU models in float32.
 
-Causality, KV-cache generation equal to recomputation (also past the context), parameter counts of the
-full presets, logit parity with Hugging Face's GPT-2, gradient checkpointing, overfitting one batch,
-and the ValueErrors for bad input.
+Causality, KV-cache generation equal to recomputation (also past the context), parameter counts and
+FLOPs of the full presets, per-token losses, hidden states, logit parity with Hugging Face's GPT-2 (both
+ways) and Llama (the modern preset), gradient checkpointing, overfitting one batch, and the ValueErrors
+for bad input.
 """
 import dataclasses
 
 import pytest
 import torch
 
-from model import GPT, GPTConfig, sample_next
+from model import GPT, GPTConfig, KVCache, sample_next
 
 PRESETS = ("gpt1", "gpt2", "modern")
 
@@ -39,6 +40,22 @@ def spiky(model, std=0.3):
     return model.eval()
 
 
+def randomise(model, std=0.1):
+    """Every parameter drawn at random, norm gains and biases too: at init those are 1 and 0, which would
+    hide a gain or bias mapped to the wrong place (or not at all) in a parity test. std 0.1 keeps logits
+    within a few units, so float32 rounding stays well under the tolerances."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+            elif name.endswith("weight"):  # the 1-D weights are norm gains
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
 def test_full_preset_parameter_counts():
     # Built on the meta device: shapes only, no memory. Hand counts per block (C = 768):
     # attention 4C^2 + 4C, MLP 8C^2 + 5C (hidden 4C), two LayerNorms 4C; SwiGLU: 3*C*2048, no biases.
@@ -63,12 +80,57 @@ def test_causality(name):
     torch.manual_seed(0)
     model = spiky(GPT(tiny(name)))
     idx = torch.randint(0, 100, (2, 16))
-    logits, _ = model(idx, targets=idx)
+    logits, _ = model(idx)  # (B, T, V): every position
     changed = idx.clone()
     changed[:, 9:] = (changed[:, 9:] + 1) % 100  # alter every token after position 8
-    logits2, _ = model(changed, targets=changed)
+    logits2, _ = model(changed)
     assert torch.equal(logits[:, :9], logits2[:, :9])
     assert not torch.allclose(logits[:, 9:], logits2[:, 9:])  # the later positions do see the change
+
+
+def test_per_token_loss():
+    """reduction="none", for scoring each document or token on its own: one loss per position, each
+    -log p(target) under forward's logits, 0 where the target is -1, and their mean over the scored
+    positions is the usual mean loss."""
+    torch.manual_seed(0)
+    model = spiky(GPT(tiny("gpt2")))
+    idx, targets = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    targets[0, :5] = -1  # e.g. a prompt that is not scored
+    targets[1, -3:] = -1  # e.g. padding
+    scored = targets != -1
+    with torch.no_grad():
+        _, per_token = model(idx, targets=targets, reduction="none")
+        _, mean = model(idx, targets=targets)
+        logits, _ = model(idx)
+    assert per_token.shape == (2, 16) and torch.all(per_token[~scored] == 0)
+    by_hand = -logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    torch.testing.assert_close(per_token[scored], by_hand[scored])
+    torch.testing.assert_close(per_token.sum() / scored.sum(), mean)  # 24 scored positions, not 32
+    assert mean.item() > 1.0  # spiky weights: real losses, so the comparisons above are not of zeros
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_hidden_states_then_head_is_forward(name):
+    """hidden_states is what the head reads, so a task head can read it instead: (B, T, C) after the last
+    norm, and head() of it is forward's logits, bit for bit. With a KVCache it continues the positions."""
+    torch.manual_seed(0)
+    model = spiky(GPT(tiny(name)))
+    idx = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        h = model.hidden_states(idx)
+        logits, _ = model(idx)
+        assert h.shape == (2, 16, 32) and logits.shape == (2, 16, 100)  # 100, not the 128 padded rows
+        assert torch.equal(model.head(h), logits)
+        # the last norm's gain is 1 (spiky leaves 1-D weights alone): each position is unit scale
+        if model.config.norm == "layernorm":
+            torch.testing.assert_close(h.mean(-1), torch.zeros(2, 16), atol=1e-5, rtol=0)
+            torch.testing.assert_close(h.var(-1, unbiased=False), torch.ones(2, 16), atol=1e-3, rtol=0)
+        else:
+            torch.testing.assert_close(h.pow(2).mean(-1), torch.ones(2, 16), atol=1e-4, rtol=0)
+        cache = KVCache(model.config.n_layer, 16)  # a prefill, then decode steps of one token each
+        model.hidden_states(idx[:, :10], cache)
+        for t in (10, 11):
+            torch.testing.assert_close(model.hidden_states(idx[:, t:t + 1], cache), h[:, t:t + 1])
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -93,7 +155,7 @@ def test_kv_cache_greedy_equals_recompute_past_the_context(name):
 def test_generation_never_emits_padding_ids_and_stops_at_eos():
     torch.manual_seed(0)
     model = spiky(GPT(tiny("gpt2")))  # vocab 100, embedding padded to 128 rows
-    assert model.lm_head.weight.shape[0] == 128 and model(torch.zeros(1, 3, dtype=torch.long))[0].shape == (1, 1, 100)
+    assert model.lm_head.weight.shape[0] == 128 and model(torch.zeros(1, 3, dtype=torch.long))[0].shape == (1, 3, 100)
     out = model.generate(torch.zeros(4, 1, dtype=torch.long), 40, temperature=2.0)
     assert out.max() < 100
     greedy = model.generate(torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0)
@@ -137,13 +199,72 @@ def test_matches_huggingface_gpt2(tmp_path):
         model = GPT.from_pretrained(str(tmp_path / d)).eval()
         assert model.config.n_layer == 2 and model.config.block_size == 64 and model.config.vocab_size == 100
         with torch.no_grad():
-            logits, loss = model(idx[:, :-1], targets=idx[:, 1:])
+            logits, _ = model(idx[:, :-1])
+            _, loss = model(idx[:, :-1], targets=idx[:, 1:])
         assert (logits - hf_out.logits[:, :-1]).abs().max() < 1e-4
         assert abs(loss.item() - hf_out.loss.item()) < 1e-5  # HF shifts labels by one internally
     del old["h.1.mlp.c_fc.weight"]
     torch.save(old, tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pytorch_model.bin lacks 1 tensors, e.g. transformer.h.1.mlp.c_fc.weight"):
         GPT.from_pretrained(str(tmp_path / "bin"))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_hf_state_dict_loads_into_huggingface_gpt2(bias):
+    """Export: hf_state_dict() loads into transformers' GPT2LMHeadModel, which then computes our logits. A
+    model trained without biases exports zero ones. Only the GPT-2 architecture has such a form."""
+    transformers = pytest.importorskip("transformers")
+    model = randomise(GPT(tiny("gpt2", bias=bias)))
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=16,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    assert not [n for n, _ in hf.named_buffers()]  # no non-persistent buffers to set aside
+    missing, unexpected = hf.load_state_dict(model.hf_state_dict(), strict=False)
+    # only lm_head is not exported: it is tied to wte, and OpenAI's files on the hub omit it too
+    assert missing == ["lm_head.weight"] and unexpected == []
+    assert hf.lm_head.weight is hf.transformer.wte.weight
+    idx = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="only the gpt2 architecture"):
+        GPT(tiny("modern")).hf_state_dict()
+
+
+def test_modern_matches_huggingface_llama():
+    """The modern preset is a Llama: our weights, copied by hand into transformers' LlamaForCausalLM, give
+    the same logits and final hidden states. Llama's code is independent of ours: its own RMSNorm,
+    rotate-half RoPE, SwiGLU down(silu(gate(x)) * up(x)) and, with "eager", attention as an explicit
+    softmax. So a RoPE over interleaved pairs, a swapped gate and up, or a wrong eps or theta fails here."""
+    transformers = pytest.importorskip("transformers")
+    # theta 500, not the default 10,000: it must reach both models, and it turns the slow dims further
+    config = tiny("modern", n_head=4, n_embd=64, block_size=32, rope_theta=500.0)
+    model = randomise(GPT(config))
+    C, H, V = config.n_embd, config.mlp_hidden, config.vocab_size  # 64, 192, 100
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=C, intermediate_size=H, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=32,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        tie_word_embeddings=True, attention_bias=False, mlp_bias=False, attn_implementation="eager")).eval()
+    ours = model.state_dict()
+    sd = {"model.embed_tokens.weight": ours["transformer.wte.weight"][:V],  # without the 28 padding rows
+          "model.norm.weight": ours["transformer.ln_f.weight"]}
+    for i in range(config.n_layer):
+        a, b = f"transformer.h.{i}.", f"model.layers.{i}."
+        q, k, v = ours[a + "attn.c_attn.weight"].split(C)  # c_attn's output rows are q, then k, then v
+        up, gate = ours[a + "mlp.c_fc.weight"].split(H)  # c_fc's rows are up, then gate
+        sd.update({b + "self_attn.q_proj.weight": q, b + "self_attn.k_proj.weight": k,
+                   b + "self_attn.v_proj.weight": v, b + "self_attn.o_proj.weight": ours[a + "attn.c_proj.weight"],
+                   b + "mlp.gate_proj.weight": gate, b + "mlp.up_proj.weight": up,
+                   b + "mlp.down_proj.weight": ours[a + "mlp.c_proj.weight"],
+                   b + "input_layernorm.weight": ours[a + "ln_1.weight"],
+                   b + "post_attention_layernorm.weight": ours[a + "ln_2.weight"]})
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert missing == ["lm_head.weight"] and unexpected == []  # the head is tied to embed_tokens
+    idx = torch.randint(0, 100, (2, 32))  # the whole context: every rotary position
+    with torch.no_grad():
+        hf_out = hf(idx, output_hidden_states=True)
+        assert (model(idx)[0] - hf_out.logits).abs().max() < 1e-5
+        assert (model.hidden_states(idx) - hf_out.hidden_states[-1]).abs().max() < 1e-5
 
 
 def test_from_pretrained_bad_input(tmp_path):
@@ -189,7 +310,7 @@ def test_overfits_one_batch(name):
     assert loss.item() < 0.1, f"{name}: loss {loss.item():.3f} after {step} steps"
 
 
-def test_optimizer_groups(capsys):
+def test_optimizer_groups():
     model = GPT(tiny("gpt2"))
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
     decay, no_decay = opt.param_groups
@@ -198,15 +319,23 @@ def test_optimizer_groups(capsys):
     # every parameter exactly once (the tied wte/lm_head matrix too): 2 blocks x 6 matrices + wte + wpe
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params(non_embedding=False)
     assert len(decay["params"]) == 2 * 4 + 2
-    assert "decayed: 10 tensors" in capsys.readouterr().out
 
 
 def test_flops_and_mfu():
-    model = GPT(tiny("gpt2"))
-    c = model.config
-    assert model.flops_per_token() == 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
-    assert model.estimate_mfu(tokens_per_sec=1000, peak_flops=1000 * model.flops_per_token()) == pytest.approx(1.0)
-    assert model.flops_per_token(T=8) == model.flops_per_token() - 12 * c.n_layer * c.n_embd * 8  # shorter runs
+    # GPT-2 124M at T = 1024, counted by hand (PaLM appendix B): 6N for the weight matmuls plus
+    # 12*L*H*Q*T for attention. C = 768, 12 layers, 12 heads of Q = 64.
+    #   N (non-embedding): 12 blocks of 12C^2 + 13C = 7,087,872 -> 85,054,464 (attention 4C^2 + 4C,
+    #                      MLP 8C^2 + 5C, two LayerNorms 4C)
+    #                      + the tied 50,304 x 768 table, which is also the head's matmul: 38,633,472
+    #                      + the final LayerNorm: 1,536 (wpe, only looked up, is not counted)
+    #                      = 123,689,472, so 6N = 742,136,832
+    #   attention: 12 * 12 * 12 * 64 * 1024 = 113,246,208
+    with torch.device("meta"):
+        model = GPT(GPTConfig.preset("gpt2"))
+    assert model.flops_per_token() == 742_136_832 + 113_246_208 == 855_383_040
+    assert model.flops_per_token(T=8) == 742_136_832 + 884_736  # shorter runs: 12 * 12 * 12 * 64 * 8
+    # 100k tokens/s against an A100's 312 TFLOP/s bf16 peak: 8.55e13 / 3.12e14 = 27.4%
+    assert model.estimate_mfu(tokens_per_sec=100_000, peak_flops=312e12) == pytest.approx(0.274161, abs=1e-6)
 
 
 def test_config_round_trips_through_asdict():
@@ -230,5 +359,10 @@ def test_bad_input_errors():
         model(torch.tensor([[1, 100]]))  # 100 < 128 padded rows: without the check it would run silently
     with pytest.raises(ValueError, match=r"token id -1 is outside"):
         model(torch.tensor([[-1, 2]]))
+    from model import KVCache
+    cache = KVCache(model.config.n_layer, 16)
+    model(torch.zeros(1, 3, dtype=torch.long), cache=cache)  # a prefill, then steps of one token only:
+    with pytest.raises(ValueError, match="a step with a filled KVCache takes one token, got 2"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)  # T > 1 would attend with no causal mask
     with pytest.raises(ValueError, match="temperature >= 0"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=-1.0)

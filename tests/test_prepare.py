@@ -2,7 +2,12 @@
 the counts in the data card, the shard format and its checks, and the errors a user sees."""
 import json
 import os
+import shlex
+import signal
+import subprocess
+import sys
 import sysconfig
+import threading
 import time
 from glob import glob
 from pathlib import Path
@@ -14,6 +19,7 @@ import pytest
 
 import prepare
 from bpe import Tokenizer
+from shards import read_shard, write_shard
 
 # documents as a source might hold them, and what cleaning must make of them
 RAW = [
@@ -66,7 +72,7 @@ def shard_files(out_dir, name="t"):
 
 
 def token_stream(out_dir, name="t"):
-    return np.concatenate([prepare.read_shard(f) for f in shard_files(out_dir, name)])
+    return np.concatenate([read_shard(f) for f in shard_files(out_dir, name)])
 
 
 def split_docs(tokens, eot):
@@ -121,18 +127,20 @@ def test_train_and_val_are_disjoint_and_hold_every_token(tmp_path, tok_path):
     files = shard_files(out)
     assert [Path(f).name for f in files] == ["t_val_000000.bin"] + [f"t_train_{i:06d}.bin"
                                                                     for i in range(1, len(files))]
-    val = prepare.read_shard(files[0])
-    train = [prepare.read_shard(f) for f in files[1:]]
+    val = read_shard(files[0])
+    train = [read_shard(f) for f in files[1:]]
     assert len(val) == min(700, int(0.1 * len(expected)))  # val is capped at a tenth of the corpus
     assert all(len(t) == 1000 for t in train[:-1]) and 0 < len(train[-1]) <= 1000
     # val then train, in order, is exactly the token stream: nothing lost, nothing repeated
     np.testing.assert_array_equal(np.concatenate([val] + train), expected)
+    text_tokens = sum(len(tok.encode(d)) for d in docs)  # without the separators
     assert card["tokens"] == {"train": len(expected) - len(val), "val": len(val), "total": len(expected),
-                              "bytes_per_token": card["tokens"]["bytes_per_token"]}
+                              "bytes_per_token": pytest.approx(sum(len(d.encode()) for d in docs) / text_tokens,
+                                                               abs=5e-5)}  # the card keeps 4 decimals
     # at scale val_tokens is the smaller of the two and val holds exactly that many tokens
     _, out = run(tmp_path, f"--input={tmp_path / 'c.jsonl'}", f"--tokenizer={tok_path}",
                  "--shard_size=1000", "--val_tokens=100", name="u")
-    assert len(prepare.read_shard(shard_files(out, "u")[0])) == 100
+    assert len(read_shard(shard_files(out, "u")[0])) == 100
 
 
 def test_parallel_workers_give_identical_shards(tmp_path, tok_path):
@@ -165,7 +173,7 @@ def test_rerun_overwrites_cleanly(tmp_path, tok_path):
     card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--shard_size=100000")
     assert [Path(f).name for f in shard_files(out)] == ["t_val_000000.bin", "t_train_000001.bin"]
     assert not glob(f"{out}/*.tmp")
-    assert sum(len(prepare.read_shard(f)) for f in shard_files(out)) == card["tokens"]["total"]
+    assert sum(len(read_shard(f)) for f in shard_files(out)) == card["tokens"]["total"]
 
 
 # -----------------------------------------------------------------------------
@@ -195,8 +203,9 @@ def test_each_filter_changes_its_count_in_the_card(tmp_path, tok_path, extra, de
     flags = [f"--tokenizer={tok_path}", "--min_chars=40"]
     base, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'a.jsonl', BASE)}", *flags, name="a")
     more, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'b.jsonl', BASE + [extra])}", *flags, name="b")
-    assert counts(base) == {"read": 5, "kept": 5, "garbage": 0, "shorter_than_min_chars": 0, "duplicate": 0,
-                            "line_endings_normalised": 0, "control_chars_stripped": 0, "nfc_normalised": 0}
+    assert counts(base) == {"read": 5, "kept": 5, "missing_text": 0, "garbage": 0, "shorter_than_min_chars": 0,
+                            "duplicate": 0, "line_endings_normalised": 0, "control_chars_stripped": 0,
+                            "nfc_normalised": 0}
     assert {k: counts(more)[k] - counts(base)[k] for k in counts(base)} == \
         {k: delta.get(k, 0) for k in counts(base)}
 
@@ -221,7 +230,9 @@ def test_card_records_source_command_and_tokens(tmp_path, tok_path):
     assert card["tokenizer"]["vocab_size"] == 320
     text_bytes = sum(len(d.encode()) for d in CLEAN)
     assert card["bytes"]["kept"] == text_bytes
-    assert card["tokens"]["bytes_per_token"] == round(text_bytes / (card["tokens"]["total"] - len(CLEAN)), 4)
+    # UTF-8 bytes of the cleaned text per token of it, the separators not counted: encoded here, on its own
+    text_tokens = sum(len(Tokenizer.load(tok_path).encode(d)) for d in CLEAN)
+    assert card["tokens"]["bytes_per_token"] == pytest.approx(text_bytes / text_tokens, abs=5e-5)
     readme = (out / "README.md").read_text()
     assert "CC-BY-4.0" in readme and f"--input={path}" in readme and "| **kept** | **6** |" in readme
 
@@ -246,28 +257,28 @@ def test_stdlib_source_is_library_code_in_a_fixed_mixed_order():
 def test_shard_header_and_reader_checks(tmp_path):
     path = str(tmp_path / "s.bin")
     tokens = np.arange(1000, dtype=np.uint16) * 60
-    prepare.write_shard(path, tokens)
+    write_shard(path, tokens)
     raw = Path(path).read_bytes()
     header = np.frombuffer(raw[:1024], dtype="<i4")
     assert header[:3].tolist() == [20240520, 1, 1000] and len(raw) == 1024 + 2000  # llm.c's layout
-    np.testing.assert_array_equal(prepare.read_shard(path), tokens)
+    np.testing.assert_array_equal(read_shard(path), tokens)
 
     Path(path).write_bytes(raw[:-2])  # one token short
     with pytest.raises(ValueError, match=f"shard {path}: 3022 bytes but the header says 1000 tokens.*truncated"):
-        prepare.read_shard(path)
+        read_shard(path)
     Path(path).write_bytes(raw[:100])
     with pytest.raises(ValueError, match=f"shard {path}: truncated: 100 bytes"):
-        prepare.read_shard(path)
+        read_shard(path)
     Path(path).write_bytes(np.int32(20240521).tobytes() + raw[4:])
     with pytest.raises(ValueError, match=f"shard {path}: wrong magic number 20240521"):
-        prepare.read_shard(path)
+        read_shard(path)
     Path(path).write_bytes(raw[:4] + np.int32(2).tobytes() + raw[8:])
     with pytest.raises(ValueError, match="unsupported version 2"):
-        prepare.read_shard(path)
+        read_shard(path)
     with pytest.raises(ValueError, match="no_such.bin"):
-        prepare.read_shard(str(tmp_path / "no_such.bin"))
+        read_shard(str(tmp_path / "no_such.bin"))
     with pytest.raises(ValueError, match="0..65535"):
-        prepare.write_shard(path, [1, 2, 70000])
+        write_shard(path, [1, 2, 70000])
 
 
 def test_shard_writer_cuts_a_stream_of_uneven_pieces_exactly(tmp_path):
@@ -281,7 +292,7 @@ def test_shard_writer_cuts_a_stream_of_uneven_pieces_exactly(tmp_path):
         names = [s["file"] for s in shards]
         assert names == ([f"w{val_tokens}_val_000000.bin"] if val_tokens else []) + \
             [f"w{val_tokens}_train_{i:06d}.bin" for i in range(1, 11)]
-        np.testing.assert_array_equal(np.concatenate([prepare.read_shard(tmp_path / n) for n in names]), stream)
+        np.testing.assert_array_equal(np.concatenate([read_shard(tmp_path / n) for n in names]), stream)
 
 
 def test_interrupted_write_leaves_no_shard(tmp_path, monkeypatch):
@@ -292,8 +303,8 @@ def test_interrupted_write_leaves_no_shard(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
-        prepare.write_shard(str(path), np.arange(10))
-    assert not path.exists()  # only the .tmp file, which no reader globs for
+        write_shard(str(path), np.arange(10))
+    assert not path.exists() and os.listdir(tmp_path) == []  # atomic_write removed its .tmp file too
 
 
 # -----------------------------------------------------------------------------
@@ -307,8 +318,8 @@ def test_vocab_too_large_for_uint16_is_refused_before_any_work(tmp_path):
 
 def test_empty_corpus_after_filtering_is_an_error(tmp_path, tok_path):
     path = write_jsonl(tmp_path / "c.jsonl", ["short", "tiny", "short"])
-    with pytest.raises(SystemExit, match=r"no documents left after cleaning \(read 3: 3 shorter than "
-                                         r"min_chars=64, 0 garbage, 0 duplicates\)"):
+    with pytest.raises(SystemExit, match=r"no documents left after cleaning \(read 3: 0 without text, "
+                                         r"3 shorter than min_chars=64, 0 garbage, 0 duplicates\)"):
         run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}")
     assert not shard_files(tmp_path / "data" / "t")
     with pytest.raises(SystemExit, match="no documents left after cleaning"):  # the same when training
@@ -333,14 +344,150 @@ def test_unreachable_hub_fails_within_seconds_naming_the_offline_option(tmp_path
     t0 = time.time()
     with pytest.raises(SystemExit, match=r"cannot reach the Hugging Face hub at 127.0.0.1:9.*--dataset=stdlib"):
         prepare.main([f"--data_dir={tmp_path / 'data'}"])  # `python prepare.py`: FineWeb-Edu, GPT-2
-    assert time.time() - t0 < 30  # a hang guard, not a speed target
+    assert time.time() - t0 < 60  # the probe gives up after 5 s; without it a dead route hangs for minutes
     assert not (tmp_path / "data").exists()
 
 
+# the rest run prepare.py as a user does, in a fresh process, because what they see is the point:
+# the exit status, one line on stderr, no traceback, and no half-written folder left behind
+
+REPO = Path(prepare.__file__).parent
+TIMEOUT = 300  # a hang guard for each run, far above the ~1-2 s they take
+
+
+def script(cwd, *flags):
+    return subprocess.run([sys.executable, str(REPO / "prepare.py"), *flags], cwd=cwd, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+
+
+def assert_one_line_error(r, *names):
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and r.stderr.endswith("\n"), r.stderr
+    assert "Traceback" not in r.stdout
+    for name in names:
+        assert name in r.stderr
+
+
 def test_command_line_errors_are_one_line_on_stderr(tmp_path):
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, "prepare.py", "--dataset=stdlib", "--vocab_size=70000",
-                        f"--data_dir={tmp_path}"], cwd=Path(prepare.__file__).parent, capture_output=True, text=True)
-    assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.startswith("error: --vocab_size=70000") and r.stderr.count("\n") == 1
+    r = script(tmp_path, "--dataset=stdlib", "--vocab_size=70000")
+    assert_one_line_error(r, "error: --vocab_size=70000")
+    assert r.stdout == "" and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("kind, bad, type_name", [
+    ("jsonl", 12345, "int"),
+    ("jsonl", ["a list", "of strings"], "list"),
+    ("parquet", b"bytes, not text: decode them first", "bytes"),
+])
+def test_a_text_column_of_non_strings_is_one_line_and_leaves_no_folder(tmp_path, tok_path, kind, bad, type_name):
+    # a good row first, so the bad one is found mid-stream, after the output folder was made
+    rows = ["A fine document with more than enough characters in it to pass the filter.", bad]
+    path = tmp_path / f"c.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps({"body": r}) + "\n" for r in rows))
+    else:
+        rows[0] = rows[0].encode()
+        pq.write_table(pa.table({"body": pa.array(rows, pa.binary())}), path)
+    r = script(tmp_path, f"--input={path}", "--text_field=body", f"--tokenizer={tok_path}", "--num_proc=1")
+    assert_one_line_error(r, "column 'body'", f"holds {type_name} values, not text", "--text_field")
+    assert not (tmp_path / "data").exists()  # the folder this run made, and data/ it made for it, are gone
+
+
+def test_malformed_jsonl_is_one_line_naming_the_file(tmp_path, tok_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "A fine document with more than enough characters to pass."}\n{"text": "no close\n')
+    r = script(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--num_proc=1")
+    assert_one_line_error(r, f"cannot read --input={path}", "JSON parse error")  # datasets' own log is silent
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("how", ["a file in the path", "a read-only folder"])
+def test_an_unwritable_data_dir_fails_in_one_line_before_any_work(tmp_path, how):
+    if how == "a file in the path":
+        (tmp_path / "data").write_text("a file where the data folder should be\n")
+        data_dir, named = "data/corpora", "data/corpora"
+    else:
+        (tmp_path / "data").mkdir()
+        os.chmod(tmp_path / "data", 0o555)
+        if os.access(tmp_path / "data", os.W_OK):
+            pytest.skip("this user (root?) can write to a read-only folder; the file-in-the-path case covers it")
+        data_dir, named = "data", "data/stdlib"
+    r = script(tmp_path, "--dataset=stdlib", f"--data_dir={data_dir}", "--num_proc=1")
+    assert_one_line_error(r, named)
+    assert "training a" not in r.stdout  # the check came before the tokenizer's training, not after it
+
+
+def test_missing_or_null_text_is_counted_as_such(tmp_path, tok_path):
+    rows = [{"text": t, "id": i} for i, t in enumerate(BASE)] + [{"id": 5}, {"text": None, "id": 6}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--min_chars=40")
+    assert counts(card) == {"read": 7, "kept": 5, "missing_text": 2, "garbage": 0, "shorter_than_min_chars": 0,
+                            "duplicate": 0, "line_endings_normalised": 0, "control_chars_stripped": 0,
+                            "nfc_normalised": 0}
+    assert "| dropped: text missing or null | 2 |" in (out / "README.md").read_text()
+    # the same for a null in a parquet string column
+    pq.write_table(pa.table({"text": BASE + [None]}), tmp_path / "c.parquet")
+    card, _ = run(tmp_path, f"--input={tmp_path / 'c.parquet'}", f"--tokenizer={tok_path}", "--min_chars=40",
+                  name="p")
+    assert counts(card)["missing_text"] == 1 and counts(card)["kept"] == 5
+
+
+def test_command_txt_holds_the_preparing_command(tmp_path, tok_path):
+    path = write_jsonl(tmp_path / "c.jsonl", BASE)
+    flags = [f"--input={path}", f"--tokenizer={tok_path}", "--license=CC BY 4.0 (see the source's card)"]
+    card, out = run(tmp_path, *flags)
+    argv = [f"--data_dir={tmp_path / 'data'}", "--name=t", "--num_proc=1", *flags]  # what run() passes
+    command = (out / "command.txt").read_text()
+    assert command == shlex.join(["python", "prepare.py", *argv]) + "\n" == card["command"] + "\n"
+    assert shlex.split(command) == ["python", "prepare.py", *argv]  # quoted so it pastes back into a shell
+
+
+def test_help_prints_the_docstring_unbroken(tmp_path):
+    r = script(tmp_path, "--help")
+    assert r.returncode == 0 and r.stderr == ""
+    lines = r.stdout.splitlines()
+    # the docstring is raw, so its "\n" is two characters, not a line break in the middle of a sentence
+    assert '"\\n"' in next(line for line in lines if "line endings to" in line)
+    assert '"\\n" and "\\t"' in next(line for line in lines if "characters other than" in line)
+    assert "  --vocab_size=4096" in lines and not (tmp_path / "data").exists()
+
+
+def test_ctrl_c_stops_in_one_line_and_keeps_only_complete_shards(tmp_path):
+    # Ctrl-C in a terminal signals the whole process group: prepare.py and its tokenizer workers. Small
+    # shards, so that shards are being written when it comes; and the run cannot end before it comes, however
+    # slow this test process is: its output (a line per shard, far more than a pipe holds) stops being read
+    # after the first shard until the signal is sent, so prepare.py blocks on its next prints
+    p = subprocess.Popen([sys.executable, str(REPO / "prepare.py"), "--dataset=stdlib", "--num_proc=2",
+                          "--bpe_train_mb=1", "--vocab_size=300", "--shard_size=2000", "--val_tokens=2000"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+    lines, writing, resume = [], threading.Event(), threading.Event()
+
+    def read_stdout():
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("wrote ") and not writing.is_set():
+                writing.set()
+                resume.wait()
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    deadline = time.time() + TIMEOUT  # polled, not slept: a loaded machine only makes the wait longer
+    while not writing.wait(0.05):
+        if p.poll() is not None or time.time() > deadline:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail(f"prepare.py wrote no shard (exit {p.poll()}): {''.join(lines)[-500:]}{p.stderr.read()}")
+    assert "training a 300-token BPE" in "".join(lines)
+    os.killpg(p.pid, signal.SIGINT)
+    resume.set()
+    p.wait(TIMEOUT)
+    reader.join(TIMEOUT)
+    err = p.stderr.read()
+    assert p.returncode == 130 and err.startswith("interrupted (Ctrl-C)") and err.count("\n") == 1, err
+    assert "Traceback" not in "".join(lines)
+    out = tmp_path / "data" / "stdlib"
+    shards = sorted(out.glob("stdlib_*.bin"))
+    assert shards and sorted(os.listdir(out)) == ["command.txt"] + [f.name for f in shards]  # no *.tmp, no card
+    assert all(len(read_shard(f)) == 2000 for f in shards)  # each complete: header, size and count agree

@@ -3,6 +3,7 @@ the data stream neither drops nor repeats tokens, and crashes, signals, NaNs and
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,43 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "train.py")
-sys.path.insert(0, ROOT)
-
-from bpe import Tokenizer  # noqa: E402
-from prepare import read_shard, write_shard  # noqa: E402
-from train import TokenStream, get_lr  # noqa: E402
-
-# a 2-layer, 32-wide model on 32-token rows: a step takes milliseconds
-TINY = ["--dataset=tiny", "--preset=gpt2", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-        "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_iters=2", "--log_interval=1",
-        "--learning_rate=3e-3", "--warmup_iters=2", "--min_lr=3e-4", "--dropout=0.0", "--device=cpu",
-        "--dtype=float32", "--compile=False"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # 2 shared cores: 1 thread each
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A directory holding data/tiny/: ~270 KB of stdlib source prepared by prepare.py with a
-    512-token BPE it trains itself (the same path a user's --input corpus takes)."""
-    import argparse, inspect, json as json_mod, textwrap  # noqa: E401  real text nobody here wrote
-    d = tmp_path_factory.mktemp("train")
-    (d / "corpus").mkdir()
-    for m in (argparse, inspect, json_mod.decoder, json_mod.encoder, textwrap):
-        (d / "corpus" / (m.__name__ + ".txt")).write_text(open(m.__file__).read())
-    subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--input=corpus/*.txt", "--name=tiny",
-                    "--tokenizer=train", "--vocab_size=512", "--separator=\ndef "],
-                   cwd=d, env=ENV, check=True, capture_output=True)
-    return d
-
-
-def train(cwd, *args, check=True, cmd=(sys.executable, TRAIN)):
-    p = subprocess.run([*cmd, *TINY, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
+from bpe import Tokenizer
+from conftest import ENV, ROOT, TINY, TRAIN, error_line, train
+from shards import TokenStream, read_shard, write_shard
+from train import get_lr
 
 def records(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
@@ -70,12 +38,14 @@ def test_loss_falls_and_bits_per_byte_count_the_bytes(workdir):
     assert abs(evals[0]["val_loss"] - math.log(512)) < 0.2  # an untrained model is ~uniform
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.6  # it learned (the unigram level is 5.3)
     assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 0.6
-    # bits per byte = nats/token / ln 2 * tokens / bytes, over the targets of the first 4 val batches
+    # bits per byte = nats/token / ln 2 * tokens / bytes, over the targets of the 4 val batches: 16 rows
+    # of 32 tokens spread evenly over the val split (row j of 16 starts at token (j * rows // 16) * 32)
     tok = Tokenizer.load(str(workdir / "data/tiny/tokenizer.bpe"))
     val = read_shard(str(workdir / "data/tiny/tiny_val_000000.bin"))
-    nbytes = 0
-    for k in range(4):
-        targets = val[k * 128 + 1:(k + 1) * 128 + 1]  # batch k: 4 rows x 32 tokens, shifted by one
+    rows, nbytes = len(val) // 32, 0
+    for j in range(16):
+        start = (j * rows // 16) * 32
+        targets = val[start + 1:start + 33]  # the row's targets: its inputs shifted by one
         nbytes += sum(0 if t in tok.special_tokens.values() else len(tok.decode_bytes([int(t)])) for t in targets)
     for e in evals:
         assert e["val_bpb"] == pytest.approx(e["val_loss"] / math.log(2) * 512 / nbytes, rel=1e-6)
@@ -169,8 +139,10 @@ def test_shuffled_stream_reads_each_row_once_per_epoch_in_a_new_order(tmp_path):
     again = TokenStream(files, B, T, rank=1, world=world, seed=7)
     again.load_state(s)
     assert all(torch.equal(a, b) for a, b in zip(again.next_batch(), ranks[1].next_batch()))
-    # evaluation batches are fixed: the first rows in file order, whatever the training position
-    assert torch.equal(ranks[0].eval_batch(1)[0], torch.arange(10, 20).view(2, 5))
+    # evaluation batches are fixed rows spread over the whole stream, whatever the training position:
+    # 2 batches x 2 rows of the 22 are rows 0, 5, 11, 16 (j * 22 // 4), so batch 1 is rows 11 and 16
+    assert torch.equal(ranks[0].eval_batch(1, 2)[0], torch.tensor([list(range(55, 60)), list(range(80, 85))]))
+    assert torch.equal(ranks[2].eval_batch(0, 2)[0], torch.tensor([list(range(0, 5)), list(range(25, 30))]))
 
 
 def test_learning_rate_schedule():
@@ -178,11 +150,6 @@ def test_learning_rate_schedule():
     assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)  # linear warmup
     assert lrs[10] == 1.0 and lrs[55] == pytest.approx(0.55)  # cosine: peak, then halfway
     assert lrs[100] == lrs[119] == 0.1 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-
-
-def error_line(p):
-    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
-    return p.stderr.strip().splitlines()[-1]
 
 
 def test_config_and_data_errors_are_one_line(workdir, tmp_path):
@@ -278,3 +245,104 @@ def test_finetune_from_local_hf_dir_with_early_stopping(workdir, tmp_path):
     best = load(workdir / "out-ft/best.pt")
     assert best["iter_num"] == 0 and best["model_args"]["block_size"] == 64
     assert torch.equal(best["model"]["transformer.wpe.weight"], hf.transformer.wpe.weight.detach())
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def test_ddp_evaluation_with_fewer_batches_than_ranks_does_not_hang(workdir):
+    """eval_iters=1 on 2 ranks: rank 1 has no eval batch. The modern preset has buffers (RoPE tables),
+    which DDP would broadcast at the start of every forward; rank 0's eval forward then waited for a
+    rank that was already in the all_reduce, and the run hung."""
+    p = subprocess.run([*TORCHRUN, TRAIN, *TINY, "--preset=modern", "--out_dir=out-ddp-eval", "--eval_iters=1",
+                        "--max_iters=2", "--eval_interval=1", "--gradient_accumulation_steps=2"],
+                       cwd=workdir, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["step"] for r in records(workdir / "out-ddp-eval") if "val_loss" in r] == [0, 1, 2]
+
+
+def test_resume_in_float16_from_a_float32_checkpoint(workdir):
+    """A float32 run saves an empty GradScaler state; resuming it with dtype=float16 (which turns the
+    scaler on) must start a fresh scaler, not fail on the empty state."""
+    train(workdir, "--out_dir=out-fp16", "--max_iters=2", "--eval_interval=2")
+    p = train(workdir, "--out_dir=out-fp16", "--max_iters=4", "--eval_interval=2", "--init_from=resume",
+              "--dtype=float16")
+    assert "resumed from" in p.stdout and "step 4/4" in p.stdout
+    assert load(workdir / "out-fp16/ckpt_000004.pt")["scaler"]["scale"] > 0  # a live scaler was saved
+
+
+def test_resume_takes_optimizer_settings_from_the_config_and_says_so(workdir):
+    train(workdir, "--out_dir=out-opt", "--max_iters=2", "--eval_interval=2")
+    p = train(workdir, "--out_dir=out-opt", "--max_iters=3", "--eval_interval=3", "--init_from=resume",
+              "--weight_decay=0.0", "--beta2=0.9", "--eps=1e-6")
+    assert ("optimizer settings from the config, not the checkpoint: betas (0.9, 0.95) -> (0.9, 0.9), "
+            "eps 1e-08 -> 1e-06, weight_decay 0.1 -> 0.0") in p.stdout
+    groups = load(workdir / "out-opt/ckpt_000003.pt")["optimizer"]["param_groups"]
+    assert [(g["betas"], g["eps"], g["weight_decay"]) for g in groups] == [((0.9, 0.9), 1e-6, 0.0)] * 2
+
+
+def wait_for(path, p, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert time.time() < deadline and p.poll() is None, "training did not start"
+        time.sleep(0.1)
+
+
+def test_sigterm_delivered_twice_still_saves(workdir):
+    """Under SLURM a worker can get SIGTERM from the scheduler and again from torchrun: the second must
+    not turn into an unsaved exit (only a second Ctrl-C stops at once)."""
+    out = workdir / "out-term2"
+    p = subprocess.Popen([sys.executable, TRAIN, *TINY, f"--out_dir={out}", "--max_iters=100000",
+                          "--eval_interval=100000"], cwd=workdir, env=ENV, stdout=subprocess.PIPE, text=True)
+    wait_for(out / "ckpt_000000.pt", p)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # two deliveries, not one: signals sent back to back reach Python's handler once
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and "received SIGTERM" in stdout
+    last = max(int(f[5:11]) for f in os.listdir(out) if f.startswith("ckpt_"))
+    assert last > 0 and load(out / f"ckpt_{last:06d}.pt")["iter_num"] == last
+
+
+def test_ddp_ranks_stop_together_at_once_not_at_the_next_log_step(workdir):
+    """torchrun forwards SIGTERM to its workers and kills them 30 s later. With log_interval=100000 the
+    ranks would only agree to stop at step 100000; they vote every step, so they save within a step."""
+    out = workdir / "out-ddp-term"
+    p = subprocess.Popen([*TORCHRUN, TRAIN, *TINY, f"--out_dir={out}", "--max_iters=100000",
+                          "--eval_interval=100000", "--log_interval=100000"], cwd=workdir, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out / "ckpt_000000.pt", p)
+    time.sleep(1)  # a few steps (not needed for the assertions, which hold for any step)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert "received SIGTERM" in stdout, stderr[-2000:]
+    saved = [f for f in os.listdir(out) if f.startswith("ckpt_") and f != "ckpt_000000.pt"]
+    assert len(saved) == 1 and 0 < load(out / saved[0])["iter_num"] < 100000
+    assert len(load(out / saved[0])["rng"]) == 2  # both ranks took part in the save
+
+
+PER_RANK_DIR = """
+import os, runpy, sys
+os.chdir(os.environ["RANK"])  # each rank in its own folder: as if each node had its own disk
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ranks_on_separate_disks_are_caught(workdir, tmp_path):
+    """Multi-node without a shared filesystem: a rank whose data/ differs, or that cannot see the
+    checkpoint rank 0 resumes from, stops the run with one line instead of training on other data."""
+    (tmp_path / "per_rank.py").write_text(PER_RANK_DIR)
+    for r in ("0", "1"):
+        shutil.copytree(workdir / "data", tmp_path / r / "data")
+    shard = tmp_path / "1" / "data" / "tiny" / "tiny_train_000001.bin"
+    write_shard(str(shard), read_shard(str(shard))[:-1000])  # rank 1's copy is shorter
+    cmd = [*TORCHRUN, str(tmp_path / "per_rank.py"), TRAIN, *TINY, "--max_iters=2", "--eval_interval=2"]
+    p = subprocess.run([*cmd, "--out_dir=out"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "error: rank 1 has" in p.stderr and "every node needs the same data/tiny/" in p.stderr
+    shutil.copy(tmp_path / "0" / "data" / "tiny" / "tiny_train_000001.bin", shard)
+    train(tmp_path / "0", "--out_dir=out", "--max_iters=2", "--eval_interval=2")  # a run on node 0's disk only
+    p = subprocess.run([*cmd, "--out_dir=out", "--init_from=resume", "--max_iters=4"], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "error: rank 1 cannot see out/ckpt_000002.pt" in p.stderr, p.stderr[-2000:]
