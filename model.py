@@ -81,9 +81,7 @@ class GPTConfig:
             # 256 byte tokens + 40,000 merges + <|endoftext|> (GPT-1's 40,478 had a character base)
             "gpt1": dict(block_size=512, vocab_size=40257, dropout=0.1, prenorm=False),
             "gpt2": dict(block_size=1024, vocab_size=50257),
-            # Tied head: at this size the 50k x 768 table is a third of all weights, and small
-            # modern models (SmolLM, Qwen2.5-0.5B, Llama-3.2-1B, Gemma) tie for that reason; large
-            # models untie because there the table is a rounding error. Flip tie_weights to compare.
+            # tied head: at this size the 50k x 768 table is a third of all weights (README)
             "modern": dict(block_size=4096, vocab_size=50257, bias=False, norm="rmsnorm", pos="rope",
                            mlp="swiglu"),
         }
@@ -147,13 +145,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rope is not None:  # rotate at absolute positions pos..pos+T-1 (cache.pos on decode steps)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        first = cache is None or cache.pos == 0
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, pos+T, hd)
-        # A prefill (or training) is causal over T x T. A decode step (T=1) may see every cached
-        # key, so no mask; is_causal with T_q != T_k would align the mask top-left, which is wrong.
+        # A prefill (or training) is causal over T x T. A decode step (T=1, the only step a filled
+        # cache takes) may see every cached key, so no mask; is_causal with T_q != T_k would align
+        # the mask top-left, which is wrong. bool(): a plain flag even when torch.compile sees T as symbolic
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=first)
+                                           is_causal=bool(T > 1))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 

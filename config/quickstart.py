@@ -8,6 +8,7 @@
 # 150 steps and 40 s (bench/bench_quickstart.py). A faster machine: raise max_iters.
 dataset = "stdlib"
 out_dir = "out-quickstart"
+init_from = "auto"                # a second run of the quick start resumes (or says it is finished)
 eval_interval = 200
 eval_iters = 20
 log_interval = 20
@@ -31,4 +32,4 @@ beta2 = 0.99                      # few tokens per step: average the second mome
 
 device = "cpu"
 dtype = "float32"                 # bfloat16 autocast only pays on CPUs with AMX/AVX512-BF16
-compile = False                   # measured on 2 cores: see the compile note in train.py
+compile = False                   # measured slower on 2 cores for this size (README, Measured)
