@@ -301,15 +301,27 @@ class GPT(nn.Module):
         loss = F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
         return None, loss.view_as(targets) if reduction == "none" else loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
-        """AdamW with decay on matrices and embeddings (dim >= 2) only: biases and norm gains stay
-        free, as GPT-1 did ("all non bias or gain weights"); decaying a gain shrinks a scale, not a
-        feature. fused=True on CUDA does the whole update in one kernel per group."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, optimizer="adamw"):
+        """A list of optimizers covering every trainable parameter once. AdamW decays matrices and
+        embeddings (dim >= 2) only: biases and norm gains stay free, as GPT-1 did ("all non bias or
+        gain weights"); decaying a gain shrinks a scale, not a feature. fused=True on CUDA does the
+        whole update in one kernel per group. optimizer="muon" (Jordan et al. 2024) hands the 2-D
+        matrices inside the blocks to Muon, which orthogonalises each update (Newton-Schulz), so all
+        directions of a matrix learn at a similar rate; embeddings, the head, norms and biases stay
+        with AdamW, as Muon is meant for hidden matrices. Its match_rms_adamw scaling (Liu et al.
+        2025) gives Muon's update AdamW's size, so one learning_rate and weight_decay serve both."""
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer={optimizer!r} is not one of 'adamw', 'muon'")
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        hidden = [p for n, p in params if optimizer == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
+        rest = [p for _, p in params if not any(p is q for q in hidden)]
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")]
+        if hidden:
+            optimizers.append(torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
+                                               adjust_lr_fn="match_rms_adamw"))
+        return optimizers
 
     def flops_per_token(self, T=None):
         """Training FLOPs per token, PaLM appendix B (Chowdhery et al. 2022): 6N for the weight matmuls

@@ -47,10 +47,16 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 from bpe import Tokenizer
+from checkpoint import load_model
 from configurator import UserError, configure, run
 from device import autocast, compile_problem, peak_flops, pick_device
 from model import GPT, GPTConfig
@@ -85,7 +91,8 @@ dropout = None                # 0 for pretraining on lots of data; 0.1+ against 
 bias = None                   # biases in Linear and LayerNorm
 grad_checkpoint = False       # out of memory? recompute each block in backward: far less activation
                               # memory for ~1/3 more compute (applies to resumed and pretrained models too)
-# optimizer: AdamW (Loshchilov & Hutter 2019)
+# optimizer: AdamW (Loshchilov & Hutter 2019), or Muon for the blocks' matrices (model.configure_optimizers)
+optimizer = "adamw"           # 'adamw' | 'muon' (Jordan et al. 2024; embeddings, head, norms stay on AdamW)
 learning_rate = 6e-4          # peak, reached after warmup
 max_iters = 5000              # optimizer steps of the whole run
 weight_decay = 0.1
@@ -97,7 +104,13 @@ grad_clip = 1.0               # clip the global gradient norm to this; 0 = off
 warmup_iters = 200
 lr_decay_iters = 0            # step where the decay reaches min_lr; 0 = max_iters
 min_lr = 6e-5                 # ~learning_rate/10 (Chinchilla, Hoffmann et al. 2022)
+# distillation (Hinton et al. 2015): learn from a trained model's distribution, not only the next token
+teacher = ""                  # a run directory or checkpoint with the same tokenizer; "" = off
+distill_alpha = 0.5           # loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy
+distill_temperature = 2.0     # T > 1 softens both distributions, so the teacher's near-misses carry signal
 # system
+parallel = "ddp"              # under torchrun: 'ddp' (a full copy per GPU) | 'fsdp' (FSDP2: weights, gradients
+                              # and optimizer state sharded across GPUs, for models that outgrow one)
 device = "auto"               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"                # 'float32' | 'bfloat16' | 'float16'; auto = bfloat16 on GPUs that have it
 compile = None                # torch.compile; None = on for CUDA, off on CPU (see the note below)
@@ -118,6 +131,20 @@ def get_lr(it, warmup, decay_iters, lr, lr_min):
     return lr_min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - lr_min)
 
 
+def distill_loss(logits, teacher_logits, targets, alpha, temperature):
+    """Knowledge distillation (Hinton et al. 2015): alpha * T^2 * KL(teacher_T || student_T) + (1 -
+    alpha) * cross-entropy with the targets, per scored token. Both distributions are softened by T;
+    their gradients shrink as 1/T^2, which the T^2 undoes, so alpha keeps its meaning at any T.
+    logits, teacher_logits (B, T, V); targets (B, T), -1 = not scored."""
+    V = logits.size(-1)
+    scored = targets.flatten() != -1
+    student = F.log_softmax(logits.float().view(-1, V)[scored] / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().view(-1, V)[scored] / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # mean over scored tokens
+    ce = F.cross_entropy(logits.float().view(-1, V), targets.flatten(), ignore_index=-1)
+    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+
+
 def duration(seconds):
     """4m10s, 2h05m: an ETA to read at a glance."""
     m, s = divmod(int(seconds), 60)
@@ -133,7 +160,7 @@ def main(argv=None):
     config = configure(globals(), argv)
 
     # ---- setup: processes, device, precision --------------------------------------------------
-    ddp = "RANK" in os.environ  # started by torchrun?
+    distributed = "RANK" in os.environ  # started by torchrun?
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     master = rank == 0  # only rank 0 prints, logs and writes checkpoints
 
@@ -144,14 +171,25 @@ def main(argv=None):
     for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if config[k] < 1:
             raise UserError(f"{k}={config[k]} must be at least 1")
+    if parallel not in ("ddp", "fsdp"):
+        raise UserError(f"parallel={parallel!r} is not one of 'ddp', 'fsdp'")
+    fsdp = distributed and parallel == "fsdp"
+    ddp = distributed and not fsdp
+    if parallel == "fsdp" and optimizer == "muon":  # Muon needs whole matrices; FSDP holds slices
+        raise UserError("optimizer='muon' works with parallel='ddp' only: Muon needs each matrix whole")
+    if not 0 <= distill_alpha <= 1 or distill_temperature <= 0:
+        raise UserError(f"need 0 <= distill_alpha <= 1 and distill_temperature > 0, got {distill_alpha}, "
+                        f"{distill_temperature}")
     if gradient_accumulation_steps % world:
         raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible "
                         f"by the number of processes ({world}); use a multiple of {world}")
     accum = gradient_accumulation_steps // world  # micro-steps per process per optimizer step
     dev, device_type, ptdtype = pick_device(device, dtype)  # under torchrun, cuda:LOCAL_RANK
     dtype_name = str(ptdtype).removeprefix("torch.")
+    if fsdp and dtype_name == "float16":  # the GradScaler does not take sharded gradients
+        raise UserError("parallel='fsdp' trains in bfloat16 or float32; use --dtype=bfloat16")
     vote_group = None
-    if ddp:
+    if distributed:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
                                 device_id=torch.device(dev) if device_type == "cuda" else None)
         atexit.register(dist.destroy_process_group)  # on every exit, errors included
@@ -160,7 +198,7 @@ def main(argv=None):
     ctx = autocast(device_type, ptdtype)
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls on Ampere+
     torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(seed + rank)  # ranks differ in dropout masks; DDP copies rank 0's initial weights
+    torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
     use_compile = compile
     if use_compile is None:
         # CUDA: fused kernels, the usual large speedup. CPU: measured slower for the quickstart model,
@@ -189,7 +227,7 @@ def main(argv=None):
     # rank 0 alone looks for the checkpoint and tells the others which file it is, so all ranks
     # resume the same step (on a shared filesystem, see the docstring)
     found = [checkpoint.step_checkpoints(out_dir)[-1:] if master else None]
-    if ddp:
+    if distributed:
         dist.broadcast_object_list(found, src=0)
     found = found[0][0] if found[0] else None
     overrides = {k: config[k] for k in SHAPE_KEYS if config[k] is not None}
@@ -232,6 +270,8 @@ def main(argv=None):
         if model.config.vocab_size != tokenizer.vocab_size:
             raise UserError(f"GPT-2 weights need the gpt2 tokenizer, but {tok_path} has "
                             f"{tokenizer.vocab_size} tokens; prepare the data with --tokenizer=gpt2")
+    if rank:  # from here on ranks draw different dropout masks
+        torch.manual_seed(seed + rank)
     T = block_size if (block_size and init_from not in ("scratch", "resume", "auto")) else model.config.block_size
     if T > model.config.block_size:
         raise UserError(f"block_size={T} exceeds the model's context {model.config.block_size}")
@@ -241,7 +281,7 @@ def main(argv=None):
     tokens_per_step = gradient_accumulation_steps * batch_size * T
     train_data = TokenStream(train_files, batch_size, T, rank, world, dev, seed if shuffle else None)
     val_data = TokenStream(val_files, batch_size, T, device=dev)
-    if ddp:  # data/ may be a copy per node: it must be the same copy
+    if distributed:  # data/ may be a copy per node: it must be the same copy
         mine = (train_data.total, hashlib.sha256(tokenizer.dumps().encode()).hexdigest()[:16])
         every = [None] * world
         dist.all_gather_object(every, mine)
@@ -251,6 +291,19 @@ def main(argv=None):
                             f"{every[0][0]:,} and {every[0][1]}: every node needs the same {data_dir}/")
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=dev)  # for bits per byte
     peak = peak_flops(torch.cuda.get_device_name(dev), dtype_name) if device_type == "cuda" else None
+    teacher_model = None
+    if teacher:  # frozen: eval mode (no dropout), no gradients, run in the same autocast as the student
+        try:
+            teacher_model, teacher_tok, teacher_where = load_model(teacher)
+        except ValueError as e:
+            raise UserError(f"teacher={teacher!r}: {e}")
+        if teacher_tok.dumps() != tokenizer.dumps():  # the two distributions must be over the same ids
+            raise UserError(f"teacher {teacher_where} uses the {teacher_tok.name} tokenizer, not this run's "
+                            f"{tok_path}; distil from a teacher trained on data with the same tokenizer")
+        if teacher_model.config.block_size < T:
+            raise UserError(f"teacher {teacher_where} has a context of {teacher_model.config.block_size}, "
+                            f"shorter than block_size={T}")
+        teacher_model.requires_grad_(False).to(dev)
 
     # everything is checked: now the run directory may be written (by rank 0 only)
     if master:
@@ -262,25 +315,42 @@ def main(argv=None):
         print(f"global batch: {gradient_accumulation_steps} micro-batches x {batch_size} x {T} = "
               f"{tokens_per_step:,} tokens per step, {world} process(es); {train_data.total:,} train tokens "
               f"= {train_data.total / tokens_per_step:.1f} steps per epoch")
+        if teacher_model is not None:
+            print(f"distilling from {teacher_where}: {teacher_model.num_params(non_embedding=False):,} "
+                  f"parameters, alpha {distill_alpha}, temperature {distill_temperature}")
+    if fsdp:
+        # FSDP2: each block, then the rest, becomes one unit whose parameters are sharded across the
+        # ranks (DTensors) and gathered for its forward and backward only: per GPU, weights, gradients
+        # and AdamW's two moments cost 1/world of the full model
+        for block in raw_model.transformer.h:
+            fully_shard(block)
+        fully_shard(raw_model)
 
     # ---- optimizer --------------------------------------------------------------------------------
-    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type)
-    for name, group in zip(("decayed", "not decayed"), optimizer.param_groups):
-        say(f"optimizer group {name}: {len(group['params'])} tensors, "
-            f"{sum(p.numel() for p in group['params']):,} parameters, weight_decay {group['weight_decay']}")
+    optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type,
+                                                optimizer)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            say(f"optimizer {type(opt).__name__}: {len(group['params'])} tensors, "
+                f"{sum(p.numel() for p in group['params']):,} parameters, peak lr {learning_rate:.2e}, "
+                f"weight_decay {group['weight_decay']}")
     # float16 has a narrow range: scale the loss up so small gradients do not flush to zero
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     iter_num, best_val_loss, evals_since_best = 0, float("inf"), 0
     if ckpt is not None:
-        # the saved groups carry the old run's settings (fused=False from a CPU run, old betas, eps,
-        # weight_decay); the config's win, and what changed is said
+        # The saved groups carry the old run's settings (fused=False from a CPU run, old betas, eps,
+        # weight_decay): the config's win, and what changed is said. The optimizer state is keyed by
+        # parameter name (torch.distributed.checkpoint's full state dict), the same under DDP, FSDP
+        # or one process, so a run can resume in another of them.
         saved, changed = ckpt["optimizer"], set()
-        for g_saved, g_now in zip(saved["param_groups"], optimizer.param_groups):
-            for k in ("betas", "eps", "weight_decay", "fused"):
-                if g_saved.get(k) != g_now[k]:
-                    changed.add(f"{k} {g_saved.get(k)} -> {g_now[k]}")
-                g_saved[k] = g_now[k]
-        optimizer.load_state_dict(saved)
+        for g_saved, g_now in zip(saved["param_groups"], [g for opt in optimizers for g in opt.param_groups]):
+            for k, v in g_now.items():
+                was = g_saved.get(k)
+                was = tuple(was) if isinstance(v, tuple) and was is not None else was  # betas: saved as a list
+                if k not in ("params", "lr", "initial_lr") and was != v:
+                    changed.add(f"{k} {was} -> {v}")
+                    g_saved[k] = v
+        set_optimizer_state_dict(raw_model, optimizers, saved, options=StateDictOptions(full_state_dict=True))
         if changed:
             say(f"optimizer settings from the config, not the checkpoint: {', '.join(sorted(changed))}")
         if scaler.is_enabled() and ckpt["scaler"]:  # a float32/bfloat16 run saved an empty scaler
@@ -310,17 +380,21 @@ def main(argv=None):
     @torch.no_grad()
     def evaluate():
         """Mean loss over eval_iters fixed batches of each split (rows spread over the whole split, the
-        same rows every time, so evaluations compare), and val bits per byte. Ranks split the batches."""
+        same rows every time, so evaluations compare), and val bits per byte. Ranks split the batches.
+        Under FSDP every forward is a collective (it gathers the weights), so every rank runs the same
+        number of them: a rank short of a batch runs one that is not counted."""
         model.eval()
         out = {}
+        rounds = -(-eval_iters // world) * world if fsdp else eval_iters
         for split, stream in (("train", train_data), ("val", val_data)):
             stats = torch.zeros(3, device=dev)  # sum of mean batch losses, batches, bytes
-            for k in range(rank, eval_iters, world):
-                x, y = stream.eval_batch(k, eval_iters)
+            for k in range(rank, rounds, world):
+                x, y = stream.eval_batch(k % eval_iters, eval_iters)
                 with ctx:
                     _, loss = eval_model(x, y)
-                stats += torch.stack([loss.float(), torch.ones((), device=dev), token_bytes[y].sum().float()])
-            if ddp:
+                if k < eval_iters:
+                    stats += torch.stack([loss.float(), torch.ones((), device=dev), token_bytes[y].sum().float()])
+            if distributed:
                 dist.all_reduce(stats)
             loss_sum, n, nbytes = stats.tolist()
             out[split] = loss_sum / n
@@ -330,15 +404,22 @@ def main(argv=None):
         return out
 
     def save_checkpoint(is_best):
-        """Every rank contributes its RNG state; rank 0 writes the checkpoint."""
+        """Every rank contributes its RNG state (and, under FSDP, its shards); rank 0 writes the
+        checkpoint. FSDP's shards are gathered into one full state dict on rank 0's CPU, so every
+        checkpoint has one format, which sample.py, eval.py and export.py read without knowing how it
+        was trained (at 1.5B parameters the gather costs seconds per save; sharded files through
+        torch.distributed.checkpoint would save faster but need a converter for every reader)."""
         rngs = [None] * world
-        dist.all_gather_object(rngs, checkpoint.rng_state(device_type)) if ddp else \
+        dist.all_gather_object(rngs, checkpoint.rng_state(device_type)) if distributed else \
             rngs.__setitem__(0, checkpoint.rng_state(device_type))
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # under FSDP: gathered on rank 0
+        weights = get_model_state_dict(raw_model, options=full) if fsdp else raw_model.state_dict()
+        moments = get_optimizer_state_dict(raw_model, optimizers, options=full)
         if not master:
             return
         path = checkpoint.save_step(
-            {"version": checkpoint.VERSION, "model": raw_model.state_dict(),
-             "model_args": dataclasses.asdict(raw_model.config), "optimizer": optimizer.state_dict(),
+            {"version": checkpoint.VERSION, "model": weights,
+             "model_args": dataclasses.asdict(raw_model.config), "optimizer": moments,
              "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
              "evals_since_best": evals_since_best, "config": config, "tokenizer": tokenizer.dumps(),
              "rng": rngs, "data": train_data.state()}, out_dir, is_best, keep_last)
@@ -409,40 +490,54 @@ def main(argv=None):
             break
 
         lr = get_lr(iter_num, warmup_iters, decay_iters, learning_rate, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
         for micro in range(accum):
             x, y = train_data.next_batch()
-            # DDP all-reduces gradients after every backward unless told not to: only the last
-            # micro-step needs it, the others just accumulate locally
-            with model.no_sync() if ddp and micro < accum - 1 else nullcontext():
+            # DDP and FSDP reduce gradients across ranks after every backward unless told not to:
+            # only the last micro-step needs it, the others just accumulate locally
+            last = micro == accum - 1
+            if fsdp:
+                model.set_requires_gradient_sync(last)
+            with model.no_sync() if ddp and not last else nullcontext():
                 with ctx:
-                    _, loss = model(x, y)
+                    if teacher_model is None:
+                        _, loss = model(x, y)
+                    else:
+                        logits, _ = model(x)  # (B, T, V): the student's whole distribution is compared
+                        with torch.no_grad():
+                            teacher_logits, _ = teacher_model(x)
+                        loss = distill_loss(logits, teacher_logits, y, distill_alpha, distill_temperature)
                 loss_sum += loss.detach()
                 scaler.scale(loss / accum).backward()  # / accum: the step's gradient is the mean
-        scaler.unscale_(optimizer)  # true gradients, for clipping and the norm we log
+        for opt in optimizers:
+            scaler.unscale_(opt)  # true gradients, for clipping and the norm we log
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or float("inf"))
-        scaler.step(optimizer)  # skipped by the scaler if float16 gradients overflowed
+        for opt in optimizers:
+            scaler.step(opt)  # skipped by the scaler if float16 gradients overflowed
+            opt.zero_grad(set_to_none=True)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         steps_since_log += 1
 
         # a stop signal may reach one rank only: every step the ranks vote (a CPU flag), so that all
         # of them save the same step
         votes = torch.tensor([float(stop["signal"] is not None)])
-        if ddp:
+        if distributed:
             dist.all_reduce(votes, group=vote_group)
         stopping = votes.item() > 0
         # a log step is the one place the loop waits for the device
         if iter_num % log_interval == 0 or iter_num == max_iters or stopping:
-            if ddp:
+            if distributed:
                 dist.all_reduce(loss_sum)
             train_loss = loss_sum.item() / (steps_since_log * gradient_accumulation_steps)
             stop_if_not_finite(train_loss, "the training loss")
             dt = (time.time() - t0) / steps_since_log
             train_time += dt * steps_since_log
             if master:
+                if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards, as one number
+                    grad_norm = grad_norm.full_tensor()
                 record = {"step": iter_num, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                           "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_step / dt}
                 if peak:  # model FLOPs per second per GPU over the GPU's peak

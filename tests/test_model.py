@@ -295,8 +295,8 @@ def test_gradient_checkpointing_same_gradients(name):
 def test_overfits_one_batch(name):
     torch.manual_seed(0)
     model = GPT(tiny(name, n_embd=64, n_head=4))
-    opt = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95), eps=1e-8,
-                                     device_type="cpu")
+    opt, = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95), eps=1e-8,
+                                      device_type="cpu")
     x = torch.randint(0, 100, (4, 16))
     y = torch.roll(x, -1, dims=1)
     y[:, -1] = -1  # ignored position
@@ -312,13 +312,22 @@ def test_overfits_one_batch(name):
 
 def test_optimizer_groups():
     model = GPT(tiny("gpt2"))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
+    opt, = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     # every parameter exactly once (the tied wte/lm_head matrix too): 2 blocks x 6 matrices + wte + wpe
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params(non_embedding=False)
     assert len(decay["params"]) == 2 * 4 + 2
+    # Muon takes exactly the 2-D matrices inside the blocks; AdamW keeps wte (= the head), wpe, gains, biases
+    adamw, muon = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", optimizer="muon")
+    hidden = {id(p) for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert {id(p) for p in muon.param_groups[0]["params"]} == hidden and len(hidden) == 2 * 4
+    rest = [p for g in adamw.param_groups for p in g["params"]]
+    assert {id(p) for p in rest} == {id(p) for p in model.parameters()} - hidden
+    assert isinstance(muon, torch.optim.Muon) and muon.param_groups[0]["weight_decay"] == 0.1
+    with pytest.raises(ValueError, match="optimizer='sgd' is not one of"):
+        model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", optimizer="sgd")
 
 
 def test_flops_and_mfu():

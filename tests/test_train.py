@@ -278,7 +278,10 @@ def test_resume_takes_optimizer_settings_from_the_config_and_says_so(workdir):
     assert ("optimizer settings from the config, not the checkpoint: betas (0.9, 0.95) -> (0.9, 0.9), "
             "eps 1e-08 -> 1e-06, weight_decay 0.1 -> 0.0") in p.stdout
     groups = load(workdir / "out-opt/ckpt_000003.pt")["optimizer"]["param_groups"]
-    assert [(g["betas"], g["eps"], g["weight_decay"]) for g in groups] == [((0.9, 0.9), 1e-6, 0.0)] * 2
+    assert [(tuple(g["betas"]), g["eps"], g["weight_decay"]) for g in groups] == [((0.9, 0.9), 1e-6, 0.0)] * 2
+    again = train(workdir, "--out_dir=out-opt", "--max_iters=4", "--eval_interval=4", "--init_from=resume",
+                  "--weight_decay=0.0", "--beta2=0.9", "--eps=1e-6")
+    assert "optimizer settings from the config" not in again.stdout  # nothing changed, nothing said
 
 
 def wait_for(path, p, timeout=120):
@@ -346,3 +349,72 @@ def test_ranks_on_separate_disks_are_caught(workdir, tmp_path):
     p = subprocess.run([*cmd, "--out_dir=out", "--init_from=resume", "--max_iters=4"], cwd=tmp_path, env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "error: rank 1 cannot see out/ckpt_000002.pt" in p.stderr, p.stderr[-2000:]
+
+
+def test_muon_resume_is_exact_bit_for_bit(workdir):
+    """optimizer=muon: Muon for the blocks' matrices, AdamW for the rest; both states travel in the
+    checkpoint, so 3 + resume + 3 steps equal 6 steps to the last bit."""
+    common = ["--optimizer=muon", "--dropout=0.1", "--eval_interval=3", "--lr_decay_iters=6"]
+    p = train(workdir, "--out_dir=out-muon-full", "--max_iters=6", *common)
+    assert "optimizer Muon: 8 tensors" in p.stdout and "optimizer AdamW" in p.stdout
+    train(workdir, "--out_dir=out-muon-half", "--max_iters=3", *common)
+    train(workdir, "--out_dir=out-muon-half", "--max_iters=6", "--init_from=resume", *common)
+    full, half = step_losses(workdir / "out-muon-full"), step_losses(workdir / "out-muon-half")
+    assert list(full) == list(range(1, 7)) and full == half
+    assert full[6] < full[1]  # and it trains
+    a, b = load(workdir / "out-muon-full/ckpt_000006.pt"), load(workdir / "out-muon-half/ckpt_000006.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert any("momentum_buffer" in s for s in a["optimizer"]["state"].values())  # Muon's state is saved
+
+
+def test_distillation_loss_is_hintons():
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE, computed here from the definitions."""
+    from train import distill_loss
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    y = torch.tensor([[1, 2, -1], [0, -1, 6]])
+    T, alpha = 2.0, 0.3
+    kl, ce, n = 0.0, 0.0, 0
+    for b in range(2):
+        for i in range(3):
+            if y[b, i] < 0:
+                continue
+            p, q = torch.softmax(t[b, i] / T, 0), torch.softmax(s[b, i] / T, 0)
+            kl += float((p * (p.log() - q.log())).sum())
+            ce += -float(torch.log_softmax(s[b, i], 0)[y[b, i]])
+            n += 1
+    expected = alpha * T * T * kl / n + (1 - alpha) * ce / n
+    assert distill_loss(s, t, y, alpha, T).item() == pytest.approx(expected, rel=1e-6)
+    assert distill_loss(s, s, y, 1.0, T).item() == pytest.approx(0.0, abs=1e-6)  # a student equal to its teacher
+
+
+def test_distillation_trains_from_a_teacher_run_and_refuses_another_tokenizer(workdir, tmp_path):
+    train(workdir, "--out_dir=out-teacher", "--max_iters=4", "--eval_interval=4", "--n_embd=64", "--n_head=4")
+    p = train(workdir, "--out_dir=out-student", "--max_iters=4", "--eval_interval=4",
+              "--teacher=out-teacher", "--distill_alpha=0.5", "--distill_temperature=2.0")
+    assert "distilling from out-teacher/best.pt (step 4)" in p.stdout
+    assert step_losses(workdir / "out-student")[4] < step_losses(workdir / "out-student")[1]
+    transformers = pytest.importorskip("transformers")  # a teacher with GPT-2's tokenizer: refused
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=1, n_embd=8, n_positions=32)
+                                 ).save_pretrained(tmp_path / "gpt2-like")
+    line = error_line(train(workdir, "--out_dir=out-student2", f"--teacher={tmp_path / 'gpt2-like'}", check=False))
+    assert "uses the gpt2 tokenizer, not this run's data/tiny/tokenizer.bpe" in line
+    assert not (workdir / "out-student2").exists()
+
+
+def test_fsdp_matches_ddp_and_resumes_exactly(workdir):
+    """FSDP2 on 2 CPU processes (gloo): the same losses as DDP over 20 steps, checkpoints in the one
+    format (full weights, gathered on rank 0), and 10 + resume + 10 steps equal to 20."""
+    args = ["--max_iters=20", "--eval_interval=10", "--gradient_accumulation_steps=4", "--lr_decay_iters=20"]
+    for par in ("ddp", "fsdp"):
+        train(workdir, f"--out_dir=out-par-{par}", f"--parallel={par}", *args, cmd=(*TORCHRUN, TRAIN))
+    ddp, fsdp = step_losses(workdir / "out-par-ddp"), step_losses(workdir / "out-par-fsdp")
+    assert list(ddp) == list(fsdp) == list(range(1, 21))
+    assert max(abs(ddp[s] - fsdp[s]) for s in ddp) < 1e-5 and fsdp[20] < fsdp[1] - 0.3
+    ckpt = load(workdir / "out-par-fsdp/ckpt_000020.pt")
+    assert ckpt["model"]["transformer.wte.weight"].shape == (512, 32)  # whole tensors, not shards
+    train(workdir, "--out_dir=out-par-half", "--parallel=fsdp", *args[1:], "--max_iters=10", cmd=(*TORCHRUN, TRAIN))
+    train(workdir, "--out_dir=out-par-half", "--parallel=fsdp", *args, "--init_from=resume", cmd=(*TORCHRUN, TRAIN))
+    assert step_losses(workdir / "out-par-half") == fsdp
+    p = train(workdir, "--out_dir=out-par-x", "--parallel=fsdp", "--optimizer=muon", check=False)
+    assert "Muon needs each matrix whole" in error_line(p)
