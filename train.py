@@ -89,6 +89,7 @@ n_embd = None
 block_size = None             # context length (gpt1: 512, gpt2: 1024, modern: 4096)
 dropout = None                # 0 for pretraining on lots of data; 0.1+ against overfitting small data
 bias = None                   # biases in Linear and LayerNorm
+tie_weights = None            # the head shares the embedding matrix (all presets: True)
 grad_checkpoint = False       # out of memory? recompute each block in backward: far less activation
                               # memory for ~1/3 more compute (applies to resumed and pretrained models too)
 # optimizer: AdamW (Loshchilov & Hutter 2019), or Muon for the blocks' matrices (model.configure_optimizers)
@@ -117,7 +118,7 @@ compile = None                # torch.compile; None = on for CUDA, off on CPU (s
 seed = 1337
 # ----------------------------------------------------------------------------------------------
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")  # the model overrides
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "tie_weights")  # model overrides
 
 
 def get_lr(it, warmup, decay_iters, lr, lr_min):
@@ -547,6 +548,8 @@ def main(argv=None):
                 log(record)
             loss_sum.zero_()
             steps_since_log, t0 = 0, time.time()
+    if distributed:  # leave together: a rank that tears its connections down while another is still
+        dist.barrier()  # finishing would make that one fail
 
 
 if __name__ == "__main__":

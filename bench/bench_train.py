@@ -1,0 +1,88 @@
+"""
+bench/bench_train.py: what train.py's efficiency settings buy on a CPU, each against its baseline in
+the same run, on the offline stdlib corpus (prepare.py --dataset=stdlib, 4,096-token BPE).
+
+  --which=muon      optimizer=muon vs adamw: val bits per byte and wall time, at the quick start's size
+                    (4 layers, 128 wide) and at 6 layers, 384 wide
+  --which=distill   a 4x128 student distilled from a 6x384 teacher vs the same student from scratch,
+                    the same steps
+  --which=fsdp      parallel=fsdp vs ddp on 2 CPU processes (gloo): peak RSS of the largest process
+                    and ms per step, at 6 layers, 384 wide
+
+    python bench/bench_train.py --which=muon --steps=300
+Every run is a real train.py process; the figures come from its log.jsonl.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from benchlib import ROOT
+from configurator import configure
+
+which = "muon"         # 'muon' | 'distill' | 'fsdp'
+steps = 300            # optimizer steps per run
+work = "/tmp/bench_train"  # holds data/stdlib and the runs
+threads = 0            # OMP_NUM_THREADS per process; 0 = torch's default
+
+QUICK = [os.path.join(ROOT, "config", "quickstart.py"), "--init_from=scratch", "--eval_iters=20"]
+BIG = ["--n_layer=6", "--n_embd=384", "--n_head=6"]
+
+
+def train(out, *args, nproc=1):
+    """Run train.py in `work`; return (wall seconds, final eval record, last step record, peak RSS MB)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(ROOT, "train.py")]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    t0 = time.perf_counter()
+    p = subprocess.run([*cmd, *QUICK, f"--out_dir={out}", f"--max_iters={steps}", f"--eval_interval={steps}",
+                        *args], cwd=work, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        sys.exit(f"train.py failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+    records = [json.loads(line) for line in open(os.path.join(work, out, "log.jsonl"))]
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far
+    return wall, [r for r in records if "val_bpb" in r][-1], [r for r in records if "loss" in r][-1], rss
+
+
+def main():
+    configure(globals())
+    os.makedirs(work, exist_ok=True)
+    if not os.path.exists(os.path.join(work, "data", "stdlib", "card.json")):
+        subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--dataset=stdlib"], cwd=work,
+                       check=True, capture_output=True)
+    print(f"{steps} steps each, stdlib corpus, {os.cpu_count()} cores")
+    if which == "muon":
+        for size, extra in (("4x128", []), ("6x384", BIG)):
+            for opt in ("adamw", "muon"):
+                wall, ev, last, _ = train(f"out-{opt}-{size}", f"--optimizer={opt}", *extra)
+                print(f"{size} {opt:5}: val {ev['val_bpb']:.4f} bits/byte, {wall:6.1f} s wall, "
+                      f"{last['ms_per_step']:.0f} ms/step", flush=True)
+    elif which == "distill":
+        wall, ev, _, _ = train("out-teacher", *BIG)
+        print(f"teacher 6x384: val {ev['val_bpb']:.4f} bits/byte, {wall:.1f} s", flush=True)
+        for name, extra in (("scratch", []), ("distilled", ["--teacher=out-teacher"])):
+            wall, ev, _, _ = train(f"out-student-{name}", *extra)
+            print(f"student 4x128 {name:9}: val {ev['val_bpb']:.4f} bits/byte, {wall:.1f} s", flush=True)
+    elif which == "fsdp":
+        for par in ("ddp", "fsdp"):
+            # a fresh process per measurement: RUSAGE_CHILDREN keeps the maximum over all children
+            p = subprocess.run([sys.executable, __file__, "--which=fsdp_one", f"--work={work}",
+                                f"--steps={steps}", f"--threads={threads}", f"--parallel_mode={par}"],
+                               capture_output=True, text=True, check=True)
+            print(p.stdout.strip(), flush=True)
+    elif which == "fsdp_one":
+        wall, ev, last, rss = train(f"out-{parallel_mode}", f"--parallel={parallel_mode}", *BIG,
+                                    "--gradient_accumulation_steps=2", "--batch_size=8", nproc=2)
+        print(f"{parallel_mode:4} 2 processes, 6x384: peak RSS of the largest process {rss:.0f} MB, "
+              f"{last['ms_per_step']:.0f} ms/step, val {ev['val_bpb']:.4f} bits/byte")
+
+
+parallel_mode = "ddp"  # internal: the mode a --which=fsdp_one child measures
+
+if __name__ == "__main__":
+    main()
