@@ -28,6 +28,7 @@ import shutil
 import numpy as np
 import torch
 
+import hf
 from atomic import atomic_write
 from bpe import Tokenizer
 from model import GPT, HF_GPT2_NAMES, GPTConfig
@@ -137,12 +138,13 @@ def load_model(source, which="best"):
       - a run directory of train.py (its checkpoint `which`: best, last, or a file name; see find)
       - a checkpoint file (.pt)
       - a GPT-2 name on the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl)
-      - a local Hugging Face directory (config.json + weights), with GPT-2's tokenizer or, if the
+      - a local Hugging Face directory (config.json + weights): GPT-2, or a Llama or OpenAI GPT of
+        our presets' forms (export.py's output, see hf.py), with GPT-2's tokenizer or, if the
         directory holds one, its tokenizer.bpe
     The model is on the CPU in eval mode. Bad sources are a ValueError naming the fix."""
     hf_dir = os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json"))
     if hf_dir or source in HF_GPT2_NAMES:
-        model = GPT.from_pretrained(source)
+        model = hf.from_pretrained(source)
         bpe = os.path.join(source, "tokenizer.bpe") if hf_dir else ""
         tok = Tokenizer.load(bpe) if os.path.exists(bpe) else Tokenizer.gpt2()
         if tok.vocab_size != model.config.vocab_size:

@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT
 
-LIBRARIES = {"atomic", "bpe", "checkpoint", "configurator", "device", "model", "shards"}
+LIBRARIES = {"atomic", "bpe", "checkpoint", "configurator", "device", "hf", "lora", "model", "quantize", "shards"}
 
 
 def imports(path):

@@ -1,0 +1,497 @@
+"""
+eval.py: measure a model the way the field does: perplexity and bits per byte on text, zero-shot
+multiple choice (HellaSwag, ARC/PIQA/COPA-style sets), LAMBADA, and completions to read.
+
+    python eval.py --out_dir=out-quickstart                               # val shards: ppl, bits/byte
+    python eval.py --out_dir=out-quickstart --task=ppl --data=notes.txt --stride=64
+    python eval.py --init_from=gpt2 --task=hellaswag                      # Rowan/hellaswag, 10,042 items
+    python eval.py --out_dir=out --task=mc --data=arc_easy.jsonl          # {"query", "choices", "gold"}
+    python eval.py --init_from=gpt2 --task=lambada --prompts=prompts.txt  # + completions beside the numbers
+
+Any model checkpoint.load_model takes: a train.py or finetune.py run, a checkpoint file, GPT-2's
+weights, or a Hugging Face directory written by export.py. The numbers go to one results JSON (model,
+data, metric, value, count and the command; eval_<task>.json in the run directory by default), which
+export.py puts in the model card, and to a table on stdout with reference values where known.
+
+Perplexity. Documents are scored separately, each after <|endoftext|> (the boundary every document
+follows in the shards), every token exactly once. A document longer than the context is read through
+a sliding window: the window moves `stride` tokens at a time and scores only the tokens the previous
+window did not, so each of them has at least window - stride tokens of context; the last window is a
+full one ending at the last token (as lm-evaluation-harness does), and stride = window gives plain
+chunks. Reported: tokens, bytes, nats per token, perplexity = exp(nats per token), and bits per byte
+= nats / ln 2 / bytes, which does not depend on the tokenizer, so models with different vocabularies
+compare.
+
+Multiple choice, as lm-evaluation-harness scores it, so the numbers agree with it exactly (a test
+checks this against lm-eval itself on an exported model). Each choice is a continuation of the query,
+after target_delimiter (" "); its score is the summed log-probability of its tokens. Tokenization:
+trailing whitespace of the query moves into the continuation; query + continuation is encoded as a
+whole, the query alone, and the continuation is the tail of the whole (so the tokens at the seam are
+those the model would see); an empty query starts from <|endoftext|>; inputs longer than the context
+keep their last tokens. acc picks the choice with the largest sum; acc_norm divides each sum by the
+choice's length in characters (Python len, without the delimiter), which removes the bias towards
+short answers. HellaSwag items get lm-eval's preprocessing (activity label, ctx_a + capitalised
+ctx_b, "[title]" -> ". ", bracketed tags removed). Home-made scorers differ from lm-eval by tokenizing
+query and choice apart, by normalising by tokens, or by adding a BOS: each moves the numbers.
+LAMBADA (the OpenAI version lm-eval calls lambada_openai): the last word after a space is the
+continuation; acc counts items whose every token is the greedy choice, perplexity is exp(-mean
+log-likelihood of the word).
+"""
+import glob
+import json
+import math
+import os
+import re
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+from atomic import atomic_write
+from bpe import Tokenizer
+from checkpoint import find, load, load_model
+from configurator import UserError, configure, run
+from device import autocast, pick_device
+from shards import read_shard
+
+# ---- settings (override with a config file and/or --key=value) -----------------------------------
+out_dir = "out"            # the run to evaluate (init_from='resume')
+ckpt = "best"              # 'best' | 'last' | a file name in out_dir | a .pt path
+init_from = "resume"       # 'resume' (a checkpoint in out_dir) | 'gpt2', 'gpt2-medium', ... | a Hugging Face dir
+task = "ppl"               # 'ppl' | 'hellaswag' | 'mc' | 'lambada' | 'none' (only the completions of `prompts`)
+data = ""                  # ppl: "" = the run's val shards, or data/<name>, *.bin, a .txt file (glob: one document
+                           # each), .jsonl/.parquet (one per row); hellaswag: "" = the hub's Rowan/hellaswag
+                           # validation, or a local jsonl in its format; mc: a jsonl of {"query", "choices",
+                           # "gold"}; lambada: "" = the hub's EleutherAI/lambada_openai test, or a jsonl of {"text"}
+text_field = "text"        # ppl on .jsonl/.parquet: the column holding each document
+data_dir = "data"          # where train.py's prepared datasets live: data/<dataset>/ for the val shards
+limit = 0                  # only the first N documents or items (0 = all): a quick look
+window = 0                 # context each prediction may see, in tokens; 0 = the model's block_size
+stride = 0                 # ppl: tokens the window moves per step; 0 = window // 2 (smaller: more context, slower)
+batch_size = 8             # sequences per forward pass
+target_delimiter = " "     # mc/hellaswag: between query and choice (lm-evaluation-harness's default)
+prompts = ""               # a file of prompts to complete (one per line, or .jsonl {"prompt"}); any task
+max_new_tokens = 64
+temperature = 0.0          # 0 = greedy: the same completions every run
+top_k = None
+seed = 1337
+quantize = ""              # 'int8': also score the int8 model (quantize.py, CPU) and report what it costs
+out = ""                   # results JSON; "" = eval_<task>.json in the run directory (here for other models)
+device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = "auto"             # 'auto' = bfloat16 on GPUs that have it, float32 on CPU | 'float32' | ...
+# --------------------------------------------------------------------------------------------------
+
+TASKS = ("ppl", "hellaswag", "mc", "lambada", "none")
+HUB = {"hellaswag": ("Rowan/hellaswag", None, "validation"),  # (name, config, split), as lm-eval loads them
+       "lambada": ("EleutherAI/lambada_openai", "default", "test")}
+# Published results to print beside ours: GPT-2 124M under lm-evaluation-harness's protocol, which is
+# ours. (llm.c's "completion style" HellaSwag, normalised by tokens, gives acc_norm 0.2955: another metric.)
+REFERENCES = {
+    ("hellaswag", "acc"): (0.2892, "GPT-2 124M, lm-eval (llm.c dev/data/hellaswag.py)"),
+    ("hellaswag", "acc_norm"): (0.3114, "GPT-2 124M, lm-eval (llm.c dev/data/hellaswag.py)"),
+    ("lambada", "acc"): (0.3256, "GPT-2 124M, lm-eval lambada_openai (lm-eval #2159)"),
+    ("lambada", "perplexity"): (40.0554, "GPT-2 124M, lm-eval lambada_openai (lm-eval #2159)"),
+}
+
+
+# ---- scoring: the one loop every task goes through ----------------------------------------------------
+
+@torch.no_grad()
+def score(model, rows, batch_size, ctx=None, device="cpu", desc="scoring"):
+    """rows: (tokens, k) pairs: the model reads tokens[:-1], and the last k next-token predictions are
+    scored. Returns one (sum of log-probabilities, every scored token greedy?) per row, in order.
+    Rows run longest first (less padding; a progress bar with an ETA on stderr). Only the scored
+    positions go through the head: the (T, vocab) logits of a long row are never materialised."""
+    from tqdm import tqdm
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out = [None] * len(rows)
+    bar = tqdm(total=len(rows), desc=desc, unit="seq", file=sys.stderr, disable=len(rows) < 2 * batch_size,
+               mininterval=2)
+    for b in range(0, len(order), batch_size):
+        batch = [rows[i] for i in order[b:b + batch_size]]
+        T = max(len(t) - 1 for t, _ in batch)
+        x = torch.zeros(len(batch), T, dtype=torch.long)  # right-padded: causal, so padding after a
+        r, c, y = [], [], []                               # token never changes what it sees
+        for j, (tokens, k) in enumerate(batch):
+            n = len(tokens) - 1
+            x[j, :n] = torch.as_tensor(np.asarray(tokens[:-1], dtype=np.int64))
+            r += [j] * k
+            c += range(n - k, n)
+            y += [int(t) for t in tokens[n - k + 1:]]
+        with ctx if ctx is not None else nullcontext():
+            h = model.hidden_states(x.to(device))  # (B, T, C)
+            hs = h[torch.tensor(r, device=device), torch.tensor(c, device=device)]  # (N, C) scored positions
+            logp, greedy = [], []
+            for s in range(0, len(hs), 4096):  # (4096, vocab) float32 at a time
+                lp = model.head(hs[s:s + 4096]).float().log_softmax(-1)
+                tgt = torch.tensor(y[s:s + 4096], device=device)
+                logp.append(lp.gather(1, tgt[:, None])[:, 0])
+                greedy.append(lp.argmax(-1) == tgt)
+        logp, greedy = torch.cat(logp).cpu(), torch.cat(greedy).cpu()
+        at = 0
+        for j, (_, k) in enumerate(batch):  # float32 sums, as lm-eval sums its log-probabilities
+            out[order[b + j]] = (float(logp[at:at + k].sum()), bool(greedy[at:at + k].all()))
+            at += k
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+# ---- perplexity ---------------------------------------------------------------------------------------
+
+def windows(n, window, stride):
+    """The sliding window over a document of n tokens after its prefix token: positions 0..n, of which
+    1..n are predicted. Yields (start, end, first): the model reads positions start..end-1 and the
+    predictions of positions first..end are scored. Every position 1..n is scored exactly once, with
+    at least window - stride tokens before it (or all there are); the last window is a full one."""
+    done = 0
+    while done < n:
+        end = min(done + stride if done else window, n)
+        yield max(0, end - window), end, done + 1
+        done = end
+
+
+def perplexity(model, docs, token_bytes, prefix, window, stride, batch_size, ctx=None, device="cpu"):
+    """docs: token lists, scored separately, each after the prefix token(s). token_bytes[id]: the UTF-8
+    bytes an id spells. Returns the totals and the derived figures."""
+    rows, ntok, nbytes, token_bytes = [], 0, 0, np.asarray(token_bytes)
+    for doc in docs:
+        seq = np.concatenate([np.asarray(prefix, dtype=np.int64), np.asarray(doc, dtype=np.int64)])
+        scored = len(seq) - 1  # every token after the prefix (without one, the first has no context)
+        for start, end, first in windows(scored, window, stride):
+            rows.append((seq[start:end + 1], end - first + 1))  # views, not copies: val sets can be large
+        ntok += scored
+        nbytes += int(token_bytes[seq[1:]].sum())
+    nats = -sum(lp for lp, _ in score(model, rows, batch_size, ctx, device, "perplexity"))
+    per_token = nats / max(ntok, 1)
+    return {"documents": len(docs), "windows": len(rows), "tokens": ntok, "bytes": nbytes,
+            "nats_per_token": per_token, "perplexity": math.exp(per_token),
+            "bits_per_byte": nats / math.log(2) / max(nbytes, 1)}
+
+
+def text_documents(path, field):
+    """Documents from .txt files (a glob; one document per file) or the rows of .jsonl/.json/.parquet."""
+    files = sorted(glob.glob(path))
+    if not files:
+        raise UserError(f"data={path!r} matches no file; pass a text file, a .jsonl/.parquet, data/<name> or *.bin")
+    for f in files:
+        if f.endswith((".jsonl", ".json")):
+            with open(f, encoding="utf-8") as fh:
+                rows = [json.loads(line) for line in fh if line.strip()]
+        elif f.endswith(".parquet"):
+            import pyarrow.parquet as pq  # comes with datasets
+            rows = pq.read_table(f, columns=[field]).to_pylist()
+        else:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                yield fh.read()
+            continue
+        for i, r in enumerate(rows):
+            if not isinstance(r.get(field), str):
+                raise UserError(f"{f} row {i + 1} has no text in field '{field}'; set --text_field")
+            yield r[field]
+
+
+def shard_documents(files, eot):
+    """The documents of token shards: every document follows an <|endoftext|>, so cut there."""
+    tokens = np.concatenate([read_shard(f) for f in files]).astype(np.int64)
+    cuts = np.flatnonzero(tokens == eot)
+    bounds = [*cuts.tolist(), len(tokens)]
+    docs = [tokens[a + 1:b] for a, b in zip(bounds, bounds[1:]) if b > a + 1]
+    if len(tokens) and (not len(cuts) or cuts[0] > 0):
+        docs.insert(0, tokens[:bounds[0]])  # a head before the first <|endoftext|>
+    return docs
+
+
+# ---- multiple choice and LAMBADA ------------------------------------------------------------------------
+
+def encode_pair(tok, context, continuation):
+    """(context ids, continuation ids) as lm-evaluation-harness splits them (see the docstring).
+    Special-token text is a special token, as in the Hugging Face tokenizer lm-eval runs."""
+    enc = lambda s: tok.encode(s, allowed_special="all")  # noqa: E731
+    if context == "":
+        cont = enc(continuation)
+        return ([tok.eot_token], cont) if cont[:1] != [tok.eot_token] else (cont[:1], cont[1:])
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = enc(context + continuation), enc(context)
+    return ctx, whole[len(ctx):]
+
+
+def loglikelihoods(model, tok, pairs, window, batch_size, ctx=None, device="cpu", desc="choices"):
+    """(context, continuation) strings -> (log-likelihood of the continuation, greedy?) each."""
+    rows = []
+    for context, continuation in pairs:
+        c, k = encode_pair(tok, context, continuation)
+        if not k or len(k) > window:
+            raise UserError(f"continuation {continuation[:60]!r} is {len(k)} tokens; it must be 1..{window}")
+        rows.append(((c + k)[-(window + 1):], len(k)))  # keep the last window + 1 tokens, as lm-eval
+    return score(model, rows, batch_size, ctx, device, desc)
+
+
+def hellaswag_item(doc):
+    """A HellaSwag row (hub or original jsonl) -> {"query", "choices", "gold"}, lm-eval's preprocessing."""
+    def clean(text):
+        text = text.strip().replace(" [title]", ". ")
+        return re.sub(r"\[.*?\]", "", text).replace("  ", " ")  # WikiHow's bracketed tags
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    return {"query": clean(doc["activity_label"] + ": " + ctx), "choices": [clean(e) for e in doc["endings"]],
+            "gold": int(doc["label"])}
+
+
+def multiple_choice(model, tok, items, window, batch_size, delimiter=" ", ctx=None, device="cpu"):
+    """items: {"query", "choices", "gold"}. Returns (metrics, per-item records)."""
+    pairs = [(it["query"], delimiter + ch) for it in items for ch in it["choices"]]
+    lls = iter(loglikelihoods(model, tok, pairs, window, batch_size, ctx, device, "choices"))
+    acc = acc_norm = chance = 0.0
+    records = []
+    for it in items:
+        ll = [next(lls)[0] for _ in it["choices"]]
+        pred = int(np.argmax(ll))  # the first of equal maxima, as numpy's argmax in lm-eval
+        pred_norm = int(np.argmax(np.array(ll) / np.array([float(len(ch)) for ch in it["choices"]])))
+        acc += pred == it["gold"]
+        acc_norm += pred_norm == it["gold"]
+        chance += 1 / len(it["choices"])
+        records.append({"gold": it["gold"], "loglikelihoods": ll, "pred": pred, "pred_norm": pred_norm})
+    n = max(len(items), 1)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "chance": chance / n}, records
+
+
+def lambada(model, tok, texts, window, batch_size, ctx=None, device="cpu"):
+    """LAMBADA: predict each passage's last word. Returns (metrics, per-item records)."""
+    pairs = [(" ".join(t.split(" ")[:-1]), " " + t.split(" ")[-1]) for t in texts]
+    res = loglikelihoods(model, tok, pairs, window, batch_size, ctx, device, "lambada")
+    n = max(len(res), 1)
+    return ({"acc": sum(g for _, g in res) / n, "perplexity": math.exp(-sum(ll for ll, _ in res) / n)},
+            [{"loglikelihood": ll, "greedy": g} for ll, g in res])
+
+
+def read_items(path, what):
+    """Rows of a local .jsonl (or .json list) file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {what} file {path}: {e.strerror}")
+    try:
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError as e:
+        raise UserError(f"{path} is not JSON lines ({e}); {what} data is one JSON object per line")
+
+
+def hub_rows(name, config, split):
+    """A hub dataset split's rows, through datasets (the one place eval.py needs the network)."""
+    try:
+        import datasets
+        return list(datasets.load_dataset(name, config, split=split))
+    except Exception as e:  # offline, renamed, a proxy: one line, with the way round it
+        raise UserError(f"could not load {name} ({split}) from the Hugging Face hub ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}); check the network, or pass --data=FILE.jsonl "
+                        f"in its format") from None
+
+
+# ---- the script ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    configure(globals(), argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if task not in TASKS:
+        raise UserError(f"task={task!r} is not one of {', '.join(TASKS)}")
+    if batch_size < 1 or limit < 0 or window < 0 or stride < 0 or max_new_tokens < 1:
+        raise UserError(f"need batch_size >= 1, max_new_tokens >= 1 and limit, window, stride >= 0; got "
+                        f"batch_size={batch_size}, max_new_tokens={max_new_tokens}, limit={limit}, window={window}, "
+                        f"stride={stride}")
+    if task == "mc" and not data:
+        raise UserError("task=mc needs --data=FILE.jsonl, one {\"query\", \"choices\", \"gold\"} per line")
+    if task == "none" and not prompts:
+        raise UserError("task=none only writes completions: pass --prompts=FILE")
+    if quantize not in ("", "none", "int8"):
+        raise UserError(f"quantize={quantize!r} is not one of '', 'int8'")
+    dev, device_type, ptdtype = pick_device(device, dtype)
+    ctx = autocast(device_type, ptdtype)
+    if quantize == "int8" and device_type != "cpu":
+        raise UserError("quantize=int8 runs on the CPU only (torch.ao's int8 kernels); add --device=cpu")
+
+    # ---- the model ----------------------------------------------------------------------------------
+    try:
+        source = find(out_dir, ckpt) if init_from == "resume" else init_from
+        state = load(source) if os.path.isfile(source) else None  # a checkpoint's run settings and step
+        if state is not None and "model" not in state and "adapters" in state:
+            raise UserError(f"{source} is a LoRA checkpoint (adapters only); merge them into the weights first "
+                            f"(python finetune.py --out_dir={os.path.dirname(source) or '.'} --merge=merged.pt) and "
+                            f"evaluate merged.pt")
+        model, tok, where = load_model(source)
+    except ValueError as e:
+        raise UserError(f"{e}" if init_from == "resume" else f"init_from={init_from!r}: {e}")
+    W = window or model.config.block_size
+    if W > model.config.block_size:
+        raise UserError(f"window={W} is longer than the model's context {model.config.block_size}")
+    S = stride or max(1, W // 2)
+    if S > W:
+        raise UserError(f"stride={S} is larger than the window {W}: tokens would be skipped; use stride <= window")
+    model.to(dev)
+    run_dir = os.path.dirname(source) if state is not None else None
+    dest = out or os.path.join(run_dir or ".", f"eval_{task}{'_' + _stem(data) if data else ''}.json")
+
+    # ---- the data -----------------------------------------------------------------------------------
+    docs = items = label = dataset = None
+    if task == "ppl":
+        docs, label, dataset = ppl_data(tok, state)
+        docs = docs[:limit] if limit else docs
+    elif task != "none":
+        items, label, dataset = task_items()
+    if task != "none" and not (docs if task == "ppl" else items):
+        raise UserError(f"{label}: no documents or items to score")
+
+    # ---- scoring ------------------------------------------------------------------------------------
+    print(f"evaluating {where}: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {tok.name} "
+          f"tokenizer, on {dev} in {str(ptdtype).removeprefix('torch.')}", file=sys.stderr)
+
+    def evaluate(m):
+        if task == "ppl":
+            prefix = [tok.eot_token] if "<|endoftext|>" in tok.special_tokens else []
+            return perplexity(m, docs, tok.token_byte_lengths(), prefix, W, S, batch_size, ctx, dev), None
+        if task == "lambada":
+            return lambada(m, tok, items, W, batch_size, ctx, dev)
+        if task in ("hellaswag", "mc"):
+            return multiple_choice(m, tok, items, W, batch_size, target_delimiter, ctx, dev)
+        return {}, None
+
+    t0 = time.time()
+    metrics, records = evaluate(model)
+    seconds = time.time() - t0
+    n = metrics.get("tokens") if task == "ppl" else len(items or [])
+    shown = {"ppl": ("perplexity", "bits_per_byte", "nats_per_token"), "lambada": ("acc", "perplexity"),
+             "hellaswag": ("acc", "acc_norm"), "mc": ("acc", "acc_norm"), "none": ()}[task]
+    results = [{"metric": k, "value": metrics[k], "count": n} for k in shown]
+    if quantize == "int8":
+        import quantize as q  # serve.py's int8 weights (torch.ao dynamic quantization)
+        int8 = q.quantize(model, "int8")
+        qm, _ = evaluate(int8)
+        results += [{"metric": f"{k} (int8)", "value": qm[k], "count": n, "change": qm[k] - metrics[k]} for k in shown]
+        metrics.update(weight_bytes=q.weight_bytes(model), weight_bytes_int8=q.weight_bytes(int8))
+
+    # ---- completions --------------------------------------------------------------------------------
+    completions = []
+    if prompts:
+        torch.manual_seed(seed)
+        for p in read_prompts(prompts):
+            ids = tok.encode(p, allowed_special="all") if p else [tok.eot_token]  # "" starts a document
+            ids = ids[-(model.config.block_size - 1):]
+            with ctx:
+                y = model.generate(torch.tensor([ids], device=dev), max_new_tokens, temperature, top_k,
+                                   eos_token=tok.eot_token)[0, len(ids):].tolist()
+            y = y[:y.index(tok.eot_token)] if tok.eot_token in y else y
+            completions.append({"prompt": p, "completion": tok.decode(y)})
+
+    # ---- report -------------------------------------------------------------------------------------
+    # published figures, beside ours only where the data is the benchmark itself (the hub's split)
+    refs = {m: ref for (t, m), ref in REFERENCES.items() if t == task and not data}
+    report = {
+        "model": where, "source": source, "step": state.get("iter_num") if state else None,
+        "task": task, "data": label, "dataset": dataset, "results": results,
+        "details": {k: v for k, v in metrics.items() if k not in shown},
+        "references": [{"metric": m, "value": v, "source": s} for m, (v, s) in refs.items()],
+        "settings": {"window": W, "stride": S if task == "ppl" else None, "limit": limit, "device": dev,
+                     "target_delimiter": target_delimiter, "dtype": str(ptdtype).removeprefix("torch.")},
+        "command": shlex.join(["python", "eval.py", *argv]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 1),
+        "items": records,  # per item: the log-likelihood of every choice, as lm-eval logs its samples
+        "completions": completions}
+    atomic_write(dest, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    if results:
+        print(f"{'task':<10} {'data':<34} {'metric':<22} {'value':>10} {'count':>10}  reference")
+        for r in results:
+            print(f"{task:<10} {label[-34:]:<34} {r['metric']:<22} {r['value']:>10.4f} {r['count']:>10,}  "
+                  f"{'%g %s' % refs[r['metric']] if r['metric'] in refs else ''}")
+        if task in ("hellaswag", "mc"):
+            print(f"{'':<10} {'':<34} {'chance':<22} {metrics['chance']:>10.4f}")
+    for c in completions:
+        print(f"--- {c['prompt']!r}\n{c['prompt']}{c['completion']}")
+    print(f"wrote {dest} ({seconds:.1f}s)", file=sys.stderr)
+    return report
+
+
+def task_items():
+    """(items, label, dataset card fields) for hellaswag, lambada and mc: a local file, or the hub."""
+    if task == "mc":
+        items = read_items(data, "mc")[:limit or None]
+        for i, it in enumerate(items):
+            ok = isinstance(it, dict) and isinstance(it.get("query"), str) and isinstance(it.get("choices"), list) \
+                and len(it["choices"]) >= 2 and all(isinstance(c, str) for c in it["choices"]) \
+                and isinstance(it.get("gold"), int) and 0 <= it["gold"] < len(it["choices"])
+            if not ok:
+                raise UserError(f"{data} line {i + 1}: an item is {{\"query\": str, \"choices\": [2+ str], "
+                                f"\"gold\": index of the right choice}}")
+        return items, data, {"type": _stem(data), "name": os.path.basename(data), "split": "local file"}
+    hub, hub_config, split = HUB[task]
+    rows = read_items(data, task) if data else hub_rows(hub, hub_config, split)
+    rows = rows[:limit] if limit else rows
+    label = data or f"{hub} ({split})"
+    name = {"hellaswag": "HellaSwag", "lambada": "LAMBADA (OpenAI)"}[task]
+    dataset = {"type": _stem(data), "name": name, "split": "local file"} if data else \
+        {"type": hub, "name": name, **({"config": hub_config} if hub_config else {}), "split": split}
+    try:
+        items = [hellaswag_item(r) for r in rows] if task == "hellaswag" else [r["text"] for r in rows]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{label}: a row lacks {e} (or has a bad value); {task} rows need "
+                        + ("ctx_a, ctx_b, activity_label, endings and label" if task == "hellaswag" else "text"))
+    return items, label, dataset
+
+
+def ppl_data(tok, state):
+    """(documents as token lists, label, dataset card fields) for task=ppl."""
+    src = data
+    if not src:
+        if not state or not state.get("config", {}).get("dataset"):
+            raise UserError("this model has no run settings naming its dataset: pass --data=a text file, a "
+                            ".jsonl/.parquet, data/<name> (prepared val shards) or *.bin")
+        src = os.path.join(data_dir, state["config"]["dataset"])
+    if os.path.isdir(src) or src.endswith(".bin"):
+        files = sorted(glob.glob(os.path.join(src, "*_val_*.bin"))) if os.path.isdir(src) else sorted(glob.glob(src))
+        if not files:
+            raise UserError(f"no val shards (*_val_*.bin) in {src}/; prepare the data (prepare.py) or pass a text file")
+        bpe = os.path.join(os.path.dirname(files[0]), "tokenizer.bpe")
+        try:
+            theirs = Tokenizer.load(bpe) if os.path.exists(bpe) else tok
+            docs = shard_documents(files, tok.eot_token)
+        except ValueError as e:
+            raise UserError(str(e))
+        same = (theirs.merges, theirs.pattern, theirs.name if theirs.merges is None else "") == \
+            (tok.merges, tok.pattern, tok.name if tok.merges is None else "")  # a fine-tuned model may add specials
+        if not same or any(tok.special_tokens.get(s) != i for s, i in theirs.special_tokens.items()):
+            raise UserError(f"{files[0]} was tokenized with {bpe}, which is not this model's tokenizer ({tok.name}); "
+                            f"score the text itself (a .txt or .jsonl) instead")
+        if any(len(d) and d.max() >= tok.vocab_size for d in docs):
+            raise UserError(f"{files[0]} holds token ids outside this model's vocabulary ({tok.vocab_size})")
+        name = os.path.basename(os.path.dirname(os.path.abspath(files[0])))
+        return docs, f"{src} (val shards)", {"type": name, "name": f"{name} val shards", "split": "val"}
+    docs = tok.encode_batch(list(text_documents(src, text_field)))
+    return docs, src, {"type": _stem(src), "name": os.path.basename(src), "split": "local file"}
+
+
+def read_prompts(path):
+    """Prompts from a .jsonl of {"prompt"} or a text file, one prompt per line."""
+    if path.endswith(".jsonl"):
+        return [r.get("prompt", "") for r in read_items(path, "prompts")]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"cannot read prompts file {path}: {e.strerror}")
+
+
+def _stem(path):
+    """A file-name-safe short name for a data path."""
+    base = os.path.basename(os.path.normpath(path)).split(".")[0] or "data"
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", base)
+
+
+if __name__ == "__main__":
+    run(main)

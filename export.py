@@ -1,0 +1,408 @@
+"""
+export.py: publish a trained model in the Hugging Face format, with a model card that says what it
+was trained on, and optionally push it to the hub.
+
+    python export.py --out_dir=out-quickstart                       # -> out-quickstart-hf/
+    python export.py --out_dir=out-quickstart --push_to_hub=me/quickstart --dry_run=True
+    python export.py --out_dir=out-quickstart --push_to_hub=me/quickstart --license=mit
+
+The directory loads with transformers and no custom code (AutoModelForCausalLM, AutoTokenizer):
+  model.safetensors, config.json, generation_config.json  the gpt2 preset as GPT2LMHeadModel, the
+                                        modern one as LlamaForCausalLM, gpt1 as OpenAIGPTLMHeadModel;
+                                        hf.py maps the tensors and says why each mapping is exact
+  tokenizer.json, tokenizer_config.json our BPE: our regex, our merges in trained order, the special
+                                        tokens; GPT-2's vocabulary also as GPT-2's vocab.json, merges.txt
+  tokenizer.bpe                         our own file, so checkpoint.load_model(dir) reads the export back
+  README.md                             the model card, from the run's own files only: the checkpoint (its
+                                        settings, step), log.jsonl (losses, time), the data card of the
+                                        shards (data/<dataset>/card.json) and eval.py's results JSON files
+A finetune.py checkpoint exports its GPT as above, and its task head as classifier_head.safetensors +
+classifier_head.json (the head reads the final hidden state at the extract token, which no
+transformers class does: GPT2ForSequenceClassification reads the last non-pad token, with no bias, and
+has no pair or multiple-choice layouts). A LoRA checkpoint holds only adapters: merge it first
+(finetune.py --merge=FILE), then export that file. After writing, the export is loaded back with
+transformers (if installed) and its logits compared with ours, so a broken export never goes out.
+"""
+import copy
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+
+import hf
+from atomic import atomic_write
+from checkpoint import find, load, load_model
+from configurator import UserError, configure, run
+
+# ---- settings (override with a config file and/or --key=value) -----------------------------------
+out_dir = "out"            # the run to export (init_from='resume')
+ckpt = "best"              # 'best' | 'last' | a file name in out_dir | a .pt path (e.g. finetune.py --merge's)
+init_from = "resume"       # 'resume' (a checkpoint in out_dir) | 'gpt2', ... | a Hugging Face dir
+hf_dir = ""                # the directory to write; "" = <out_dir>-hf
+dtype = "float32"          # of the weights in model.safetensors: 'float32' | 'bfloat16' | 'float16' (half the size)
+results = ""               # eval.py results JSON files for the card (a glob); "" = eval_*.json beside the checkpoint
+data_dir = "data"          # where the run's prepared dataset and its data card live (as for train.py)
+license = ""               # the weights' licence as a hub id ('mit', 'apache-2.0', ...); "" = 'other', undeclared
+language = "en"            # the card's language (ISO 639-1), e.g. 'en'
+name = ""                  # the model's name in the card; "" = the hub repo's or hf_dir's name
+push_to_hub = ""           # 'owner/name': upload the directory to the Hugging Face hub (huggingface_hub)
+dry_run = False            # with push_to_hub: list what would be uploaded, upload nothing (works offline)
+private = True             # a repo created by the push is private until you make it public
+check = True               # load the export with transformers and compare its logits with ours
+# --------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMS = {"gpt2": "GPT-2: pre-LayerNorm blocks, learned positions, GELU MLP, tied head",
+         "modern": "Llama-style: pre-RMSNorm blocks, rotary positions (RoPE), SwiGLU MLP, no biases",
+         "gpt1": "GPT-1: post-LayerNorm blocks, learned positions, GELU MLP, tied head"}
+OURS = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "tokenizer.bpe", "vocab.json", "merges.txt", "README.md", "classifier_head.safetensors",
+        "classifier_head.json")  # what an export may hold; a re-export removes the ones it no longer writes
+
+
+# ---- the model card --------------------------------------------------------------------------------
+
+def to_yaml(value, indent=0):
+    """A small YAML writer for the card's front matter: mappings, lists, and scalars written as JSON
+    (a JSON string or number is a valid YAML scalar), so no quoting rule can go wrong."""
+    pad = " " * indent
+    if isinstance(value, dict):
+        lines = []
+        for k, v in value.items():
+            if isinstance(v, (dict, list)) and v:
+                lines.append(f"{pad}{k}:\n{to_yaml(v, indent + 2)}")
+            else:
+                lines.append(f"{pad}{k}: {json.dumps(v, ensure_ascii=False)}")
+        return "\n".join(lines)
+    if isinstance(value, list):
+        items = []
+        for v in value:
+            if isinstance(v, dict) and v:
+                first, *rest = to_yaml(v, indent + 2).split("\n")
+                items.append("\n".join([f"{pad}- {first.lstrip()}", *rest]))
+            else:
+                items.append(f"{pad}- {json.dumps(v, ensure_ascii=False)}")
+        return "\n".join(items)
+    return pad + json.dumps(value, ensure_ascii=False)
+
+
+def training_record(state, run_dir):
+    """What log.jsonl says about the run up to the exported step: training seconds (sum of ms_per_step
+    over the steps each log line covers), mean tokens/s, and the last evaluation. A resumed run appends
+    to the log, so a step logged twice counts once (the later line)."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    lines = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                lines[(r["step"], "val_loss" in r)] = r
+    step = state["iter_num"]
+    train = sorted((s, r) for (s, ev), r in lines.items() if not ev and s <= step and "ms_per_step" in r)
+    evals = sorted((s, r) for (s, ev), r in lines.items() if ev and s <= step)
+    seconds, prev = 0.0, 0
+    for s, r in train:
+        seconds += (s - prev) * r["ms_per_step"] / 1000
+        prev = s
+    tps = [r["tokens_per_s"] for _, r in train if "tokens_per_s" in r]
+    return {"log": path, "seconds": seconds, "logged_steps": prev, "tokens_per_s": sum(tps) / len(tps) if tps else None,
+            "last_eval": evals[-1][1] if evals else None}
+
+
+def front_matter(name, kind, results, data_card, license_id, language_code):
+    """The hub's metadata: license, language, datasets, tags and a model-index of eval.py's results (the
+    layout the hub validates: name, results: task {type}, dataset {type, name, config, split}, metrics)."""
+    src = (data_card or {}).get("source", {})
+    index = [{"task": {"type": "text-generation" if r["task"] in ("ppl", "lambada") else "multiple-choice"},
+              "dataset": {k: str(v) for k, v in (r.get("dataset") or {"type": r["task"], "name": r["task"]}).items()},
+              "metrics": [{"type": m["metric"], "value": m["value"], "name": f"{m['metric']} ({r['task']})"}
+                          for m in r["results"]]} for r in results]
+    front = {"license": license_id or "other", "language": [language_code], "library_name": "transformers",
+             "pipeline_tag": "text-generation", "tags": ["gpt", kind, "gpt-from-scratch"]}
+    if src.get("kind") == "hugging face hub":
+        front["datasets"] = [src["dataset"]]
+    if index:
+        front["model-index"] = [{"name": name, "results": index}]
+    return "---\n" + to_yaml(front) + "\n---\n"
+
+
+def data_section(data_card, path, cfg):
+    """What the data card prepare.py wrote says about the training data."""
+    if not data_card:
+        return [f"The run read data/{cfg['dataset']}/, whose data card ({path}) was not found when exporting, so "
+                f"this card cannot describe the data." if cfg.get("dataset") else
+                "No data card: this model was not trained by train.py on prepared shards."]
+    src, d, t, tk = data_card["source"], data_card["documents"], data_card["tokens"], data_card["tokenizer"]
+    what = {"hugging face hub": lambda: f"the hub dataset `{src['dataset']}` (config {src.get('config')}, split "
+                                        f"{src.get('split')}, revision {src.get('commit', src.get('revision'))})",
+            "local files": lambda: f"local files `{src['input']}` ({src['num_files']:,} files)",
+            "python standard library": lambda: f"the Python {src['python']} standard library ({src['num_files']:,} "
+                                               f"files)"}.get(src.get("kind"), lambda: str(src.get("kind")))()
+    drop = d["dropped"]
+    return [f"From the data card `{path}` that prepare.py wrote beside the shards: {what}, prepared "
+            f"{data_card['created']} with:", "", "```bash", data_card["command"], "```", "",
+            f"- Licence of the data: {src.get('license')}",
+            f"- Documents: {d['read']:,} read; dropped {drop['missing_text']:,} without text, {drop['garbage']:,} "
+            f"mostly garbage, {drop['shorter_than_min_chars']:,} shorter than {data_card['settings']['min_chars']:,} "
+            f"characters, {drop['duplicate']:,} exact duplicates; {d['kept']:,} kept",
+            f"- Tokens: {t['train']:,} train, {t['val']:,} val; {t['bytes_per_token']} bytes per token (tokenizer "
+            f"`{tk['name']}`, vocabulary {tk['vocab_size']:,})"]
+
+
+def training_section(state, run_dir, block_size, data_card):
+    """The run's settings (the checkpoint), its steps and tokens, and what log.jsonl says."""
+    cfg = (state or {}).get("config") or {}
+    if not cfg:
+        return ["No train.py settings in the checkpoint: the weights were trained elsewhere."]
+    keys = ("preset", "n_layer", "n_head", "n_embd", "block_size", "dropout", "optimizer", "learning_rate", "min_lr",
+            "warmup_iters", "max_iters", "weight_decay", "beta1", "beta2", "grad_clip", "batch_size",
+            "gradient_accumulation_steps", "dtype", "device", "seed", "init_from", "task", "lora_rank", "epochs")
+    L = ["The run's settings (from the checkpoint):", "", "| setting | value |", "|---|---|",
+         *[f"| {k} | {cfg[k]!r} |" for k in keys if cfg.get(k) is not None], ""]
+    step = state["iter_num"]
+    if "gradient_accumulation_steps" in cfg:  # a train.py run: the global batch is accumulation x batch x T
+        T = cfg.get("block_size") or block_size
+        per_step = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * T
+        epochs = f", {step * per_step / data_card['tokens']['train']:.2f} epochs of the train split" \
+            if data_card else ""
+        L += [f"- Steps: {step:,} of {per_step:,} tokens ({cfg['gradient_accumulation_steps']} x {cfg['batch_size']} "
+              f"x {T}): {step * per_step:,} tokens{epochs}"]
+    rec = training_record(state, run_dir) if run_dir else None
+    if rec:
+        L += [f"- Training time: {rec['seconds'] / 60:.1f} minutes over the {rec['logged_steps']:,} logged steps "
+              f"(log.jsonl; evaluations not counted)"
+              + (f", {rec['tokens_per_s']:,.0f} tokens/s on average" if rec["tokens_per_s"] else "")]
+        ev = rec["last_eval"]
+        if ev:
+            L += [f"- Last evaluation (step {ev['step']:,}): train loss {ev['train_loss']:.4f}, val loss "
+                  f"{ev['val_loss']:.4f} nats/token, val {ev['val_bpb']:.4f} bits/byte"]
+    if "best_val_loss" in state and math.isfinite(state["best_val_loss"]):
+        L += [f"- Best val loss: {state['best_val_loss']:.4f}"]
+    return L + [f"- Hardware: not recorded in the run's files; its settings asked for device {cfg.get('device')!r}, "
+                f"dtype {cfg.get('dtype')!r}"]
+
+
+def model_card(name, kind, model, tok, n_params, state, source, run_dir, data_card, data_card_path, results,
+               license_id, language_code, head):
+    """README.md: the front matter, then the card, every figure taken from the run's files."""
+    c = model.config
+    cfg = (state or {}).get("config") or {}
+    origin = (f"trained with this repository's {'finetune.py' if head else 'train.py'} and exported from "
+              f"`{source}` at step {state['iter_num']:,}" if state else f"exported from `{source}`")
+    specials = ", ".join(s.replace("|", "\\|") for s in tok.special_tokens)  # \| keeps the table's columns
+    L = [front_matter(name, kind, results, data_card, license_id, language_code), f"# {name}", "",
+         f"A {n_params:,}-parameter decoder-only Transformer ({FORMS[kind]}), {origin} by export.py. transformers "
+         f"loads it as `{hf.ARCHITECTURES[kind]}`, with no custom code.", "",
+         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+         f'tok = AutoTokenizer.from_pretrained("{name}")', f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+         'inputs = tok("def ", return_tensors="pt")',
+         "print(tok.decode(model.generate(**inputs, max_new_tokens=64, do_sample=True, top_k=200)[0]))", "```", "",
+         "## Architecture", "", "| | |", "|---|---|", f"| transformers class | `{hf.ARCHITECTURES[kind]}` |",
+         f"| parameters | {n_params:,} (the exported tensors; the tied embedding once) |",
+         f"| layers, heads, width | {c.n_layer}, {c.n_head}, {c.n_embd} |",
+         f"| MLP | {'SwiGLU' if c.mlp == 'swiglu' else 'GELU (tanh form)'}, hidden width {c.mlp_hidden:,} |",
+         f"| context | {c.block_size:,} tokens" + (f"; RoPE, theta {c.rope_theta:g}" if c.pos == "rope" else "") + " |",
+         f"| vocabulary | {c.vocab_size:,} tokens (`{tok.name}`; special: {specials}) |", "",
+         "## Training data", "", *data_section(data_card, data_card_path, cfg), "",
+         "## Training", "", *training_section(state, run_dir, c.block_size, data_card), ""]
+    if head:
+        spec = head["finetune"]
+        labels = f" with labels {', '.join(map(str, spec['labels']))}" if spec.get("labels") else ""
+        L += ["## Task head", "", f"Fine-tuned for `{spec['task']}`{labels}. The head is in "
+              f"`classifier_head.safetensors` (weight, bias) and `classifier_head.json`: a linear layer on the final "
+              f"hidden state (after the last norm) at the extract token, which ends every input sequence. Task "
+              f"tokens: {', '.join(f'{s} = {i}' for s, i in head['special'].items())}.", ""]
+    L += ["## Evaluation", ""]
+    if results:
+        L += ["With eval.py (lm-evaluation-harness's scoring for multiple choice):", "",
+              "| task | data | metric | value | count |", "|---|---|---|---|---|",
+              *[f"| {r['task']} | {r.get('data')} | {m['metric']} | {m['value']:.4f} | {m['count']:,} |"
+                for r in results for m in r["results"]],
+              "", "Commands:", "", "```bash", *[r["command"] for r in results], "```", ""]
+    else:
+        L += ["No eval.py results were found for this checkpoint.", ""]
+    seen = f"the {data_card['tokens']['train']:,} training tokens" if data_card else "the text"
+    filtered = ("the data card above says what the data was and how it was filtered (exact deduplication and "
+                "garbage filters: no personal-data filtering)") if data_card else "no data card says what the data was"
+    L += ["## Intended use and limitations", "",
+          f"A small research and teaching model: it continues text like {seen} it saw, and nothing more. It has no "
+          f"instruction tuning and no safety training; it writes fluent-looking text that is often wrong, so do not "
+          f"rely on what it says or use it to make decisions about people. Outside its training data's language and "
+          f"domain it does poorly.", "",
+          "## Privacy and licences", "",
+          f"A language model can reproduce passages of its training data, including any personal information the "
+          f"data held; {filtered}. The training data's licence: "
+          f"{(data_card or {}).get('source', {}).get('license', 'not recorded')}. The weights' licence: "
+          f"{license_id or 'not declared by the exporter (other)'}. Terms of the data's licence may apply to uses "
+          f"of a model trained on it.", ""]
+    return "\n".join(L)
+
+
+# ---- the script ------------------------------------------------------------------------------------
+
+def main(argv=None):
+    configure(globals(), argv)
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", push_to_hub):
+        raise UserError(f"push_to_hub={push_to_hub!r} must be a hub repo id, owner/name")
+    if dry_run and not push_to_hub:
+        raise UserError("dry_run=True lists what push_to_hub would upload: add --push_to_hub=owner/name")
+    if license and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise UserError(f"license={license!r} is not a hub licence id such as mit, apache-2.0, cc-by-4.0 or other")
+    try:
+        from safetensors.torch import save as safetensors_bytes
+    except ImportError:
+        raise UserError("export needs the safetensors package: pip install safetensors==0.8.0") from None
+
+    # ---- the model and everything the run wrote about it --------------------------------------------
+    try:
+        source = find(out_dir, ckpt) if init_from == "resume" else init_from
+        state = load(source) if os.path.isfile(source) else None
+        if state is not None and "model" not in state and "adapters" in state:
+            raise UserError(f"{source} is a LoRA checkpoint (adapters only); merge them into the weights first: "
+                            f"python finetune.py --out_dir={os.path.dirname(source) or '.'} --merge=merged.pt, then "
+                            f"python export.py --ckpt=merged.pt")
+        model, tok, where = load_model(source)
+    except ValueError as e:
+        raise UserError(f"{e}" if init_from == "resume" else f"init_from={init_from!r}: {e}")
+    try:
+        kind = hf.architecture(model.config)
+    except ValueError as e:
+        raise UserError(f"{where} cannot be exported: {e}")
+    if "<|endoftext|>" not in tok.special_tokens:
+        raise UserError(f"the tokenizer {tok.name} has no <|endoftext|>, which the export uses as bos and eos")
+    dest = hf_dir or (out_dir.rstrip("/\\") if init_from == "resume" else
+                      os.path.splitext(os.path.basename(os.path.normpath(init_from)))[0]) + "-hf"
+    if glob.glob(os.path.join(glob.escape(dest), "*.pt")):
+        raise UserError(f"{dest}/ holds checkpoints: export to another --hf_dir, not into a run directory")
+    run_dir = os.path.dirname(source) if state is not None else None
+    card_name = name or push_to_hub or os.path.basename(os.path.normpath(dest))
+
+    # ---- the files, in memory first (nothing is written until everything was built) ----------------
+    tensors = {k: v.detach().to(DTYPES[dtype]).contiguous().clone() for k, v in hf.hf_state_dict(model).items()}
+    n_params = sum(v.numel() for v in tensors.values())
+    eot = tok.eot_token
+    files = {"config.json": json.dumps(hf.hf_config(model.config, eot) | {"torch_dtype": dtype}, indent=2),
+             "generation_config.json": json.dumps({"bos_token_id": eot, "eos_token_id": eot,
+                                                   "pad_token_id": eot}, indent=2),
+             "tokenizer.bpe": tok.dumps()}
+    try:
+        files.update(hf.tokenizer_files(tok, model.config.block_size))
+    except ValueError as e:
+        raise UserError(str(e))
+    head = None
+    if state is not None and state.get("head") is not None and state.get("finetune"):
+        spec = state["finetune"]
+        head = {"finetune": json.loads(json.dumps(spec, default=str)),
+                "special": {s: i for s, i in tok.special_tokens.items() if s != "<|endoftext|>"}}
+        files["classifier_head.json"] = json.dumps({
+            "reads": "the final hidden state (after the last norm) at each sequence's extract token",
+            "layer": "linear: weight (n_out, n_embd), bias (n_out)", **head}, indent=2)
+    result_files = sorted(glob.glob(results)) if results else \
+        sorted(glob.glob(os.path.join(glob.escape(run_dir), "eval_*.json"))) if run_dir else []
+    evals = []
+    for f in result_files:
+        with open(f) as fh:
+            r = json.load(fh)
+        if state is not None and r.get("step") not in (None, state["iter_num"]):
+            print(f"warning: {f} scored step {r.get('step')}, not the exported step {state['iter_num']}: left out "
+                  f"of the card", file=sys.stderr)
+            continue
+        evals.append(r)
+    cfg = (state or {}).get("config") or {}
+    card_path = os.path.join(data_dir, cfg["dataset"], "card.json") if cfg.get("dataset") else None
+    data_card = None
+    if card_path and os.path.exists(card_path):
+        with open(card_path) as fh:
+            data_card = json.load(fh)
+    elif card_path:
+        print(f"warning: no data card at {card_path}: the model card cannot describe the training data "
+              f"(run from the folder that holds data/, or set --data_dir)", file=sys.stderr)
+    files["README.md"] = model_card(card_name, kind, model, tok, n_params, state, source, run_dir, data_card,
+                                    card_path, evals, license, language, head)
+
+    # ---- write --------------------------------------------------------------------------------------
+    os.makedirs(dest, exist_ok=True)
+    atomic_write(os.path.join(dest, "model.safetensors"),
+                 safetensors_bytes(tensors, metadata={"format": "pt"}))
+    if head:
+        atomic_write(os.path.join(dest, "classifier_head.safetensors"), safetensors_bytes(
+            {k: v.detach().float().contiguous().clone() for k, v in state["head"].items()}, metadata={"format": "pt"}))
+    for fname, text in files.items():
+        atomic_write(os.path.join(dest, fname), text if text.endswith("\n") else text + "\n")
+    written = {"model.safetensors", *files} | ({"classifier_head.safetensors"} if head else set())
+    for stale in set(OURS) - written:  # left by an earlier export of another kind (e.g. GPT-2's vocab.json)
+        if os.path.exists(os.path.join(dest, stale)):
+            os.remove(os.path.join(dest, stale))
+    print(f"exported {where} as {hf.ARCHITECTURES[kind]} ({n_params:,} parameters, {dtype}) to {dest}/")
+    for fname in sorted(written):
+        print(f"  {fname:<30} {os.path.getsize(os.path.join(dest, fname)):>14,} bytes")
+    if check:
+        verify(dest, model, tok)
+
+    # ---- push ---------------------------------------------------------------------------------------
+    if push_to_hub:
+        push(dest, push_to_hub, sorted(written), where)
+
+
+def verify(dest, model, tok):
+    """Load the export with transformers and compare its logits and tokenizer with ours."""
+    try:
+        import transformers
+    except ImportError:
+        print("check: transformers is not installed; the export was not loaded back (pip install transformers)")
+        return
+    transformers.logging.set_verbosity_error()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
+    their_tok = transformers.AutoTokenizer.from_pretrained(dest)
+    text = "def main(argv=None):\n    config = configure(globals(), argv)  # Ünïcödé, 漢字 and 🙂\n"
+    ids = tok.encode(text)[:model.config.block_size]
+    if their_tok.encode(text)[:len(ids)] != ids:
+        raise UserError(f"check failed: {dest}/tokenizer.json encodes the sample text differently from {tok.name}")
+    x = torch.tensor([ids])
+    ref = model
+    if dtype != "float32":  # compare with our model's weights rounded as the file rounded them
+        ref = copy.deepcopy(model)
+        for p in ref.parameters():
+            p.data = p.data.to(DTYPES[dtype]).float()
+    with torch.no_grad():
+        diff = (theirs(x).logits.float() - ref(x)[0]).abs().max().item()
+    print(f"check: transformers' {type(theirs).__name__} and AutoTokenizer load {dest}/; the same {len(ids)} token "
+          f"ids, logits within {diff:.1e} of ours")
+    if diff > 1e-3:
+        raise UserError(f"check failed: the exported model's logits differ from ours by {diff:.3g}")
+
+
+def push(dest, repo, names, where):
+    """Upload dest/ to the hub repo (created if needed), or with dry_run list what would go."""
+    total = sum(os.path.getsize(os.path.join(dest, f)) for f in names)
+    if dry_run:
+        print(f"dry run: would upload {len(names)} files ({total:,} bytes) from {dest}/ to "
+              f"https://huggingface.co/{repo} ({'private' if private else 'public'}):")
+        for f in names:
+            print(f"  {f}")
+        return
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise UserError("push_to_hub needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        api = HfApi()
+        api.create_repo(repo, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=dest, repo_id=repo, allow_patterns=names,
+                                 commit_message=f"export.py: {where}")
+    except Exception as e:  # offline, no token, no permission: one line, with the fix
+        raise UserError(f"could not push {dest}/ to {repo} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                        f"check the network and your token (huggingface-cli login, or HF_TOKEN)") from None
+    print(f"pushed {len(names)} files ({total:,} bytes) to https://huggingface.co/{repo} ({info})")
+
+
+if __name__ == "__main__":
+    run(main)
