@@ -306,9 +306,18 @@ class Tokenizer:
 
     @property
     def vocab_size(self):
-        if self.merges is None:
-            return _GPT2["vocab_size"]
+        if self.merges is None:  # tiktoken's gpt2, plus any special tokens added after it
+            return _GPT2["vocab_size"] + len(self.special_tokens) - len(_GPT2["special_tokens"])
         return 256 + len(self.merges) + len(self.special_tokens)
+
+    def with_special_tokens(self, names):
+        """A copy of this tokenizer with more special tokens, at the next free ids (finetune.py adds
+        GPT-1's start, delimiter and extract tokens this way). Names it already has keep their ids."""
+        new = [s for s in dict.fromkeys(names) if s not in self.special_tokens]
+        if any(not isinstance(s, str) or not s for s in new):
+            raise ValueError("special tokens must be non-empty strings")
+        specials = {**self.special_tokens, **{s: self.vocab_size + i for i, s in enumerate(new)}}
+        return Tokenizer(self.merges, self.pattern, specials, self.name, self._tiktoken_name)
 
     @property
     def eot_token(self):
@@ -328,6 +337,12 @@ class Tokenizer:
                     raise RuntimeError(f"tiktoken could not load the '{self._tiktoken_name}' vocabulary "
                                        f"({type(e).__name__}); it is downloaded once, so run with network "
                                        f"access or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
+                base = self._enc
+                if self.special_tokens != base._special_tokens:  # added special tokens (tiktoken's
+                    # documented way to extend an encoding: its ranks and pattern, more specials)
+                    self._enc = tiktoken.Encoding(f"{self.name}+{len(self.special_tokens)}", pat_str=base._pat_str,
+                                                  mergeable_ranks=base._mergeable_ranks,
+                                                  special_tokens=self.special_tokens)
             else:
                 self._enc = tiktoken.Encoding(self.name, pat_str=self.pattern, mergeable_ranks=self.ranks,
                                               special_tokens=self.special_tokens)
@@ -418,7 +433,9 @@ class Tokenizer:
     def dumps(self):
         """The .bpe file as a string (checkpoints embed it)."""
         lines = [_HEADER, f"name {self.name}"]
-        if self.merges is None:
+        if self.merges is None:  # added special tokens (if any), then the stock vocabulary's name
+            lines += [f"special {i} {json.dumps(s)}" for s, i in self.special_tokens.items()
+                      if s not in _GPT2["special_tokens"]]
             lines.append(f"tiktoken {self._tiktoken_name}")
         else:
             lines.append(f"pattern {json.dumps(self.pattern)}")
@@ -450,7 +467,10 @@ class Tokenizer:
             if key == "tiktoken":
                 if value != "gpt2":
                     raise ValueError(f"unknown tiktoken vocabulary '{value}'")
-                return cls.gpt2()
+                tok = cls.gpt2().with_special_tokens(sorted(specials, key=specials.get))
+                if tok.special_tokens != {**_GPT2["special_tokens"], **specials}:
+                    raise ValueError("special token ids must follow gpt2's 50,257 tokens")
+                return tok
             for k in range(k + 1, k + 1 + int(value)):
                 new, a, b = map(int, lines[k].split(" ", 3)[:3])
                 if new != 256 + len(merges) or not (0 <= a < new and 0 <= b < new):

@@ -159,5 +159,8 @@ def load_model(source, which="best"):
         raise ValueError(f"{source!r} is not a run directory, a checkpoint file, a Hugging Face directory "
                          f"or one of {', '.join(HF_GPT2_NAMES)}")
     state = load(path)
+    if "model" not in state:  # a finetune.py LoRA checkpoint: adapters and a reference to the base
+        raise ValueError(f"{path} holds LoRA adapters, not a whole model; fold them into one first: "
+                         f"python finetune.py --out_dir={os.path.dirname(path) or '.'} --merge=merged.pt")
     tok = Tokenizer.loads(state["tokenizer"], source=f"{path} (its embedded tokenizer)")
     return build_model(state).eval(), tok, f"{path} (step {state['iter_num']})"

@@ -1,0 +1,866 @@
+"""
+finetune.py: supervised fine-tuning of a pretrained GPT for a labelled task, as GPT-1 did (Radford et
+al. 2018, §3.2-3.3 and figure 1), fully or with LoRA adapters (lora.py).
+
+    python finetune.py config/finetune_gpt1.py --init_from=gpt2 --data=nyu-mll/glue --data_config=sst2
+    python finetune.py config/finetune_gpt1.py --init_from=out-gpt1 --task=entailment \\
+        --data=data/rte --text_fields=sentence1,sentence2 --lora_rank=8 --learning_rate=5e-4
+    python finetune.py --out_dir=out-finetune --predict=new.jsonl     # label new inputs
+    python finetune.py --out_dir=out-finetune --merge=merged.pt       # one standalone checkpoint
+    torchrun --standalone --nproc_per_node=8 finetune.py config/finetune_gpt1.py ...
+
+The pretrained model reads each input as one token sequence. Three learned special tokens are added
+to the tokenizer and to the embedding table (GPT-2's table has 50,304 rows for 50,257 tokens, so
+they fit without resizing; a smaller table grows): start, delim and extract. The four task types of
+the paper's figure 1 become (each sequence cut to max_len, see below):
+  classification   start text extract                          one sequence per example
+  entailment       start premise delim hypothesis extract      one sequence
+  similarity       start a delim b extract, start b delim a extract: both orders, each through the
+                   model, the two extract states added before the head (sentence pairs have no order)
+  multiple_choice  start context delim answer_k extract, one sequence per choice; each gives one
+                   score, and a softmax over the choices picks the answer
+A linear head reads the final hidden state at the extract token (after dropout 0.1): classes, one
+real number (regression=True, e.g. STS-B's 0-5 similarity, trained with squared error), or one
+score per choice. The objective adds the language-model loss on the same sequences (§3.2):
+L = task loss + lm_coef * LM loss, lm_coef = lambda = 0.5, which "improves generalization" and
+speeds convergence; the LM loss scores each next token of the text (not the task tokens).
+
+Design choices
+- Data. A Hugging Face dataset by name (datasets.load_dataset(data, data_config)), or local files
+  through the same datasets code: a folder with train.*, val.* (or validation, dev) and test.*
+  files in .jsonl/.json/.csv/.tsv, or one file (train only). With no val split, val_fraction of
+  train is carved off with the seed. Label names map to ids (a dataset's own class names, else the
+  sorted values seen in train), and the mapping is saved in the checkpoint.
+- Bad input stops with one line naming the split and row: a missing text or label field, a label
+  never seen in training, an empty split, items with different numbers of choices. An input longer
+  than max_len is cut, never dropped: one token at a time from the end of its longest text (so
+  each text keeps its beginning), and the count is printed per split.
+- Batches. Each example's sequences are padded on the right to the longest in the micro-batch; the
+  attention is causal, so padding after a token never changes its state, and each sequence's extract
+  position is read directly. batch_size is the optimizer's batch over all processes (GPT-1: 32),
+  split into micro_batch_size pieces, so memory and results are independent of each other.
+- LoRA (lora_rank > 0). The base weights are frozen; A and B of each target projection, the head and
+  the task-token embeddings (as k extra rows, not the whole table) train. Since B starts at zero,
+  step 0 computes exactly the base model. A LoRA checkpoint holds only those tensors and the base's
+  path (with a checksum); --merge folds them into one standalone checkpoint in train.py's format,
+  which checkpoint.load_model, sample.py and export read like any run.
+- Early stopping. Every eval_interval steps (and at the end) val is scored; a better val metric
+  saves best.pt, and patience evaluations without one stop the run. The best checkpoint is then
+  reloaded from disk and scored on val and, where it has labels, on test.
+- No exact resume (no optimizer state is saved): fine-tuning runs are minutes to hours, and a
+  checkpoint is the trained tensors only, so best.pt stays small for LoRA.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint
+import lora
+from atomic import atomic_write
+from bpe import Tokenizer
+from configurator import UserError, configure, run
+from device import autocast, pick_device
+from model import CausalSelfAttention
+
+# ---- settings (override with a config file and/or --key=value) -----------------------------------
+# I/O
+init_from = "gpt2"            # the pretrained model: a train.py run dir (its best.pt), a .pt file,
+                              # 'gpt2', 'gpt2-medium', ... or a local Hugging Face dir
+out_dir = "out-finetune"      # best.pt and log.jsonl go here
+# data
+data = ""                     # a hub dataset ('nyu-mll/glue'), a folder of train/val/test files, or one file
+data_config = ""              # the hub dataset's configuration ('sst2', 'rte', 'stsb'); "" = none
+task = "classification"       # 'classification' | 'entailment' | 'similarity' | 'multiple_choice'
+text_fields = "sentence"      # comma-separated: the text (classification), the two texts (entailment,
+                              # similarity), or the context (multiple_choice)
+choice_fields = ""            # multiple_choice: one field holding a list of answers, or one field per answer
+label_field = "label"         # a class name or id; a number with regression; a choice index (0-based)
+regression = False            # a real-valued label: one output, squared error, Pearson and Spearman
+val_fraction = 0.1            # carved off train (with the seed) when the data has no val split
+max_len = 0                   # tokens per sequence, task tokens included; 0 = the model's block_size
+# objective (GPT-1 §3.2)
+lm_coef = 0.5                 # lambda: L = task loss + lm_coef * LM loss; 0 turns the LM loss off
+head_dropout = 0.1            # "dropout to the classifier with a rate of 0.1" (§4.1)
+dropout = 0.1                 # the transformer's own dropouts while fine-tuning (GPT-1 kept its 0.1)
+# LoRA (Hu et al. 2021); lora_rank = 0 fine-tunes every weight
+lora_rank = 0
+lora_alpha = 16.0             # the update is scaled by alpha / rank
+lora_dropout = 0.0            # dropout on the adapters' input
+lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # any of these projections
+# optimizer: AdamW, linear warmup then linear decay to 0
+batch_size = 32               # examples per optimizer step, over all processes
+micro_batch_size = 32         # examples per forward pass per process: lower it if memory runs out
+epochs = 3
+max_iters = 0                 # optimizer steps; 0 = epochs x steps per epoch
+learning_rate = 6.25e-5
+warmup = 0.002                # fraction of the steps spent warming up
+weight_decay = 0.01           # on matrices and embeddings only
+beta1 = 0.9
+beta2 = 0.999
+eps = 1e-8
+grad_clip = 1.0               # 0 = off
+# evaluation and early stopping
+eval_interval = 200           # steps between val evaluations (and one at the end)
+patience = 0                  # stop after this many evaluations without a better val metric; 0 = off
+metric = "auto"               # 'accuracy' | 'f1' | 'mcc' | 'pearson' | 'spearman' | 'loss'; auto =
+                              # accuracy, or pearson with regression
+log_interval = 10
+# prediction and merging: either one runs on out_dir's best.pt (or ckpt) instead of training
+ckpt = "best"                 # 'best' | 'last' | a file name in out_dir | a .pt path
+predict = ""                  # a jsonl of inputs (the same fields) to label
+predict_out = ""              # where the predictions go; "" = <predict>.predictions.jsonl
+merge = ""                    # write a standalone checkpoint (LoRA folded in) to this path
+# system
+device = "auto"               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = "auto"                # 'float32' | 'bfloat16' | 'float16'; auto = bfloat16 on GPUs that have it
+seed = 1337
+# --------------------------------------------------------------------------------------------------
+
+TASKS = {"classification": 1, "entailment": 2, "similarity": 2, "multiple_choice": 1}  # text fields
+SPECIAL = ("<|start|>", "<|delim|>", "<|extract|>")
+VAL_NAMES = ("validation", "val", "dev", "valid")
+EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
+FORMATS = {"loss": ".4f", "task_loss": ".4f", "lm_loss": ".4f", "lr": ".2e", "ms_per_step": ".0f",
+           "examples_per_s": ",.1f"}
+
+
+# ---- input transformations (figure 1) --------------------------------------------------------------
+
+def fit(parts, budget):
+    """Cut token lists to budget tokens in all: one token at a time from the end of the longest
+    ("longest first"), so each part keeps its beginning. Returns (parts, tokens cut)."""
+    parts, cut = [list(p) for p in parts], 0
+    while sum(map(len, parts)) > budget:
+        longest = max(range(len(parts)), key=lambda i: len(parts[i]))  # the first on ties
+        parts[longest].pop()
+        cut += 1
+    return parts, cut
+
+
+def transform(kind, texts, choices, special, max_len):
+    """Token lists -> the sequences one example is read as, and the tokens cut to fit max_len.
+    texts: its text fields' ids; choices: each answer's ids (multiple_choice); special: the ids of
+    (start, delim, extract)."""
+    start, delim, extract = special
+    if kind == "classification":
+        (a,), cut = fit(texts, max_len - 2)
+        return [[start, *a, extract]], cut
+    if kind in ("entailment", "similarity"):
+        (a, b), cut = fit(texts, max_len - 3)
+        seqs = [[start, *a, delim, *b, extract]]
+        if kind == "similarity":  # no inherent order: both, added later (§3.3)
+            seqs.append([start, *b, delim, *a, extract])
+        return seqs, cut
+    seqs, cut = [], 0
+    for answer in choices:  # each choice on its own: the context is cut only as much as it needs
+        (ctx, ans), c = fit([texts[0], answer], max_len - 3)
+        seqs.append([start, *ctx, delim, *ans, extract])
+        cut += c
+    return seqs, cut
+
+
+def collate(examples, special, device):
+    """A list of examples ({"seqs": [[ids]], "y": label}) -> the tensors one forward pass needs:
+    idx (N, T) every sequence, right-padded; last (N,) each one's extract position; targets (N, T)
+    the next text token at each position, -1 where there is none (padding, task tokens)."""
+    seqs = [s for ex in examples for s in ex["seqs"]]
+    T = max(map(len, seqs))
+    idx = torch.zeros(len(seqs), T, dtype=torch.long)  # pad with id 0: read by no earlier position
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = torch.tensor(s)
+    last = torch.tensor([len(s) - 1 for s in seqs])
+    targets = torch.full_like(idx, -1)
+    targets[:, :-1] = idx[:, 1:]
+    pad = torch.arange(T)[None, :] >= last[:, None]  # at the extract token and after: nothing to predict
+    targets[pad | torch.isin(targets, torch.tensor(special))] = -1
+    return idx.to(device), last.to(device), targets.to(device)
+
+
+# ---- the model: a GPT with a task head -----------------------------------------------------------
+
+class TaskTokens(nn.Module):
+    """An embedding table whose rows from `first` on (the task tokens) are a separate, trainable
+    (k, C) parameter, so LoRA trains k rows rather than the whole frozen (V, C) table."""
+
+    def __init__(self, wte, first, k):
+        super().__init__()
+        self.wte, self.first = wte, first
+        self.rows = nn.Parameter(wte.weight[first:first + k].detach().clone())
+
+    def forward(self, idx):  # (B, T) -> (B, T, C)
+        new = (idx >= self.first)[..., None]
+        return torch.where(new, self.rows[(idx - self.first).clamp(0, len(self.rows) - 1)], self.wte(idx))
+
+    def merged(self):
+        """The plain table with the trained rows written into it."""
+        with torch.no_grad():
+            self.wte.weight[self.first:self.first + len(self.rows)] = self.rows
+        return self.wte
+
+
+class TaskModel(nn.Module):
+    """The GPT and a linear head on the final hidden state at each sequence's extract token."""
+
+    def __init__(self, gpt, kind, n_out, head_dropout, n_choices=None):
+        super().__init__()
+        self.gpt, self.kind, self.n_choices = gpt, kind, n_choices
+        self.drop = nn.Dropout(head_dropout)
+        self.head = nn.Linear(gpt.config.n_embd, n_out)
+        nn.init.normal_(self.head.weight, std=0.02)  # as every GPT weight
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, last, targets=None):
+        """idx (N, T), last (N,) -> outputs (B, n_out), one row per example (B = N / sequences per
+        example; multiple_choice: n_out = the number of choices), and the LM loss per example (B,)
+        if targets are given."""
+        h = self.gpt.hidden_states(idx)  # (N, T, C)
+        x = h[torch.arange(len(idx), device=idx.device), last]  # (N, C) the extract tokens' states
+        if self.kind == "similarity":
+            x = x.view(-1, 2, x.size(-1)).sum(1)  # (B, C): the two orders, added element-wise
+        out = self.head(self.drop(x))  # (B, n_out), or (N, 1) for multiple choice
+        if self.kind == "multiple_choice":
+            out = out.view(-1, self.n_choices)  # (B, K): one score per choice, for a softmax over them
+        if targets is None:
+            return out, None
+        tok = F.cross_entropy(self.gpt.head(h).flatten(0, 1), targets.flatten(), ignore_index=-1,
+                              reduction="none").view_as(targets)  # (N, T), 0 where ignored
+        per_seq = tok.sum(1) / (targets >= 0).sum(1).clamp(min=1)  # mean over each sequence's text
+        return out, per_seq.view(len(out), -1).mean(1)  # (B,): mean over an example's sequences
+
+
+def task_loss(out, y, spec):
+    """Per-example task loss (B,): squared error for regression, else cross-entropy over the outputs
+    (the classes, or the choices)."""
+    if spec["regression"]:
+        return (out[:, 0].float() - y) ** 2
+    return F.cross_entropy(out.float(), y, reduction="none")
+
+
+def objective(model, batch, y, spec, coef):
+    """(L, task loss, LM loss), each summed over the batch's examples: L = task + coef * LM (§3.2)."""
+    idx, last, targets = batch
+    out, lm = model(idx, last, targets if coef else None)
+    task = task_loss(out, y, spec)
+    lm = lm if lm is not None else torch.zeros_like(task)
+    return (task + coef * lm).sum(), task.sum(), lm.sum()
+
+
+def grow_vocab(gpt, vocab_size):
+    """Make the model accept ids up to vocab_size - 1. The table is padded to a multiple of 64 rows,
+    so new tokens usually fit; otherwise it grows (old rows kept, the tied head re-tied)."""
+    c = gpt.config
+    c.vocab_size = vocab_size
+    wte = gpt.transformer.wte
+    if c.padded_vocab_size > wte.num_embeddings:
+        bigger = nn.Embedding(c.padded_vocab_size, c.n_embd).to(wte.weight.device, wte.weight.dtype)
+        head = nn.Linear(c.n_embd, c.padded_vocab_size, bias=False).to(wte.weight.device, wte.weight.dtype)
+        for new, old in ((bigger, wte), (head, gpt.lm_head)):
+            nn.init.normal_(new.weight, std=0.02)
+            with torch.no_grad():
+                new.weight[:old.weight.size(0)] = old.weight
+        gpt.transformer.wte, gpt.lm_head = bigger, head
+        if c.tie_weights:
+            gpt.transformer.wte.weight = gpt.lm_head.weight
+
+
+def set_dropout(gpt, p):
+    gpt.config.dropout = p
+    for m in gpt.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if isinstance(m, CausalSelfAttention):
+            m.dropout = p  # the attention's own dropout, passed to scaled_dot_product_attention
+
+
+def fingerprint(gpt):
+    """A checksum of the base weights: a LoRA checkpoint refuses a base that has changed since. The
+    table's padding rows are left out: from_pretrained fills them at random on every load."""
+    V = gpt.config.vocab_size
+    return float(sum((w[:V] if k in ("transformer.wte.weight", "lm_head.weight") else w).double().abs().sum()
+                     for k, w in gpt.state_dict().items()))
+
+
+def build(gpt, tok, spec, head_dropout_p=0.0):
+    """The base GPT made ready for spec's task: task tokens in tokenizer and table, LoRA if asked.
+    Returns (TaskModel, tokenizer with the task tokens)."""
+    known = set(tok.special_tokens)
+    tok = tok.with_special_tokens(SPECIAL)
+    special = [tok.special_tokens[s] for s in SPECIAL]
+    if gpt.config.vocab_size < tok.vocab_size:
+        grow_vocab(gpt, tok.vocab_size)
+    with torch.no_grad():  # new tokens start random, N(0, 0.02) as GPT-1 initialised every weight
+        for s in SPECIAL:
+            if s not in known:
+                nn.init.normal_(gpt.transformer.wte.weight[tok.special_tokens[s]], std=0.02)
+    if spec["lora"]:
+        lora.add(gpt, spec["lora"]["targets"], spec["lora"]["rank"], spec["lora"]["alpha"], spec["lora"]["dropout"])
+        first = min(special)
+        gpt.transformer.wte = TaskTokens(gpt.transformer.wte, first, tok.vocab_size - first)
+    n_out = 1 if spec["regression"] or spec["task"] == "multiple_choice" else len(spec["labels"])
+    model = TaskModel(gpt, spec["task"], n_out, head_dropout_p, spec["n_choices"])
+    spec["special"] = special
+    return model, tok
+
+
+def load_finetuned(path):
+    """(TaskModel in eval mode on the CPU, tokenizer, spec, state) from a finetune.py checkpoint: a
+    full or merged one (the whole model), or a LoRA one (its adapters on top of the base it names)."""
+    state = checkpoint.load(path)
+    spec = state.get("finetune")
+    if spec is None:
+        raise ValueError(f"{path} is not a finetune.py checkpoint (it has no task head)")
+    if "model" in state:
+        gpt = checkpoint.build_model(state)
+        tok = Tokenizer.loads(state["tokenizer"], source=path)
+        model = TaskModel(gpt, spec["task"], state["head"]["weight"].size(0), 0.0, spec["n_choices"])
+    else:
+        gpt, tok, _ = checkpoint.load_model(spec["base"])
+        if not math.isclose(fingerprint(gpt), spec["base_fingerprint"], rel_tol=1e-9):
+            raise ValueError(f"{path}: its base {spec['base']} has changed since the adapters were trained; "
+                             f"use the same base, or a checkpoint written with --merge")
+        model, tok = build(gpt, tok, dict(spec))
+        _, unexpected = model.gpt.load_state_dict(state["adapters"], strict=False)  # the rest is the base
+        if unexpected:
+            raise ValueError(f"{path}: adapter tensors {unexpected[:3]} do not fit the base {spec['base']}")
+    model.head.load_state_dict(state["head"])
+    return model.eval(), tok, spec, state
+
+
+def merged_state(model, state):
+    """The checkpoint dict of a LoRA run as one standalone model: adapters folded into the weights,
+    the task-token rows into the table; train.py's format plus the head."""
+    lora.merge(model.gpt)
+    model.gpt.transformer.wte = model.gpt.transformer.wte.merged()  # (a tied head shares the table)
+    out = {k: v for k, v in state.items() if k != "adapters"}
+    out["model"] = model.gpt.state_dict()
+    out["finetune"] = {**state["finetune"], "lora": None, "merged_from": state["finetune"].get("base")}
+    return out
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def load_splits(data, data_config, label_field):
+    """{split: list of row dicts} for train, val and test (those present), through datasets.load_dataset:
+    a hub name, a folder of split files, or one file. Class ids of a hub ClassLabel become its names
+    (-1, GLUE's unlabelled test rows, becomes None). Returns (splits, class names or None)."""
+    import datasets  # imported only here: ~2 s, and not needed to predict or merge
+    datasets.disable_progress_bars()
+    files = None
+    if os.path.isdir(data):
+        files = {}
+        for f in sorted(os.listdir(data)):
+            stem, ext = os.path.splitext(f)
+            split = "train" if stem == "train" else "val" if stem in VAL_NAMES else "test" if stem == "test" else None
+            if split and ext in EXTENSIONS:
+                if split in files:
+                    raise UserError(f"{data}/ has two {split} files ({os.path.basename(files[split])}, {f}); keep one")
+                files[split] = os.path.join(data, f)
+        if "train" not in files:
+            raise UserError(f"{data}/ has no train file; name them train, val (or validation, dev) and test, "
+                            f"each .jsonl, .json, .csv or .tsv")
+    elif os.path.isfile(data):
+        files = {"train": data}
+    try:
+        if files is None:  # a dataset on the Hugging Face hub
+            ds = datasets.load_dataset(data, data_config or None)
+            ds = {("val" if k in VAL_NAMES else k): v for k, v in ds.items()}
+        else:
+            exts = {os.path.splitext(f)[1] for f in files.values()}
+            if len(exts) > 1 or not exts <= set(EXTENSIONS):
+                raise UserError(f"data files must share one format of {', '.join(EXTENSIONS)}: got {sorted(files.values())}")
+            ext = exts.pop()
+            for split, f in files.items():  # datasets fails on an empty file with a confusing message
+                with open(f, encoding="utf-8") as fh:
+                    if sum(1 for line in fh if line.strip()) <= (ext in (".csv", ".tsv")):  # a header only
+                        raise UserError(f"the {split} split is empty ({f}); give it some rows (or drop the file)")
+            # tsv (GLUE's format) is unquoted: a quote character is text. Empty cells stay "" (not NaN)
+            kw = dict(delimiter="\t", quoting=3) if ext == ".tsv" else {}
+            ds = datasets.load_dataset("json", data_files=files) if ext in (".jsonl", ".json") else \
+                datasets.load_dataset("csv", data_files=files, keep_default_na=False, **kw)
+    except UserError:
+        raise
+    except Exception as e:  # offline, a typo in the name, a malformed file: one line, not a traceback
+        raise UserError(f"cannot load data={data!r} data_config={data_config!r}: {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]}")
+    names = None
+    feature = ds["train"].features.get(label_field) if "train" in ds else None
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    splits = {}
+    for split in ("train", "val", "test"):
+        if split in ds:
+            rows = ds[split].to_list()
+            if names:
+                for r in rows:
+                    v = r.get(label_field)
+                    r[label_field] = names[v] if isinstance(v, int) and 0 <= v < len(names) else None
+            splits[split] = rows
+    return splits, names
+
+
+def label_names(rows, field):
+    """The sorted distinct labels of rows, as text; numbers in numeric order (2 before 10)."""
+    def number_first(s):
+        try:
+            return 0, float(s), s
+        except ValueError:
+            return 1, 0.0, s
+    return sorted({str(r[field]) for r in rows if not missing(r.get(field))}, key=number_first)
+
+
+def missing(v):
+    return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
+
+
+def make_examples(rows, spec, tok, split, need_labels):
+    """Rows -> examples {"seqs": token sequences, "y": label id / value / choice index or None}.
+    Returns (examples, inputs cut to fit max_len, tokens cut). Bad rows are a UserError naming them."""
+    if not rows:
+        raise UserError(f"the {split} split is empty; give it some rows (or drop the file)")
+    texts, counts = [], []
+    for i, r in enumerate(rows):
+        for f in spec["text_fields"]:
+            if r.get(f) is None:
+                raise UserError(f"{split} row {i + 1} has no field '{f}' (its fields: {', '.join(map(str, r))}); "
+                                f"set --text_fields")
+            texts.append(str(r[f]))
+        choices = []
+        if spec["task"] == "multiple_choice":
+            cf = spec["choice_fields"]
+            for f in cf:
+                if f not in r:
+                    raise UserError(f"{split} row {i + 1} has no field '{f}'; set --choice_fields")
+            choices = list(r[cf[0]]) if len(cf) == 1 and isinstance(r[cf[0]], (list, tuple)) else [r[f] for f in cf]
+            if len(choices) != spec["n_choices"]:
+                raise UserError(f"items with different numbers of choices: {split} row {i + 1} has {len(choices)}, "
+                                f"others {spec['n_choices']}; every item needs the same number")
+            texts += [str(c) for c in choices]
+        counts.append(len(spec["text_fields"]) + len(choices))
+    ids = tok.encode_batch(texts)  # special-token text in the data stays ordinary text
+    examples, n_cut, tokens_cut, k = [], 0, 0, 0
+    for i, r in enumerate(rows):
+        pieces, k = ids[k:k + counts[i]], k + counts[i]
+        nt = len(spec["text_fields"])
+        seqs, cut = transform(spec["task"], pieces[:nt], pieces[nt:], spec["special"], spec["max_len"])
+        n_cut, tokens_cut = n_cut + (cut > 0), tokens_cut + cut
+        examples.append({"seqs": seqs, "y": label_of(r, i, spec, split, need_labels)})
+    return examples, n_cut, tokens_cut
+
+
+def label_of(r, i, spec, split, need_labels):
+    v = r.get(spec["label_field"])
+    if missing(v):
+        if need_labels:
+            raise UserError(f"{split} row {i + 1} has no label field '{spec['label_field']}' (its fields: "
+                            f"{', '.join(map(str, r))}); set --label_field")
+        return None
+    if spec["regression"]:
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"{split} row {i + 1}: label {v!r} is not a number, as regression needs") from None
+    if spec["task"] == "multiple_choice":
+        if isinstance(v, bool) or not str(v).isdigit() or int(v) >= spec["n_choices"]:
+            raise UserError(f"{split} row {i + 1}: label {v!r} is not a choice index 0..{spec['n_choices'] - 1}")
+        return int(v)
+    if str(v) not in spec["labels"]:
+        raise UserError(f"{split} row {i + 1}: label {str(v)!r} never occurs in training (labels: "
+                        f"{', '.join(spec['labels'])}); fix the row or the label field")
+    return spec["labels"].index(str(v))
+
+
+def labels_tensor(examples, spec):
+    y = [ex["y"] for ex in examples]
+    return torch.tensor(y, dtype=torch.float32 if spec["regression"] else torch.long)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+def outputs(model, examples, spec, mb, ctx, dev, rank=0, world=1):
+    """The model's outputs (n, n_out) for every example, float32 on the CPU, in order. Under DDP each
+    rank runs every world-th micro-batch and all ranks gather the whole."""
+    model.eval()
+    mine = []
+    with torch.no_grad():
+        for c in range(rank, math.ceil(len(examples) / mb), world):
+            with ctx:
+                out, _ = model(*collate(examples[c * mb:(c + 1) * mb], spec["special"], dev)[:2])
+            mine.append((c, out.float().cpu()))
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        mine = sorted(x for part in every for x in part)
+    return torch.cat([o for _, o in sorted(mine, key=lambda x: x[0])]) if mine else torch.zeros(0, 1)
+
+
+def rankdata(x):
+    """Ranks 1..n with ties given their average rank (what Spearman's rho correlates)."""
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)  # sorted unique values
+    ends = counts.cumsum(0).double()
+    return (ends - (counts.double() - 1) / 2)[inverse]
+
+
+def pearson(a, b):
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    denom = (a.square().sum() * b.square().sum()).sqrt()
+    return float((a * b).sum() / denom) if denom > 0 else 0.0  # 0 for a constant side (scipy: nan)
+
+
+def metrics(out, y, spec):
+    """Scores of outputs (n, n_out) against labels y (n,): accuracy, and for two classes F1 of class 1,
+    Matthews correlation (any number of classes); regression: Pearson and Spearman; the loss."""
+    m = {"loss": float(task_loss(out, y, spec).mean())}
+    if spec["regression"]:
+        p = out[:, 0]
+        return {**m, "pearson": pearson(p, y), "spearman": pearson(rankdata(p), rankdata(y))}
+    pred = out.argmax(1)
+    m["accuracy"] = float((pred == y).double().mean())
+    if spec["task"] == "multiple_choice":
+        return m
+    k = out.size(1)
+    if k == 2:
+        tp, fp, fn = [int(((pred == a) & (y == b)).sum()) for a, b in ((1, 1), (1, 0), (0, 1))]
+        m["f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    cm = torch.zeros(k, k, dtype=torch.float64)  # confusion matrix, rows true, columns predicted
+    cm.index_put_((y, pred), torch.ones(len(y), dtype=torch.float64), accumulate=True)
+    t, p, n, c = cm.sum(1), cm.sum(0), cm.sum(), cm.trace()
+    denom = ((n * n - p @ p) * (n * n - t @ t)).sqrt()  # Gorodkin's multiclass form, as sklearn
+    m["mcc"] = float((c * n - t @ p) / denom) if denom > 0 else 0.0
+    return m
+
+
+def main_metric(spec):
+    name = metric if metric != "auto" else "pearson" if spec["regression"] else "accuracy"
+    allowed = ("loss", "pearson", "spearman") if spec["regression"] else \
+        ("loss", "accuracy") if spec["task"] == "multiple_choice" else ("loss", "accuracy", "mcc") + \
+        (("f1",) if len(spec["labels"]) == 2 else ())
+    if name not in allowed:
+        raise UserError(f"metric={name!r} does not apply here; choose one of {', '.join(allowed)}")
+    return name
+
+
+def show(m):
+    return ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+
+
+def peak_memory(device_type):
+    """Peak memory of this process so far: the GPU's allocations, or on CPU the resident set size."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated(), "GPU memory allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024), "RSS of the process"
+
+
+def duration(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+# ---- the script ----------------------------------------------------------------------------------
+
+def split_names(s):
+    return [f.strip() for f in s.split(",") if f.strip()]
+
+
+def run_predict(path, dev, ctx):
+    """Label the rows of `predict` with the fine-tuned model at path; write one JSON line per row: the
+    row, its prediction and the probabilities."""
+    model, tok, spec, _ = load_finetuned(path)
+    model.to(dev)
+    rows = []
+    try:
+        with open(predict, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{predict} line {n} is not JSON: {e}")
+    except OSError as e:
+        raise UserError(f"cannot read {predict}: {e.strerror}")
+    examples, n_cut, tokens_cut = make_examples(rows, spec, tok, predict, need_labels=False)
+    if n_cut:
+        print(f"{n_cut} of {len(rows)} inputs longer than max_len={spec['max_len']} were cut ({tokens_cut} tokens)")
+    out = outputs(model, examples, spec, micro_batch_size, ctx, dev)
+    dest = predict_out or os.path.splitext(predict)[0] + ".predictions.jsonl"
+    lines = []
+    for r, o in zip(rows, out):
+        if spec["regression"]:
+            r = {**r, "prediction": float(o[0])}
+        elif spec["task"] == "multiple_choice":
+            r = {**r, "prediction": int(o.argmax()), "probabilities": [round(float(p), 6) for p in o.softmax(0)]}
+        else:
+            probs = o.softmax(0)
+            r = {**r, "prediction": spec["labels"][int(probs.argmax())],
+                 "probabilities": {name: round(float(p), 6) for name, p in zip(spec["labels"], probs)}}
+        lines.append(json.dumps(r, ensure_ascii=False))
+    atomic_write(dest, "\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} predictions to {dest}")
+
+
+def main(argv=None):
+    config = configure(globals(), argv)
+    for k in ("batch_size", "micro_batch_size", "eval_interval", "log_interval", "epochs"):
+        if config[k] < 1:
+            raise UserError(f"{k}={config[k]} must be at least 1")
+    if task not in TASKS:
+        raise UserError(f"task={task!r} is not one of {', '.join(TASKS)}")
+    if regression and task == "multiple_choice":
+        raise UserError("regression=True applies to classification, entailment and similarity, not multiple_choice")
+    dev, device_type, ptdtype = pick_device(device, dtype)
+    ctx = autocast(device_type, ptdtype)
+    torch.manual_seed(seed)
+
+    # ---- the jobs that use a fine-tuned model ----------------------------------------------------
+    if merge or predict:
+        try:
+            path = checkpoint.find(out_dir, ckpt)
+        except ValueError:
+            raise UserError(f"no fine-tuned model {ckpt!r} in {out_dir}/: fine-tune first, or point --out_dir "
+                            f"(and --ckpt) at a finetune.py run") from None
+        try:
+            if merge:
+                model, _, spec, state = load_finetuned(path)
+                if spec["lora"]:
+                    state = merged_state(model, state)
+                atomic_write(merge, lambda f: torch.save(state, f))
+                print(f"wrote {merge}: {path} as one standalone model "
+                      f"({'LoRA merged into the weights' if spec['lora'] else 'it was already full'})")
+            if predict:
+                run_predict(path, dev, ctx)
+        except ValueError as e:
+            raise UserError(str(e))
+        return
+
+    # ---- setup: processes ------------------------------------------------------------------------
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    master = rank == 0
+
+    def say(*args):
+        if master:
+            print(*args, flush=True)
+
+    if batch_size % world:
+        raise UserError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
+    if ddp:
+        import atexit
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                device_id=torch.device(dev) if device_type == "cuda" else None)
+        atexit.register(dist.destroy_process_group)
+    if not data:
+        raise UserError("no data: pass --data=a hub dataset name, a folder of train/val/test files, or a file")
+    if master and checkpoint.step_checkpoints(out_dir):
+        raise UserError(f"{out_dir}/ already holds checkpoints of another run; use a new --out_dir (or delete it)")
+
+    # ---- the pretrained model ----------------------------------------------------------------------
+    try:  # a run's best.pt by its file name: what a LoRA checkpoint points back to
+        run_dir = os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json"))
+        base = os.path.abspath(checkpoint.find(init_from, "best")) if run_dir else \
+            os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+        gpt, tok, where = checkpoint.load_model(base)
+    except ValueError as e:
+        raise UserError(f"init_from={init_from!r}: {e}")
+    T = max_len or gpt.config.block_size
+    if not 8 <= T <= gpt.config.block_size:
+        raise UserError(f"max_len={max_len} must be between 8 and the model's block_size {gpt.config.block_size}")
+
+    # ---- data --------------------------------------------------------------------------------------
+    fields, cfields = split_names(text_fields), split_names(choice_fields)
+    if len(fields) != TASKS[task]:
+        raise UserError(f"task={task} reads {TASKS[task]} text field(s), got text_fields={text_fields!r}")
+    if (task == "multiple_choice") != bool(cfields):
+        raise UserError("choice_fields names the answers of a multiple_choice task, and only of one")
+    splits, class_names = load_splits(data, data_config, label_field)
+    if "train" not in splits:
+        raise UserError(f"data={data!r} has no train split (it has {', '.join(splits) or 'none'})")
+    if "val" not in splits:  # carve val off train, with the seed: the same rows every run
+        rows = splits["train"][:]
+        random.Random(seed).shuffle(rows)
+        n_val = max(1, round(val_fraction * len(rows)))
+        if not 0 < val_fraction < 1 or len(rows) - n_val < 1:
+            raise UserError(f"no val split, and val_fraction={val_fraction} of {len(rows)} train rows leaves none "
+                            f"to train or to validate on; add a val file or change val_fraction")
+        splits["val"], splits["train"] = rows[:n_val], rows[n_val:]
+        say(f"no val split: {n_val} of the {len(rows)} train rows carved off as val (seed {seed})")
+    spec = {"task": task, "text_fields": fields, "choice_fields": cfields, "label_field": label_field,
+            "regression": regression, "max_len": T, "labels": None, "n_choices": None,
+            "lora": dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=split_names(lora_targets))
+            if lora_rank else None, "base": base}
+    if not regression and task != "multiple_choice":
+        spec["labels"] = class_names or label_names(splits["train"], label_field)
+        if len(spec["labels"]) < 2:
+            raise UserError(f"train has {len(spec['labels'])} distinct label(s) in '{label_field}'; a classifier needs two")
+    if task == "multiple_choice":
+        first = splits["train"][0]
+        c = first.get(cfields[0])
+        spec["n_choices"] = len(c) if len(cfields) == 1 and isinstance(c, (list, tuple)) else len(cfields)
+    spec["base_fingerprint"] = fingerprint(gpt) if lora_rank else None
+    torch.manual_seed(seed)  # the same head, task tokens and A matrices on every rank
+    set_dropout(gpt, dropout)
+    try:
+        model, tok = build(gpt, tok, spec, head_dropout)
+    except ValueError as e:
+        raise UserError(str(e))
+    examples = {}
+    for split, rows in splits.items():
+        labelled = split != "test" or any(not missing(r.get(label_field)) for r in rows)
+        exs, n_cut, tokens_cut = make_examples(rows, spec, tok, split, need_labels=labelled)
+        if split != "test" or labelled:
+            examples[split] = exs
+        say(f"{split}: {len(exs):,} examples" + ("" if labelled else " without labels (not scored)") +
+            (f"; {n_cut:,} longer than max_len={T} were cut from the end of their longest text "
+             f"({tokens_cut:,} tokens in all)" if n_cut else ""))
+    train_ex = examples["train"]
+    steps_per_epoch = len(train_ex) // batch_size
+    if steps_per_epoch < 1:
+        raise UserError(f"train has {len(train_ex)} examples, fewer than batch_size={batch_size}; lower --batch_size")
+    total = max_iters or epochs * steps_per_epoch
+    goal = main_metric(spec)
+    higher = goal != "loss"
+
+    # ---- model, optimizer --------------------------------------------------------------------------
+    model.to(dev)
+    torch.manual_seed(seed + rank)  # dropout masks differ between ranks
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    n_train = sum(p.numel() for _, p in trainable)
+    n_all = sum(p.numel() for p in model.parameters())
+    groups = [{"params": [p for _, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for _, p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), eps=eps,
+                                  fused=device_type == "cuda")
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    # lm_coef = 0 with an untied head leaves lm_head unused, which DDP must be told
+    wrapped = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
+                  find_unused_parameters=lm_coef == 0) if ddp else model
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        log_file = open(os.path.join(out_dir, "log.jsonl"), "w")
+        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
+        print(f"model: {where}, {tok.name} tokenizer + {', '.join(SPECIAL)} at ids {spec['special']}")
+        print(f"{'LoRA rank ' + str(lora_rank) if lora_rank else 'full fine-tuning'}: {n_train:,} of {n_all:,} "
+              f"parameters train ({n_train / n_all:.2%})")
+        print(f"{total} steps of {batch_size} examples ({steps_per_epoch} per epoch), val metric {goal}")
+
+    def log(record, prefix=""):
+        eta = record.pop("eta", None)
+        parts = [f"{k} {v:{FORMATS.get(k, '.4f' if isinstance(v, float) else '')}}" for k, v in record.items()
+                 if k != "step"]
+        print(" | ".join([f"{prefix}step {record['step']}/{total}", *parts] + ([f"eta {eta}"] if eta else [])),
+              flush=True)
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    def evaluate(split):
+        ex = examples[split]
+        return metrics(outputs(model, ex, spec, micro_batch_size, ctx, dev, rank, world), labels_tensor(ex, spec), spec)
+
+    def save(step, m):
+        state = {"version": checkpoint.VERSION, "iter_num": step, "model_args": dataclasses.asdict(gpt.config),
+                 "tokenizer": tok.dumps(), "head": model.head.state_dict(), "config": config,
+                 "finetune": {**spec, "metrics": m}}
+        if lora_rank:  # the trained tensors only; the base is named in spec
+            state["adapters"] = {n.removeprefix("gpt."): p.detach() for n, p in trainable if n.startswith("gpt.")}
+        else:
+            state["model"] = gpt.state_dict()
+        return checkpoint.save_step(state, out_dir, is_best=True, keep_last=1)
+
+    # ---- the loop: shuffled epochs, each rank its share of every batch -----------------------------
+    per_rank = batch_size // world
+    step, best, evals_since_best, t0, t_start = 0, None, 0, time.time(), time.time()
+    sums = torch.zeros(3, device=dev)  # L, task, LM: summed on the device between log lines
+    warm = round(warmup * total)
+    model.train()
+    while step < total:
+        epoch = step // steps_per_epoch
+        order = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        at = (step % steps_per_epoch) * batch_size
+        batch = [train_ex[i] for i in order[at:at + batch_size][rank::world]]
+        lr = learning_rate * ((step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm)))
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        chunks = [batch[i:i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
+        for j, chunk in enumerate(chunks):
+            y = labels_tensor(chunk, spec).to(dev)
+            with wrapped.no_sync() if ddp and j < len(chunks) - 1 else nullcontext():
+                with ctx:
+                    loss, task_sum, lm_sum = objective(wrapped, collate(chunk, spec["special"], dev), y, spec, lm_coef)
+                scaler.scale(loss / per_rank).backward()  # / per_rank: the batch mean (DDP averages ranks)
+            sums += torch.stack([loss.detach(), task_sum.detach(), lm_sum.detach()]).float()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for _, p in trainable], grad_clip or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % log_interval == 0 or step == total:
+            if ddp:
+                dist.all_reduce(sums)
+            n = (step - 1) % log_interval + 1
+            L, tl, ll = (sums / (n * batch_size)).tolist()
+            dt = (time.time() - t0) / n
+            if master:
+                log({"step": step, "epoch": step // steps_per_epoch + (step % steps_per_epoch > 0),
+                     "loss": L, "task_loss": tl, "lm_loss": ll, "lr": lr, "ms_per_step": 1000 * dt,
+                     "examples_per_s": batch_size / dt, "eta": duration((total - step) * (time.time() - t_start) / step)})
+            if not math.isfinite(L):
+                raise UserError(f"the loss is {L} at step {step}; lower learning_rate, or use bfloat16/float32")
+            sums.zero_()
+            t0 = time.time()
+        if step % eval_interval == 0 or step == total:
+            m = evaluate("val")
+            value = m[goal]
+            improved = best is None or (value > best if higher else value < best)
+            best, evals_since_best = (value, 0) if improved else (best, evals_since_best + 1)
+            if master:
+                log({"step": step, **{f"val_{k}": v for k, v in m.items()}, "best": best}, prefix="eval ")
+                if improved:
+                    print(f"saved {save(step, m)} (best val {goal} so far)", flush=True)
+            model.train()
+            if patience and evals_since_best >= patience:
+                say(f"early stop at step {step}: {patience} evaluations without a better val {goal}")
+                break
+            t0 = time.time()
+
+    # ---- the best model, reloaded from disk: its val and test scores --------------------------------
+    opt_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                    if torch.is_tensor(t))
+    peak, what = peak_memory(device_type)
+    if ddp:
+        dist.barrier()  # rank 0 has written best.pt
+    best_path = os.path.join(out_dir, "best.pt")
+    best_model, _, best_spec, _ = load_finetuned(best_path)
+    model = best_model.to(dev)
+    results = {"best_step": None, "trainable_params": n_train, "optimizer_state_bytes": opt_bytes,
+               "peak_memory_bytes": peak, "train_seconds": time.time() - t_start}
+    for split in ("val", "test"):
+        if split in examples:
+            results[split] = evaluate(split)
+    results["best_step"] = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)["iter_num"]
+    if master:
+        print(f"best checkpoint {best_path} (step {results['best_step']}): "
+              + "; ".join(f"{s} {show(results[s])}" for s in ("val", "test") if s in results))
+        if "test" not in results:
+            print("test: none with labels, so not scored")
+        print(f"memory: {n_train:,} trainable parameters, optimizer state {opt_bytes / 2**20:,.1f} MiB, "
+              f"peak {what} {peak / 2**20:,.0f} MiB")
+        log_file.write(json.dumps({"final": results}) + "\n")
+        log_file.close()
+    return results
+
+
+if __name__ == "__main__":
+    run(main)
