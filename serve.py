@@ -1,0 +1,944 @@
+"""
+serve.py: serve a model over HTTP with OpenAI's API, so the clients people already own (the openai
+package, LangChain, curl) talk to it unchanged. Built on FastAPI and uvicorn.
+
+    python serve.py --out_dir=out-quickstart                 # http://127.0.0.1:8000, playground at /
+    python serve.py --init_from=gpt2 --quantize=int8 --port=8080 --api_key=secret
+    curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "out-quickstart", "prompt": "def ", "max_tokens": 40, "temperature": 0}'
+
+Endpoints. POST /v1/completions and /v1/chat/completions (stream=true sends server-sent events in
+OpenAI's chunk format, ending `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus
+text) and GET / (a playground page: static/playground.html). Every answer carries usage and each
+choice a finish_reason: "stop" (end of text, or a stop string) or "length" (max_tokens, or cut at
+shutdown). Beyond OpenAI's fields: top_k, and ignore_eos (vLLM's names). echo=true with logprobs and
+max_tokens=0 returns the prompt's log-probabilities (what lm-evaluation-harness asks for).
+
+Chat. A base model knows no chat format, so messages become a plain transcript for it to continue,
+    <|endoftext|>{system message}\\n\\nUser: {message}\\nAssistant: {reply}\\nUser: {message}\\nAssistant:
+and "\\nUser:" joins the stop strings, so the reply ends where the model starts the next turn.
+
+Continuous batching. One engine thread owns the model; the HTTP handlers queue requests and read
+their tokens back. Between two steps the engine admits waiting requests: their prompts are prefilled
+(model.hidden_states fills a KVCache; prompts of one length go together), each prompt's keys and
+values are copied into free rows of one batched cache, and each first token is sampled. Each step
+then decodes all active rows together: one forward over their (B, 1) newest tokens, where row b sits
+at its own position pos[b], which sets its rotary angle (or learned position), the cache column it
+writes, and a mask hiding the columns past it. model.py's KVCache keeps one position for the whole
+batch, so that step is written here (decode_step). Each row has its own temperature, top_k, top_p,
+stop strings and torch.Generator (seeded from the request's seed), so a request's tokens do not
+depend on what it was batched with. A finished or abandoned row leaves at the step boundary; the
+last row moves into its place.
+
+Faults. A bad request gets a 4xx with OpenAI's error body {"error": {message, type, param, code}};
+a full queue (max_queue) gets 503 with Retry-After. A client that disconnects frees its row at the
+next step. SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in flight finish for up
+to drain_seconds, ends any left with finish_reason "length" and a proper [DONE], and exits 0.
+"""
+import asyncio
+import codecs
+import collections
+import contextlib
+import hmac
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import List, Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from checkpoint import find, load_model
+from configurator import UserError, configure, run
+from device import autocast, pick_device
+from model import KVCache, apply_rope
+from quantize import MODES, quantize as quantize_model, weight_bytes
+
+# ---- settings (override with a config file and/or --key=value) -----------------------------------
+out_dir = "out"            # the run whose checkpoint to serve (init_from='resume'), as sample.py
+ckpt = "best"              # 'best' | 'last' | a file name in out_dir | a .pt path
+init_from = "resume"       # 'resume' (a checkpoint in out_dir) | 'gpt2', ... | a local Hugging Face dir
+model_name = ""            # the id clients send as "model"; "" = the run's folder name, or init_from
+host = "127.0.0.1"         # 0.0.0.0 listens on every interface: then set an api_key
+port = 8000                # 0 = any free port (printed at start)
+api_key = ""               # require "Authorization: Bearer KEY" on /v1/*; "" = $SERVE_API_KEY, or open
+quantize = "none"          # 'none' | 'int8': Linear weights in int8, CPU only (quantize.py)
+max_batch = 16             # rows decoded together in one forward: the batched KV cache's size
+max_queue = 64             # sequences waiting for a row; beyond that, 503 with Retry-After
+drain_seconds = 30.0       # after SIGTERM, how long requests in flight may run before they are cut
+device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = "auto"             # 'auto' = bf16/fp16 autocast on GPUs, float32 on CPU | 'float32' | ...
+threads = 1                # torch threads: 1 leaves a core to the event loop (README, Measured); 0 = all
+# --------------------------------------------------------------------------------------------------
+
+MAX_STOPS, MAX_LOGPROBS, MAX_TOP_LOGPROBS = 4, 5, 20  # OpenAI's limits (top_logprobs: chat's)
+CHAT_STOP = "\nUser:"
+
+
+# ---- request bodies (pydantic checks every field; a failure is a 400 naming it) --------------------
+
+class Body(BaseModel):  # strict: "5" is not an int; unknown fields are ignored, as OpenAI does
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class Common(Body):
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=1)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, List[str], None] = None
+    seed: Optional[int] = None
+    ignore_eos: bool = False  # go on past <|endoftext|>: benchmarks want fixed lengths
+
+
+class CompletionRequest(Common):
+    prompt: Union[str, List[str], List[int], List[List[int]]]
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, List[TextPart]]
+
+
+class ChatRequest(Common):
+    messages: List[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class APIError(Exception):
+    """An answer with a real HTTP status and OpenAI's error body, the shape the SDKs parse."""
+
+    def __init__(self, status, message, param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def body(self):
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def response(self):
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# ---- sampling, text, and the batched decoding step ------------------------------------------------
+
+class Sampling:
+    """One sequence's settings. temperature 0 (or top_k 1) is greedy; logprobs is None (none) or the
+    number of alternatives to report with each token."""
+
+    def __init__(self, temperature=0.0, top_k=None, top_p=1.0, max_tokens=16, seed=None, logprobs=None,
+                 stop=(), ignore_eos=False):
+        self.temperature, self.top_k, self.top_p, self.max_tokens = temperature, top_k, top_p, max_tokens
+        self.seed, self.logprobs, self.stop, self.ignore_eos = seed, logprobs, list(stop), ignore_eos
+
+    @property
+    def greedy(self):
+        return self.temperature == 0 or self.top_k == 1
+
+
+def sample_rows(logits, temperature, top_k, top_p, generators):
+    """model.sample_next with one setting and one generator per row rather than one for the batch.
+    logits (B, V); temperature (B, 1) > 0; top_k (B, 1), V when off; top_p (B, 1), 1.0 when off;
+    generators: B torch.Generators. Returns the sampled ids (B,)."""
+    V = logits.size(-1)
+    logits = logits.float() / temperature
+    k = int(top_k.max())
+    order = None  # without top_k or top_p, the tokens stay in vocabulary order
+    if k < V:  # the k best of each row, in descending order: much cheaper than sorting all V
+        logits, order = logits.topk(k, dim=-1)
+    elif bool((top_p < 1).any()):
+        logits, order = logits.sort(dim=-1, descending=True)
+    if order is not None:
+        rank = torch.arange(logits.size(-1), device=logits.device)
+        logits = logits.masked_fill(rank >= top_k, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        # nucleus (Holtzman et al. 2019): drop a token once the mass before it reaches top_p (keeps the first)
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+    # inverse-CDF sampling: one uniform draw from each row's own generator, so its seed alone decides
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V or k)
+    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])[:, None]  # (B, 1)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(cdf.size(-1) - 1)  # (B, 1)
+    return (pick if order is None else order.gather(1, pick))[:, 0]
+
+
+class TextStream:
+    """A sequence's generated bytes -> text that is safe to send. UTF-8 is decoded incrementally, so a
+    character split across tokens waits for its last byte; a tail that could begin a stop string is
+    held back until it cannot, so no part of a stop string is sent and the text ends exactly before it.
+    chars counts every character decoded so far (sent or held): the text_offset of the next token."""
+
+    def __init__(self, stops):
+        self.stops, self.held, self.chars = stops, "", 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, data, final=False):
+        """Bytes in -> (text to send, whether a stop string ended it)."""
+        new = self.decoder.decode(data, final=final)
+        self.chars += len(new)
+        text = self.held + new
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return text[:cut], True
+        # the longest tail of text that is a proper prefix of some stop string
+        hold = 0 if final else max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1))
+                                    if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - hold:]
+        return text[:len(text) - hold], False
+
+
+def decode_step(model, cache_k, cache_v, tokens, pos):
+    """One decoding step for B sequences, each at its own position.
+    tokens (B,): each row's newest token; pos (B,): the position it takes, which is also the number of
+    positions already in the row's cache. cache_k, cache_v (n_layer, rows, nh, block_size, hd), with
+    batch row b in cache row b. Writes each row's key and value at column pos[b] and returns the
+    next-token logits (B, V). GPT.hidden_states and CausalSelfAttention.forward, with per-row positions."""
+    B, tr = tokens.size(0), model.transformer
+    x = tr.wte(tokens[:, None])  # (B, 1, C)
+    rope = None
+    if tr.wpe is not None:
+        x = x + tr.wpe(pos)[:, None]  # (B, 1, C): each row its own learned position
+    else:  # (B, 1, 1, hd/2): broadcasts over the heads and the one new position of each row
+        rope = (model.rope_cos[pos][:, None, None], model.rope_sin[pos][:, None, None])
+    L = int(pos.max()) + 1
+    # row b attends to its own columns 0..pos[b]; the columns past them belong to longer rows
+    mask = (torch.arange(L, device=pos.device) <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
+    rows = torch.arange(B, device=pos.device)
+
+    def attend(attn, x, layer):
+        C = x.size(-1)
+        q, k, v = attn.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, 1, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, 1, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        cache_k[layer, rows, :, pos] = k[:, :, 0]  # (B, nh, hd) into column pos[b] of row b
+        cache_v[layer, rows, :, pos] = v[:, :, 0]
+        y = F.scaled_dot_product_attention(q, cache_k[layer, :B, :, :L], cache_v[layer, :B, :, :L], attn_mask=mask)
+        return attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
+
+    for layer, block in enumerate(tr.h):
+        if block.prenorm:
+            x = x + attend(block.attn, block.ln_1(x), layer)
+            x = x + block.mlp(block.ln_2(x))
+        else:
+            x = block.ln_1(x + attend(block.attn, x, layer))
+            x = block.ln_2(x + block.mlp(x))
+    return model.head(tr.ln_f(x))[:, 0]  # (B, V)
+
+
+# ---- the engine: one thread, continuous batching --------------------------------------------------
+
+class Sequence:
+    """One choice of one request, from the queue to its finish. emit(event) hands each event to the
+    request's handler (see Engine.deliver): {"index", "text", "logprobs": [(id, logprob, alternatives,
+    text_offset)], "finish_reason": None until the last event}, or {"index", "error"}."""
+
+    def __init__(self, index, sampling, emit, arrival, device="cpu"):
+        self.index, self.s, self.emit, self.arrival = index, sampling, emit, arrival
+        self.generator = torch.Generator(device=device)
+        if sampling.seed is None:
+            self.generator.seed()  # fresh entropy: unseeded requests differ from each other
+        else:
+            self.generator.manual_seed(sampling.seed % 2 ** 64)
+        self.text = TextStream(sampling.stop)
+        self.tokens, self.length, self.finish, self.cancelled, self.last_time = [], 0, None, False, None
+
+
+class Group:
+    """A prompt (token ids) and its n sequences: prefilled once, admitted together. prompt_logprobs:
+    None, or the number of alternatives to report for each prompt token (echo)."""
+
+    def __init__(self, ids, seqs, prompt_logprobs=None):
+        self.ids, self.seqs, self.prompt_logprobs = ids, seqs, prompt_logprobs
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Engine:
+    """Owns the model on its own thread. submit() queues groups from any thread; the loop admits them
+    at step boundaries and decodes every active row together."""
+
+    def __init__(self, model, tok, max_batch=16, max_queue=64, metrics=None, device_type="cpu",
+                 ptdtype=torch.float32):
+        self.model, self.tok, self.metrics = model, tok, metrics or Metrics()
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device, self.device_type, self.ptdtype = next(model.parameters()).device, device_type, ptdtype
+        self.k = self.v = None          # (n_layer, max_batch, nh, block_size, hd), made at the first prefill
+        self.active = []                # active[b] owns row b of the cache
+        self.waiting = collections.deque()
+        self.n_waiting = 0              # sequences in the waiting groups
+        self.cond = threading.Condition()
+        self.stopping, self.cut_at = False, None  # cut_at: when draining ends (time.monotonic())
+        self.recent = collections.deque()  # (time, tokens) of each step of the last 10 s
+        self.metrics.tokens_per_second.set_function(self.tokens_per_second)
+        self.outbox = []                # (sequence, event) of this step, handed over together
+        self.thread = threading.Thread(target=self.loop, name="engine", daemon=True)
+
+    def deliver(self, batch):
+        """Hand a step's events to their sequences: here, by calling each one's emit on this thread.
+        The server replaces this with one hop to its event loop per step (Service.attach)."""
+        for s, event in batch:
+            s.emit(event)
+
+    def post(self, s, event):
+        self.outbox.append((s, event))
+
+    # -- called from other threads --
+    def submit(self, groups):
+        n = sum(len(g.seqs) for g in groups)
+        with self.cond:
+            if self.n_waiting and self.n_waiting + n > self.max_queue:  # an empty queue takes any request
+                raise QueueFull(self.n_waiting)
+            self.waiting.extend(groups)
+            self.n_waiting += n
+            self.metrics.waiting.set(self.n_waiting)
+            self.cond.notify()
+
+    def cancel(self, seqs):
+        """The client left: the engine drops these at its next step boundary."""
+        for s in seqs:
+            s.cancelled = True
+        with self.cond:
+            self.cond.notify()
+
+    def drain(self, seconds):
+        with self.cond:
+            if self.cut_at is None:
+                self.cut_at = time.monotonic() + seconds
+            self.cond.notify()
+
+    def stop(self):
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    def tokens_per_second(self):
+        """Tokens generated over the last 10 s, per second (read at each scrape: 0 when idle)."""
+        now = time.monotonic()
+        return sum(n for t, n in list(self.recent) if t > now - 10) / 10
+
+    # -- the engine thread --
+    def loop(self):
+        while True:
+            with self.cond:
+                while not self.active and not self.waiting and not self.stopping:
+                    self.cond.wait(timeout=1.0)
+                if self.stopping:
+                    self.cut_all()
+                    return self.deliver(self.outbox)
+                # admit in arrival order while the next group fits in the free rows (a group whose
+                # client left while waiting is taken too, to be dropped)
+                admitted, free = [], self.max_batch - len(self.active)
+                while self.waiting and (len(self.waiting[0].seqs) <= free or
+                                        all(s.cancelled for s in self.waiting[0].seqs)):
+                    g = self.waiting.popleft()
+                    self.n_waiting -= len(g.seqs)
+                    free -= sum(not s.cancelled for s in g.seqs)
+                    admitted.append(g)
+                self.metrics.waiting.set(self.n_waiting)
+            try:
+                with torch.inference_mode(), autocast(self.device_type, self.ptdtype):
+                    same_length = collections.defaultdict(list)  # prompts of one length prefill together
+                    for g in admitted:
+                        same_length[len(g.ids)].append(g)
+                    for groups in same_length.values():
+                        self.prefill(groups)
+                    self.leave()
+                    if self.active:
+                        self.decode()
+                    self.leave()
+                if self.cut_at is not None and time.monotonic() > self.cut_at:
+                    self.cut_all()
+            except Exception as e:  # a bug, or out of memory: fail these requests and keep serving
+                print(f"engine error: {type(e).__name__}: {e}", file=sys.stderr)
+                for s in self.active + [s for g in admitted for s in g.seqs]:
+                    if s.finish is None:
+                        s.finish = "error"
+                        self.post(s, {"index": s.index, "error": f"{type(e).__name__}: {e}"})
+                self.active = []
+            self.metrics.running.set(len(self.active))
+            if self.outbox:
+                batch, self.outbox = self.outbox, []
+                self.deliver(batch)
+
+    def prefill(self, groups):
+        """Run G prompts of one length T through the model together, (G, T); copy each one's keys and
+        values into the next free rows (one per choice: a prompt's choices share them), and sample
+        each choice's first token."""
+        for s in (s for g in groups for s in g.seqs if s.cancelled):  # left while waiting
+            self.finish(s, "abort", "")
+        groups = [g for g in groups if not all(s.cancelled for s in g.seqs)]
+        if not groups:
+            return
+        model, T = self.model, len(groups[0].ids)
+        cache = KVCache(model.config.n_layer, T)
+        h = model.hidden_states(torch.tensor([g.ids for g in groups], device=self.device), cache)  # (G, T, C)
+        if self.k is None:  # like KVCache: allocated at first use, in the dtype autocast gives k and v
+            shape = list(cache.k.shape)  # (n_layer, G, nh, T, hd) -> (n_layer, max_batch, nh, block_size, hd)
+            shape[1], shape[3] = self.max_batch, model.config.block_size
+            self.k = torch.zeros(shape, dtype=cache.k.dtype, device=self.device)
+            self.v = torch.zeros_like(self.k)
+        self.metrics.prompt_tokens.inc(T * len(groups))
+        started, rows, now = [], [], time.monotonic()
+        for i, g in enumerate(groups):
+            seqs = [s for s in g.seqs if not s.cancelled]
+            for s in seqs:
+                self.metrics.queue_time.observe(now - s.arrival)
+            if g.prompt_logprobs is not None:  # echo: each prompt token's logprob given the ones before it
+                lp = model.head(h[i, :-1]).float().log_softmax(-1)  # (T-1, V)
+                text, offsets = TextStream([]), []
+                for t in g.ids:
+                    offsets.append(text.chars)
+                    text.push(self.tok.decode_bytes([t]))
+                prompt = [(g.ids[0], None, None, 0)] + self.logprob_entries(lp, g.ids[1:], g.prompt_logprobs,
+                                                                            offsets[1:])
+                for s in seqs:
+                    s.text.chars = text.chars  # the echoed prompt comes first: generated offsets follow it
+                    self.post(s, {"index": s.index, "text": "", "logprobs": prompt, "finish_reason": None})
+            if seqs[0].s.max_tokens == 0:  # scoring only: nothing is generated
+                for s in seqs:
+                    self.finish(s, "length", "")
+                continue
+            r = len(self.active)
+            self.k[:, r:r + len(seqs), :, :T] = cache.k[:, i:i + 1]  # broadcast over the prompt's rows
+            self.v[:, r:r + len(seqs), :, :T] = cache.v[:, i:i + 1]
+            for s in seqs:
+                s.length = T
+            self.active += seqs
+            started += seqs
+            rows += [i] * len(seqs)
+        if started:
+            self.sample(started, model.head(h[rows, -1]))  # (N, V): each choice from its prompt's last position
+
+    def decode(self):
+        seqs = self.active
+        tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)  # (B,)
+        pos = torch.tensor([s.length for s in seqs], device=self.device)        # (B,)
+        logits = decode_step(self.model, self.k, self.v, tokens, pos)            # (B, V)
+        self.metrics.batch_size.observe(len(seqs))
+        for s in seqs:
+            s.length += 1
+        self.sample(seqs, logits)
+
+    def sample(self, seqs, logits):
+        """The next token of each row of logits (B, V), each row with its own settings and generator."""
+        nxt = logits.argmax(dim=-1)  # the greedy rows; the sampled rows are overwritten below
+        rows = [b for b, s in enumerate(seqs) if not s.s.greedy]
+        if rows:
+            col = lambda xs: torch.tensor(xs, device=logits.device)[:, None]  # noqa: E731  (B', 1)
+            ss = [seqs[b].s for b in rows]
+            nxt[rows] = sample_rows(logits[rows], col([s.temperature for s in ss]),
+                                    col([s.top_k or logits.size(-1) for s in ss]), col([s.top_p for s in ss]),
+                                    [seqs[b].generator for b in rows])
+        want = [b for b, s in enumerate(seqs) if s.s.logprobs is not None]
+        entries = {}
+        if want:  # the model's own log-probabilities, before temperature and filtering (as vLLM)
+            lp = logits[want].float().log_softmax(-1)
+            for j, (b, t) in enumerate(zip(want, nxt[want].tolist())):
+                s = seqs[b]
+                entries[b] = self.logprob_entries(lp[j:j + 1], [t], s.s.logprobs, [s.text.chars])
+        now = time.monotonic()
+        self.recent.append((now, len(seqs)))
+        while self.recent[0][0] < now - 10:
+            self.recent.popleft()
+        self.metrics.generation_tokens.inc(len(seqs))
+        for b, (s, t) in enumerate(zip(seqs, nxt.tolist())):
+            self.accept(s, t, entries.get(b, []), now)
+
+    def logprob_entries(self, lp, ids, k, offsets):
+        """lp (N, V) log-probabilities, ids the N tokens taken -> [(id, logprob, [(alt, logprob)], offset)]."""
+        chosen = lp.gather(1, torch.tensor(ids, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
+        alts = [[]] * len(ids)
+        if k:
+            vals, idx = lp.topk(k, dim=-1)
+            alts = [list(zip(a, v)) for a, v in zip(idx.tolist(), vals.tolist())]
+        return list(zip(ids, chosen, alts, offsets))
+
+    def accept(self, s, t, logprobs, now):
+        if s.cancelled:
+            return
+        s.tokens.append(t)
+        first = s.last_time is None
+        (self.metrics.ttft if first else self.metrics.itl).observe(now - (s.arrival if first else s.last_time))
+        s.last_time = now
+        if t == self.tok.eot_token and not s.s.ignore_eos:  # the model ended the document
+            return self.finish(s, "stop", s.text.push(b"", final=True)[0], logprobs)
+        text, stopped = s.text.push(self.tok.decode_bytes([t]))
+        if not stopped and len(s.tokens) == s.s.max_tokens:  # the last token: flush what was held
+            rest, stopped = s.text.push(b"", final=True)
+            return self.finish(s, "stop" if stopped else "length", text + rest, logprobs)
+        if stopped:
+            return self.finish(s, "stop", text, logprobs)
+        self.post(s, {"index": s.index, "text": text, "logprobs": logprobs, "finish_reason": None})
+
+    def finish(self, s, reason, text, logprobs=()):
+        s.finish = reason
+        if reason != "abort":
+            self.metrics.e2e.observe(time.monotonic() - s.arrival)
+        self.metrics.success.labels(reason).inc()
+        self.post(s, {"index": s.index, "text": text, "logprobs": list(logprobs), "finish_reason": reason})
+
+    def leave(self):
+        """Drop finished and abandoned rows. Each hole takes the last active row (its cache row copied
+        up to its length), so the active rows stay 0..B-1 and a step reads a plain slice of the cache."""
+        for s in self.active:
+            if s.cancelled and s.finish is None:  # a non-streamed handler still waits for this event
+                self.finish(s, "abort", "")
+        b = 0
+        while b < len(self.active):
+            if self.active[b].finish is None:
+                b += 1
+                continue
+            last = self.active.pop()
+            if b < len(self.active):
+                n = last.length
+                self.k[:, b, :, :n] = self.k[:, len(self.active), :, :n]
+                self.v[:, b, :, :n] = self.v[:, len(self.active), :, :n]
+                self.active[b] = last
+
+    def cut_all(self):
+        """End every sequence now, in flight or waiting, each with its last event (the drain is over)."""
+        with self.cond:
+            waiting = [s for g in self.waiting for s in g.seqs]
+            self.waiting.clear()
+            self.n_waiting = 0
+        for s in self.active + waiting:
+            if s.finish is None:
+                self.finish(s, "abort" if s.cancelled else "length", "")
+        self.active = []
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+class Metrics:
+    """Prometheus metrics under vLLM's names (what serving dashboards already chart), in their own
+    registry. Latencies are per sequence, from the request's arrival, on time.monotonic()."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        lat = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.requests = Counter("http_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter("generation_tokens", "tokens generated", registry=r)
+        self.success = Counter("request_success", "sequences finished, by reason (abort: the client left)",
+                               ["finished_reason"], registry=r)
+        self.ttft = Histogram("time_to_first_token_seconds", "arrival to first token", buckets=lat, registry=r)
+        self.itl = Histogram("inter_token_latency_seconds", "time between a sequence's tokens", registry=r,
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        self.e2e = Histogram("e2e_request_latency_seconds", "arrival to last token", buckets=lat, registry=r)
+        self.queue_time = Histogram("request_queue_time_seconds", "arrival to prefill", buckets=lat, registry=r)
+        self.batch_size = Histogram("batch_size", "rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+                                    registry=r)
+        self.running = Gauge("num_requests_running", "sequences in the decode batch (active batch size)", registry=r)
+        self.waiting = Gauge("num_requests_waiting", "sequences waiting for a batch row (queue depth)", registry=r)
+        self.tokens_per_second = Gauge("generation_tokens_per_second", "tokens generated per second over the "
+                                       "last 10 s", registry=r)
+
+
+# ---- the HTTP API -------------------------------------------------------------------------------
+
+class Service:
+    """What the endpoints do, around a running engine: checks, queueing, and OpenAI's response shapes."""
+
+    def __init__(self, model, tok, name, engine):
+        self.tok, self.name, self.engine = tok, name, engine
+        self.block_size, self.created = model.config.block_size, int(time.time())
+
+    def attach(self, loop):
+        """Route the engine's events through this event loop: one thread hop per step for all the
+        requests (a hop per token per request costs a wake-up of the loop each)."""
+        def deliver(batch):
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+                loop.call_soon_threadsafe(lambda: [s.emit(event) for s, event in batch])
+        self.engine.deliver = deliver
+
+    def sampling(self, req, prompts, max_tokens, logprobs, extra_stop=()):
+        """Check what both endpoints share; the request's Sampling."""
+        if req.model != self.name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.name!r} "
+                           f"(GET /v1/models)", "model", "model_not_found")
+        n, bs = len(prompts) * req.n, self.block_size
+        if n > self.engine.max_batch:
+            raise APIError(400, f"n={req.n} for {len(prompts)} prompt(s) is {n} sequences; this server decodes "
+                           f"at most {self.engine.max_batch} together (max_batch)", "n")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > MAX_STOPS or "" in stops:
+            raise APIError(400, f"stop takes up to {MAX_STOPS} non-empty strings", "stop")
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "the prompt is empty; send text or token ids", "prompt")
+            if not all(0 <= t < self.tok.vocab_size for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {self.tok.vocab_size})", "prompt")
+            if len(ids) + max_tokens > bs:
+                raise APIError(400, f"this model's context is {bs} tokens, but {len(ids) + max_tokens} were asked "
+                               f"for ({len(ids)} in the prompt, {max_tokens} for the completion); lower max_tokens "
+                               f"or shorten the prompt", "prompt" if len(ids) >= bs else "max_tokens",
+                               "context_length_exceeded")
+        return Sampling(req.temperature, req.top_k, req.top_p, max_tokens, req.seed, logprobs,
+                        stops + list(extra_stop), req.ignore_eos)
+
+    def start(self, prompts, n, sampling, prompt_logprobs=None):
+        """Queue n sequences per prompt (choice i*n + j is prompt i's j-th, seeded seed + j).
+        Returns (sequences, an async iterator of their events)."""
+        if self.engine.cut_at is not None:
+            raise APIError(503, "the server is shutting down", None, "shutting_down", {"Retry-After": "5"})
+        arrival, queue = time.monotonic(), asyncio.Queue()
+        emit = queue.put_nowait  # called on the event loop's thread: see attach
+        groups = []
+        for i, ids in enumerate(prompts):
+            seqs = []
+            for j in range(n):
+                s = Sampling(**vars(sampling))
+                s.seed = None if s.seed is None else s.seed + j
+                seqs.append(Sequence(i * n + j, s, emit, arrival, self.engine.device))
+            groups.append(Group(ids, seqs, prompt_logprobs))
+        try:
+            self.engine.submit(groups)
+        except QueueFull as e:
+            raise APIError(503, f"the server is busy: {e.args[0]} sequences are waiting (max_queue="
+                           f"{self.engine.max_queue}); retry shortly", None, "queue_full", {"Retry-After": "1"})
+        seqs = [s for g in groups for s in g.seqs]
+
+        async def events():
+            left = len(seqs)
+            while left:
+                event = await queue.get()
+                if "error" in event:
+                    raise APIError(500, f"generation failed: {event['error']}")
+                left -= event["finish_reason"] is not None
+                yield event
+        return seqs, events()
+
+    def token_text(self, t):
+        b = self.tok.decode_bytes([t])
+        try:
+            return b.decode("utf-8"), b
+        except UnicodeDecodeError:  # part of a character: OpenAI's notation for raw bytes
+            return "bytes:" + "".join(f"\\x{c:02x}" for c in b), b
+
+    def completion_logprobs(self, entries):
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, lp, alts, offset in entries:
+            out["tokens"].append(self.token_text(t)[0])
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(None if alts is None else {self.token_text(a)[0]: v for a, v in alts})
+            out["text_offset"].append(offset)
+        return out
+
+    def chat_logprobs(self, entries):
+        def one(t, lp):
+            text, b = self.token_text(t)
+            return {"token": text, "logprob": lp, "bytes": list(b)}
+        return {"content": [{**one(t, lp), "top_logprobs": [one(a, v) for a, v in alts]}
+                            for t, lp, alts, _ in entries]}
+
+    async def respond(self, request, req, prompts, seqs, events, kind, choice):
+        """One JSON answer, or a stream of chunks. choice(index, text, entries, reason, last) -> the
+        choice object: for the whole answer (last=None), or for a chunk."""
+        head = {"id": ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24],
+                "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": self.name}
+        tokens = lambda: sum(len(s.tokens) for s in seqs)  # noqa: E731
+        usage = lambda: {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": tokens(),  # noqa: E731
+                         "total_tokens": sum(map(len, prompts)) + tokens()}
+        if not req.stream:
+            # Starlette does not cancel a plain handler when its client leaves: watch for that here
+            watcher = asyncio.create_task(self.watch_disconnect(request, seqs))
+            texts, entries, reasons = collections.defaultdict(str), collections.defaultdict(list), {}
+            try:
+                async for ev in events:
+                    texts[ev["index"]] += ev["text"]
+                    entries[ev["index"]] += ev["logprobs"]
+                    reasons[ev["index"]] = ev["finish_reason"]
+            finally:
+                watcher.cancel()
+                self.engine.cancel(seqs)  # a no-op unless this handler was cancelled
+            choices = [choice(i, texts[i], entries[i], reasons[i], None) for i in sorted(reasons)]
+            return JSONResponse({**head, "choices": choices, "usage": usage()})
+
+        if kind == "chat":
+            head["object"] = "chat.completion.chunk"
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def line(obj):  # with include_usage, every chunk has "usage": null but the last
+            if include_usage and "usage" not in obj:
+                obj = {**obj, "usage": None}
+            return "data: " + json.dumps(obj) + "\n\n"
+
+        async def sse():
+            try:
+                if kind == "chat":  # the role comes first, in a chunk of its own
+                    for s in seqs:
+                        role = {"role": "assistant", "content": ""}
+                        yield line({**head, "choices": [{"index": s.index, "delta": role, "logprobs": None,
+                                                         "finish_reason": None}]})
+                async for ev in events:
+                    if ev["text"] or ev["logprobs"]:
+                        yield line({**head, "choices": [choice(ev["index"], ev["text"], ev["logprobs"], None, False)]})
+                    if ev["finish_reason"]:  # a choice's last chunk: no text, and the reason
+                        yield line({**head, "choices": [choice(ev["index"], "", [], ev["finish_reason"], True)]})
+                if include_usage:
+                    yield line({**head, "choices": [], "usage": usage()})
+            except APIError as e:
+                yield "data: " + json.dumps(e.body()) + "\n\n"
+            finally:
+                self.engine.cancel(seqs)  # a disconnect lands here (Starlette cancels the stream)
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def watch_disconnect(self, request, seqs):
+        while (await request.receive())["type"] != "http.disconnect":  # the body has been read already
+            pass
+        self.engine.cancel(seqs)
+
+    async def completions(self, request, req):
+        p = req.prompt
+        p = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p or [[]]
+        # "" starts a new document, as in sample.py: prepare.py puts <|endoftext|> before each one
+        prompts = [list(x) if not isinstance(x, str) else self.tok.encode(x, allowed_special="all") if x
+                   else [self.tok.eot_token] for x in p]
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # null: OpenAI's default
+        scoring = req.echo and req.logprobs is not None  # the prompt's logprobs are wanted too
+        if max_tokens < 1 and not (max_tokens == 0 and scoring):
+            raise APIError(400, f"max_tokens={max_tokens} must be at least 1 (0 only with echo=true and "
+                           f"logprobs, to score the prompt)", "max_tokens")
+        sampling = self.sampling(req, prompts, max_tokens, req.logprobs)
+        seqs, events = self.start(prompts, req.n, sampling, req.logprobs if scoring else None)
+        echo = {s.index: self.tok.decode(prompts[s.index // req.n]) if req.echo else "" for s in seqs}
+        unsent = dict(echo)  # streamed: the prompt goes in front of the choice's first chunk
+
+        def choice(i, text, entries, reason, last):
+            text = (echo[i] if last is None else unsent.pop(i, "")) + text
+            lp = self.completion_logprobs(entries) if req.logprobs is not None and (entries or last is None) else None
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+        return await self.respond(request, req, prompts, seqs, events, "completion", choice)
+
+    async def chat(self, request, req):
+        lines = []
+        for m in req.messages:
+            content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
+            lines.append(content + "\n" if m.role in ("system", "developer") else
+                         f"{'User' if m.role == 'user' else 'Assistant'}: {content}")
+        ids = [self.tok.eot_token] + self.tok.encode("\n".join(lines) + "\nAssistant:")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, self.block_size - len(ids))  # the rest of the context, as OpenAI
+        if max_tokens < 1:
+            raise APIError(400, f"max_tokens={max_tokens} must be at least 1", "max_tokens")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        seqs, events = self.start([ids], req.n, self.sampling(req, [ids], max_tokens, top, [CHAT_STOP]))
+
+        def choice(i, text, entries, reason, last):
+            lp = self.chat_logprobs(entries) if req.logprobs and (entries or last is None) else None
+            if last is None:
+                return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                        "finish_reason": reason}
+            return {"index": i, "delta": {} if last else {"content": text}, "logprobs": lp, "finish_reason": reason}
+        return await self.respond(request, req, [ids], seqs, events, "chat", choice)
+
+
+def build_app(service, metrics, key=""):
+    """The ASGI app: FastAPI's routes behind Gate (the API key, and counting requests)."""
+    engine = service.engine
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.attach(asyncio.get_running_loop())
+        engine.thread.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="gpt-from-scratch", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "playground.html")) as f:
+        playground = f.read()
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e):  # pydantic's report -> a 400 naming the field
+        err = e.errors()[0]
+        if err.get("type") == "json_invalid":
+            return APIError(400, f"the body is not valid JSON: {err.get('msg')}", None, "invalid_json").response()
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        return APIError(400, f"{'.'.join(loc)}: {err.get('msg')}" if loc else err.get("msg"),
+                        loc[0] if loc else None).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):  # unknown route, wrong method
+        return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", None,
+                        "not_found" if e.status_code == 404 else None, e.headers).response()
+
+    @app.exception_handler(Exception)
+    async def crash(request, e):
+        return APIError(500, f"internal error: {type(e).__name__}: {e}").response()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, req: CompletionRequest):
+        return await service.completions(request, req)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, req: ChatRequest):
+        return await service.chat(request, req)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": service.created,
+                                            "owned_by": "gpt-from-scratch", "max_model_len": service.block_size}]}
+
+    @app.get("/health")
+    async def health():
+        if engine.cut_at is not None:  # draining: a load balancer should send no more
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok", "model": service.name, "running": len(engine.active), "waiting": engine.n_waiting}
+
+    @app.get("/metrics")
+    async def scrape():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/")
+    async def page():
+        return HTMLResponse(playground)
+
+    return Gate(app, key, metrics, {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
+                                    "/metrics", "/"})
+
+
+class Gate:
+    """ASGI middleware in front of the app: the API key on /v1/* (so /health, /metrics and the page
+    stay open), and the count of every request by route and status, those it refuses included."""
+
+    def __init__(self, app, key, metrics, routes):
+        self.app, self.key, self.metrics, self.routes = app, key, metrics, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        path = scope["path"]
+        try:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if self.key and path.startswith("/v1/") and not hmac.compare_digest(given, f"Bearer {self.key}".encode()):
+                err = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                               None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+                return await err.response()(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(path if path in self.routes else "other", str(status[0])).inc()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's Server, draining on SIGTERM and SIGINT: the engine is told when to cut what is left,
+    and the process exits 0 (uvicorn itself re-raises the signal after shutdown: status 143)."""
+
+    def __init__(self, config, engine, drain):
+        super().__init__(config)
+        self.engine, self.drain = engine, drain
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig, frame):
+        if not self.should_exit:
+            print(f"{signal.Signals(sig).name}: accepting no more connections; finishing the requests in "
+                  f"flight (for at most {self.drain:g} s)", file=sys.stderr, flush=True)
+        self.engine.drain(self.drain)
+        self.force_exit = self.should_exit  # a second signal: stop waiting
+        self.should_exit = True
+
+
+def main(argv=None):
+    configure(globals(), argv)
+    # every setting is checked before anything is loaded or bound
+    if quantize not in MODES:
+        raise UserError(f"quantize={quantize!r} is not one of {', '.join(map(repr, MODES))}")
+    if max_batch < 1 or max_queue < 0 or drain_seconds < 0 or not 0 <= port < 65536 or threads < 0:
+        raise UserError(f"need max_batch >= 1, max_queue >= 0, drain_seconds >= 0, 0 <= port < 65536 and "
+                        f"threads >= 0; got max_batch={max_batch}, max_queue={max_queue}, drain_seconds="
+                        f"{drain_seconds}, port={port}, threads={threads}")
+    dev, device_type, ptdtype = pick_device(device, dtype)
+    if quantize == "int8" and device_type != "cpu":
+        raise UserError(f"quantize='int8' runs on the CPU only, but the device is {dev}; add --device=cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    key = api_key or os.environ.get("SERVE_API_KEY", "")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # bound before the model loads, so a busy port is a one-line error at once
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}; another server may be there: "
+                        f"pick another --port") from None
+
+    try:
+        model, tok, where = load_model(find(out_dir, ckpt) if init_from == "resume" else init_from)
+    except ValueError as e:
+        raise UserError(f"{e}" if init_from == "resume" else f"init_from={init_from!r}: {e}")
+    model = quantize_model(model.to(dev), quantize)
+    name = model_name or os.path.basename(os.path.normpath(out_dir if init_from == "resume" else init_from))
+    metrics = Metrics()
+    engine = Engine(model, tok, max_batch, max_queue, metrics, device_type, ptdtype)
+    app = build_app(Service(model, tok, name, engine), metrics, key)
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                   timeout_graceful_shutdown=drain_seconds + 5), engine, drain_seconds)
+    sock.listen(128)
+    precision = quantize if quantize != "none" else str(ptdtype).removeprefix("torch.")
+    print(f"serving {where} as {name!r}: {model.config.n_layer} layers, {weight_bytes(model) / 1e6:.1f} MB of "
+          f"weights ({precision}) on {dev}, max_batch={max_batch}{', API key required' if key else ''}",
+          file=sys.stderr)
+    print(f"listening on http://{host}:{sock.getsockname()[1]} (playground: /, API: /v1)", file=sys.stderr, flush=True)
+    server.run(sockets=[sock])
+    print("stopped", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run(main)
