@@ -265,10 +265,6 @@ def main(argv=None):
     try:
         source = find(out_dir, ckpt) if init_from == "resume" else init_from
         state = load(source) if os.path.isfile(source) else None
-        if state is not None and "model" not in state and "adapters" in state:
-            raise UserError(f"{source} is a LoRA checkpoint (adapters only); merge them into the weights first: "
-                            f"python finetune.py --out_dir={os.path.dirname(source) or '.'} --merge=merged.pt, then "
-                            f"python export.py --ckpt=merged.pt")
         model, tok, where = load_model(source)
     except ValueError as e:
         raise UserError(f"{e}" if init_from == "resume" else f"init_from={init_from!r}: {e}")

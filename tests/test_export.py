@@ -229,7 +229,7 @@ def test_task_head_and_refusals(tok, tmp_path, capsys):
                                   tie_weights=False))
     mixed = GPT(GPTConfig.preset("gpt2", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=tok.vocab_size,
                                  pos="rope"))
-    cases = [([f"--init_from={tmp_path / 'lora.pt'}"], "is a LoRA checkpoint (adapters only); merge them"),
+    cases = [([f"--init_from={tmp_path / 'lora.pt'}"], "holds LoRA adapters, not a whole model; fold them into one first"),
              ([f"--init_from={save_checkpoint(untied, tok, tmp_path / 'u.pt')}"], "untied gpt2 model"),
              ([f"--init_from={save_checkpoint(mixed, tok, tmp_path / 'x.pt')}"],
               "no transformers class computes norm=layernorm, pos=rope"),
