@@ -1,10 +1,10 @@
 # Quick start: a small GPT on the Python standard library (prepare.py --dataset=stdlib: offline, a
-# 4,096-token BPE, ~3M train tokens), sized for a 2-core laptop CPU: about 7 minutes of training,
+# 4,096-token BPE, ~3M train tokens), sized for a 2-core laptop CPU: 4-7 minutes of training,
 # then `python sample.py --out_dir=out-quickstart` prints recognisable Python.
 #   python prepare.py --dataset=stdlib && python train.py config/quickstart.py
-# Budget: measured on 2 idle-ish cores (float32, eager): ~0.29-0.35 s per 2,048-token step, so 1,200
-# steps = ~7 minutes = 2.5M tokens, about 0.8 epoch; val 1.34 bits per byte at the end (1.43 at step
-# 800). On ~1 MB of prose this config passes nanoGPT's CPU baby GPT (2.10 bits/byte after 128 s) in
+# Budget (2 cores, float32, eager; README, Measured): 0.17-0.35 s per 2,048-token step, so 1,200
+# steps = 4-7 minutes = 2.5M tokens, about 0.8 epoch; val 1.69 bits per byte at the end (1.77 at
+# step 800) over rows spread across the val split. On ~1 MB of prose this config passes nanoGPT's CPU baby GPT (2.10 bits/byte after 128 s) in
 # 150 steps and 40 s (bench/bench_quickstart.py). A faster machine: raise max_iters.
 dataset = "stdlib"
 out_dir = "out-quickstart"
