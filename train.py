@@ -56,7 +56,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 from bpe import Tokenizer
-from checkpoint import load_model
 from configurator import UserError, configure, run
 from device import autocast, compile_problem, peak_flops, pick_device
 from model import GPT, GPTConfig
@@ -295,7 +294,7 @@ def main(argv=None):
     teacher_model = None
     if teacher:  # frozen: eval mode (no dropout), no gradients, run in the same autocast as the student
         try:
-            teacher_model, teacher_tok, teacher_where = load_model(teacher)
+            teacher_model, teacher_tok, teacher_where = checkpoint.load_model(teacher)
         except ValueError as e:
             raise UserError(f"teacher={teacher!r}: {e}")
         if teacher_tok.dumps() != tokenizer.dumps():  # the two distributions must be over the same ids
@@ -351,7 +350,8 @@ def main(argv=None):
                 if k not in ("params", "lr", "initial_lr") and was != v:
                     changed.add(f"{k} {was} -> {v}")
                     g_saved[k] = v
-        set_optimizer_state_dict(raw_model, optimizers, saved, options=StateDictOptions(full_state_dict=True))
+        if saved["state"]:  # a step-0 checkpoint has none, and the fresh optimizer already matches it
+            set_optimizer_state_dict(raw_model, optimizers, saved, options=StateDictOptions(full_state_dict=True))
         if changed:
             say(f"optimizer settings from the config, not the checkpoint: {', '.join(sorted(changed))}")
         if scaler.is_enabled() and ckpt["scaler"]:  # a float32/bfloat16 run saved an empty scaler
@@ -410,12 +410,18 @@ def main(argv=None):
         checkpoint has one format, which sample.py, eval.py and export.py read without knowing how it
         was trained (at 1.5B parameters the gather costs seconds per save; sharded files through
         torch.distributed.checkpoint would save faster but need a converter for every reader)."""
-        rngs = [None] * world
-        dist.all_gather_object(rngs, checkpoint.rng_state(device_type)) if distributed else \
-            rngs.__setitem__(0, checkpoint.rng_state(device_type))
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # under FSDP: gathered on rank 0
+        rngs = [checkpoint.rng_state(device_type)]
+        if distributed:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, checkpoint.rng_state(device_type))
+        if not (master or fsdp):  # under DDP the other ranks hold copies of rank 0's state: done
+            return
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: every rank sends its shards
         weights = get_model_state_dict(raw_model, options=full) if fsdp else raw_model.state_dict()
-        moments = get_optimizer_state_dict(raw_model, optimizers, options=full)
+        # a fresh optimizer (the save at step 0) has no state; DCP would create it by taking a step with
+        # zero gradients, which leaves AdamW's step count at 1 and so changes the run that saved
+        moments = get_optimizer_state_dict(raw_model, optimizers, options=full) \
+            if all(opt.state for opt in optimizers) else {"state": {}, "param_groups": []}
         if not master:
             return
         path = checkpoint.save_step(

@@ -68,6 +68,8 @@ def test_resume_is_exact_bit_for_bit(workdir):
     a, b = load(workdir / "out-full/ckpt_000008.pt"), load(workdir / "out-half/ckpt_000008.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["data"] == b["data"] and a["data"]["row"] == 8 * 2 * 4  # steps x micro-batches x rows
+    # AdamW took exactly 8 steps: saving at step 0 must not create its state with an extra (zero) step
+    assert {float(v["step"]) for v in a["optimizer"]["state"].values()} == {8.0}
     # starting from scratch over a run's checkpoints would mix two runs: refused, naming the fix
     line = error_line(train(workdir, "--out_dir=out-half", "--max_iters=8", check=False))
     assert "already holds checkpoints" in line and "--init_from=resume" in line
