@@ -206,7 +206,7 @@ def model_card(name, kind, model, tok, n_params, state, source, run_dir, data_ca
          "## Architecture", "", "| | |", "|---|---|", f"| transformers class | `{hf.ARCHITECTURES[kind]}` |",
          f"| parameters | {n_params:,} (the exported tensors; the tied embedding once) |",
          f"| layers, heads, width | {c.n_layer}, {c.n_head}, {c.n_embd} |",
-         f"| MLP | {'SwiGLU' if c.mlp == 'swiglu' else 'GELU (tanh form)'}, hidden width {c.mlp_hidden:,} |",
+         f"| MLP | {dict(swiglu='SwiGLU', relu2='ReLU squared', gelu='GELU (tanh form)')[c.mlp]}, hidden width {c.mlp_hidden:,} |",
          f"| context | {c.block_size:,} tokens" + (f"; RoPE, theta {c.rope_theta:g}" if c.pos == "rope" else "") + " |",
          f"| vocabulary | {c.vocab_size:,} tokens (`{tok.name}`; special: {specials}) |", "",
          "## Training data", "", *data_section(data_card, data_card_path, cfg), "",

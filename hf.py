@@ -52,6 +52,9 @@ _OPENAI = {"transformer.wte.weight": "transformer.tokens_embed.weight",
 def architecture(config):
     """Which preset's transformers class computes what a GPT of this config computes; ValueError if none."""
     c = config
+    if c.qk_norm or c.logit_softcap:  # in transformers only in other families (Qwen3, Gemma 2), not these three
+        raise ValueError(f"qk_norm={c.qk_norm}, logit_softcap={c.logit_softcap}: the gpt2, llama and openai-gpt "
+                         f"classes have no QK-norm or logit soft-capping; train without them to export")
     form = (c.norm, c.pos, c.mlp, c.prenorm)
     if form == ("layernorm", "learned", "gelu", True):
         if not c.tie_weights:

@@ -48,13 +48,16 @@ class GPTConfig:
     prenorm: bool = True        # normalise each sublayer's input (GPT-2) or the residual sum (GPT-1)
     pos: str = "learned"        # "learned" absolute embeddings | "rope" rotary (Su et al. 2021)
     rope_theta: float = 10000.0
-    mlp: str = "gelu"           # "gelu" | "swiglu" (Shazeer 2020)
+    mlp: str = "gelu"           # "gelu" | "swiglu" (Shazeer 2020) | "relu2": relu(x)^2 (So et al. 2021)
+    qk_norm: bool = False       # RMSNorm each head's queries and keys: attention logits stay bounded
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), smoothly bounded (Gemma 2)
+    zero_init: bool = False     # the blocks' output projections start at 0: each block starts as identity
     tie_weights: bool = True    # lm_head shares wte's matrix (Press & Wolf 2017)
     grad_checkpoint: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
     def __post_init__(self):
         for field, allowed in (("norm", ("layernorm", "rmsnorm")), ("pos", ("learned", "rope")),
-                               ("mlp", ("gelu", "swiglu"))):
+                               ("mlp", ("gelu", "swiglu", "relu2"))):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not one of {allowed}")
         if self.n_embd % self.n_head != 0:
@@ -69,7 +72,7 @@ class GPTConfig:
             return self.ffn_hidden
         # SwiGLU has three matrices instead of two; 8/3*d keeps the MLP's parameters at 8*d^2 like
         # GELU's 4*d hidden (Shazeer 2020, Llama), rounded up to 64 for kernel-friendly shapes
-        return 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
 
     @property
     def padded_vocab_size(self):
@@ -137,12 +140,18 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:  # one gain vector of size hd, shared by all heads (as modded-nanogpt, Qwen3)
+            hd = config.n_embd // config.n_head
+            self.q_norm, self.k_norm = nn.RMSNorm(hd, eps=1e-6), nn.RMSNorm(hd, eps=1e-6)
 
     def forward(self, x, rope=None, cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hd): each head attends independently over its hd = C/nh channels
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if hasattr(self, "q_norm"):  # QK-norm (Dehghani et al. 2023): a query.key logit is at most
+            # |gain|^2 * sqrt(hd), whatever the weights, so a high learning rate cannot blow up the softmax
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # rotate at absolute positions pos..pos+T-1 (cache.pos on decode steps)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -159,18 +168,20 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.kind = config.mlp
         h = config.mlp_hidden
         # SwiGLU's gate and up projections share one matmul (c_fc is 2h wide), then split
-        self.c_fc = nn.Linear(config.n_embd, 2 * h if self.swiglu else h, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 2 * h if self.kind == "swiglu" else h, bias=config.bias)
         self.c_proj = nn.Linear(h, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         h = self.c_fc(x)  # (B, T, h) or (B, T, 2h)
-        if self.swiglu:
+        if self.kind == "swiglu":
             up, gate = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":  # Primer's squared ReLU: sparse like ReLU, smooth at 0, one matmul fewer than SwiGLU
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # the tanh form GPT-1/2 were trained with
         return self.dropout(self.c_proj(h))
@@ -219,6 +230,11 @@ class GPT(nn.Module):
             for name, p in self.named_parameters():
                 if name.endswith("c_proj.weight"):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init:  # modded-nanogpt: every block starts as the identity and the residual stream
+            # holds only the embedding; c_proj still gets gradients (its input is not 0), then the rest
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.zeros_(p)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):  # N(0, 0.02) as GPT-1 and GPT-2
@@ -284,7 +300,11 @@ class GPT(nn.Module):
     def head(self, h):
         """Hidden states (..., C) -> logits (..., vocab_size). The padded columns are sliced off, so
         the softmax is over real tokens only (torch.compile fuses the slice into the loss)."""
-        return self.lm_head(h)[..., :self.config.vocab_size]
+        logits = self.lm_head(h)[..., :self.config.vocab_size]
+        if self.config.logit_softcap:  # tanh squashes only the extremes: a logit of cap/2 loses 8%
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def forward(self, idx, targets=None, cache=None, reduction="mean"):
         """idx (B, T) ids -> (logits, loss).
@@ -301,7 +321,8 @@ class GPT(nn.Module):
         loss = F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
         return None, loss.view_as(targets) if reduction == "none" else loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, optimizer="adamw"):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, optimizer="adamw",
+                             embedding_lr_scale=1.0):
         """A list of optimizers covering every trainable parameter once. AdamW decays matrices and
         embeddings (dim >= 2) only: biases and norm gains stay free, as GPT-1 did ("all non bias or
         gain weights"); decaying a gain shrinks a scale, not a feature. fused=True on CUDA does the
@@ -309,18 +330,31 @@ class GPT(nn.Module):
         matrices inside the blocks to Muon, which orthogonalises each update (Newton-Schulz), so all
         directions of a matrix learn at a similar rate; embeddings, the head, norms and biases stay
         with AdamW, as Muon is meant for hidden matrices. Its match_rms_adamw scaling (Liu et al.
-        2025) gives Muon's update AdamW's size, so one learning_rate and weight_decay serve both."""
+        2025) gives Muon's update AdamW's size, so one learning_rate and weight_decay serve both.
+        An untied input embedding gets a group of its own: learning_rate * embedding_lr_scale, no weight
+        decay. It is a lookup table whose rows move only when their token occurs, read through the first
+        block's norm, so what counts is a row's direction and an lr sized for matrices turns it slowly;
+        modded-nanogpt runs its embedding at 75x the head's lr. Without decay, as lr * weight_decay at
+        that lr would shrink the table by a percent a step. Each group's "lr_scale" is what train.py's
+        schedule multiplies."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is not one of 'adamw', 'muon'")
+        if embedding_lr_scale != 1.0 and self.config.tie_weights:
+            raise ValueError(f"embedding_lr_scale={embedding_lr_scale} needs an untied head (tie_weights=False): "
+                             f"a tied embedding is also the output layer, which a large lr would wreck")
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         hidden = [p for n, p in params if optimizer == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
-        rest = [p for _, p in params if not any(p is q for q in hidden)]
-        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        table = [p for n, p in params if n == "transformer.wte.weight" and not self.config.tie_weights]
+        rest = [p for _, p in params if not any(p is q for q in hidden + table)]
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+        if table:
+            groups.append({"params": table, "weight_decay": 0.0, "lr_scale": embedding_lr_scale,
+                           "lr": learning_rate * embedding_lr_scale})
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")]
         if hidden:
-            optimizers.append(torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
-                                               adjust_lr_fn="match_rms_adamw"))
+            optimizers.append(torch.optim.Muon([{"params": hidden, "lr_scale": 1.0}], lr=learning_rate,
+                                               weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
         return optimizers
 
     def flops_per_token(self, T=None):

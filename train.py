@@ -89,11 +89,17 @@ block_size = None             # context length (gpt1: 512, gpt2: 1024, modern: 4
 dropout = None                # 0 for pretraining on lots of data; 0.1+ against overfitting small data
 bias = None                   # biases in Linear and LayerNorm
 tie_weights = None            # the head shares the embedding matrix (all presets: True)
+# modded-nanogpt's changes (Jordan et al. 2024), off in every preset; model.py says what each does
+mlp = None                    # 'gelu' | 'swiglu' | 'relu2'
+qk_norm = None                # True: RMSNorm on each head's queries and keys
+logit_softcap = None          # > 0: logits = cap * tanh(logits / cap) (modded-nanogpt: 30, later 15)
+zero_init = None              # True: the blocks' output projections start at 0
 grad_checkpoint = False       # out of memory? recompute each block in backward: far less activation
                               # memory for ~1/3 more compute (applies to resumed and pretrained models too)
 # optimizer: AdamW (Loshchilov & Hutter 2019), or Muon for the blocks' matrices (model.configure_optimizers)
 optimizer = "adamw"           # 'adamw' | 'muon' (Jordan et al. 2024; embeddings, head, norms stay on AdamW)
 learning_rate = 6e-4          # peak, reached after warmup
+embedding_lr_scale = 1.0      # an untied input embedding's lr is learning_rate * this (model.configure_optimizers)
 max_iters = 5000              # optimizer steps of the whole run
 weight_decay = 0.1
 beta1 = 0.9
@@ -117,7 +123,8 @@ compile = None                # torch.compile; None = on for CUDA, off on CPU (s
 seed = 1337
 # ----------------------------------------------------------------------------------------------
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "tie_weights")  # model overrides
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "tie_weights", "mlp", "qk_norm",
+              "logit_softcap", "zero_init")  # model overrides
 
 
 def get_lr(it, warmup, decay_iters, lr, lr_min):
@@ -243,9 +250,10 @@ def main(argv=None):
         if ckpt["tokenizer"] != tokenizer.dumps():
             raise UserError(f"{tok_path} differs from the tokenizer the checkpoint was trained with; "
                             f"resume with the same --dataset")
+        saved = GPTConfig(**ckpt["model_args"])  # fields newer than the checkpoint take their defaults
         for k, v in overrides.items():  # a resumed run has the checkpoint's shape: say so, do not ignore
-            if ckpt["model_args"][k] != v:
-                raise UserError(f"{k}={v!r} but the checkpoint {found} has {k}={ckpt['model_args'][k]!r}; a "
+            if getattr(saved, k) != v:
+                raise UserError(f"{k}={v!r} but the checkpoint {found} has {k}={getattr(saved, k)!r}; a "
                                 f"resumed run keeps its shape: drop --{k}, or start a new --out_dir")
         if ckpt["iter_num"] >= max_iters:  # nothing to do; not an error (a re-run of the quick start)
             say(f"{out_dir}/ is already at step {ckpt['iter_num']}, max_iters={max_iters}: nothing to "
@@ -327,13 +335,16 @@ def main(argv=None):
         fully_shard(raw_model)
 
     # ---- optimizer --------------------------------------------------------------------------------
-    optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type,
-                                                optimizer)
+    try:
+        optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type,
+                                                    optimizer, embedding_lr_scale)
+    except ValueError as e:
+        raise UserError(str(e))
     for opt in optimizers:
         for group in opt.param_groups:
             say(f"optimizer {type(opt).__name__}: {len(group['params'])} tensors, "
-                f"{sum(p.numel() for p in group['params']):,} parameters, peak lr {learning_rate:.2e}, "
-                f"weight_decay {group['weight_decay']}")
+                f"{sum(p.numel() for p in group['params']):,} parameters, peak lr "
+                f"{learning_rate * group['lr_scale']:.2e}, weight_decay {group['weight_decay']}")
     # float16 has a narrow range: scale the loss up so small gradients do not flush to zero
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     iter_num, best_val_loss, evals_since_best = 0, float("inf"), 0
@@ -499,7 +510,7 @@ def main(argv=None):
         lr = get_lr(iter_num, warmup_iters, decay_iters, learning_rate, min_lr)
         for opt in optimizers:
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
         for micro in range(accum):
             x, y = train_data.next_batch()
             # DDP and FSDP reduce gradients across ranks after every backward unless told not to:

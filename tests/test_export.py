@@ -47,12 +47,13 @@ def save_checkpoint(model, tok, path, **extra):
     return str(path)
 
 
-@pytest.mark.parametrize("preset, cls", [("gpt2", "GPT2LMHeadModel"), ("modern", "LlamaForCausalLM"),
-                                         ("gpt1", "OpenAIGPTLMHeadModel")])
-def test_round_trip_each_preset(tok, tmp_path, preset, cls, capsys):
+@pytest.mark.parametrize("preset, cls, tied", [("gpt2", "GPT2LMHeadModel", True), ("modern", "LlamaForCausalLM", True),
+                                               ("modern", "LlamaForCausalLM", False),  # the quick start's form
+                                               ("gpt1", "OpenAIGPTLMHeadModel", True)])
+def test_round_trip_each_preset(tok, tmp_path, preset, cls, tied, capsys):
     # rope_theta 500 must reach config.json; random gains and biases must land in the right tensors
     config = GPTConfig.preset(preset, n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=tok.vocab_size,
-                              dropout=0.0, **({"rope_theta": 500.0} if preset == "modern" else {}))
+                              dropout=0.0, tie_weights=tied, **({"rope_theta": 500.0} if preset == "modern" else {}))
     model = randomise(GPT(config), std=0.15)  # logits of a few units: greedy decoding varies
     ckpt = save_checkpoint(model, tok, tmp_path / "m.pt")
     export.main([f"--init_from={ckpt}", f"--hf_dir={tmp_path / 'hf'}"])  # check=True: it loads itself back
@@ -229,10 +230,13 @@ def test_task_head_and_refusals(tok, tmp_path, capsys):
                                   tie_weights=False))
     mixed = GPT(GPTConfig.preset("gpt2", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=tok.vocab_size,
                                  pos="rope"))
+    capped = GPT(GPTConfig.preset("modern", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=tok.vocab_size,
+                                  logit_softcap=15.0))
     cases = [([f"--init_from={tmp_path / 'lora.pt'}"], "holds LoRA adapters, not a whole model; fold them into one first"),
              ([f"--init_from={save_checkpoint(untied, tok, tmp_path / 'u.pt')}"], "untied gpt2 model"),
              ([f"--init_from={save_checkpoint(mixed, tok, tmp_path / 'x.pt')}"],
               "no transformers class computes norm=layernorm, pos=rope"),
+             ([f"--init_from={save_checkpoint(capped, tok, tmp_path / 'c.pt')}"], "no QK-norm or logit soft-capping"),
              ([f"--init_from={ckpt}", f"--hf_dir={tmp_path}"], "holds checkpoints: export to another --hf_dir"),
              ([f"--init_from={ckpt}", "--push_to_hub=not a repo"], "must be a hub repo id, owner/name"),
              ([f"--init_from={ckpt}", "--dry_run=True"], "dry_run=True lists what push_to_hub would upload"),

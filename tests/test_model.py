@@ -310,6 +310,46 @@ def test_overfits_one_batch(name):
     assert loss.item() < 0.1, f"{name}: loss {loss.item():.3f} after {step} steps"
 
 
+def test_modded_nanogpt_switches():
+    x = torch.randint(0, 100, (2, 16))
+    # logit soft-capping: the same weights give cap * tanh(raw / cap), so every logit is inside (-cap, cap)
+    raw = spiky(GPT(tiny("modern")), std=1.0)
+    capped = GPT(tiny("modern", logit_softcap=5.0))
+    capped.load_state_dict(raw.state_dict())
+    with torch.no_grad():
+        want = 5.0 * torch.tanh(raw(x)[0] / 5.0)
+        assert raw(x)[0].abs().max() > 10  # the cap is exercised, not idle
+        torch.testing.assert_close(capped(x)[0], want)
+        torch.testing.assert_close(capped.head(capped.hidden_states(x)), want)  # every reader of head()
+    # QK-norm: queries and keys are normalised per head, so scaling the q and k rows of c_attn changes nothing;
+    # without it the same scaling changes the attention pattern
+    for qk_norm in (True, False):
+        model = randomise(GPT(tiny("modern", qk_norm=qk_norm)))
+        with torch.no_grad():
+            before = model(x)[0]
+            for block in model.transformer.h:
+                block.attn.c_attn.weight[:2 * 32] *= 7.0
+            assert torch.allclose(model(x)[0], before, atol=1e-4) == qk_norm
+    # ReLU^2 MLP: c_proj(relu(c_fc(x))^2), 4*n_embd wide
+    model = randomise(GPT(tiny("modern", mlp="relu2")))
+    mlp, h = model.transformer.h[0].mlp, torch.randn(2, 16, 32)
+    assert mlp.c_fc.out_features == 4 * 32
+    torch.testing.assert_close(mlp(h), mlp.c_proj(torch.relu(mlp.c_fc(h)) ** 2))
+    # zero-init projections: every block starts as the identity, and training still moves every matrix
+    model = GPT(tiny("modern", zero_init=True))
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden_states(x), model.transformer.ln_f(model.transformer.wte(x)))
+    opt, = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), 1e-8, "cpu")
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(2):  # step 1 moves c_proj only (nothing flows back through a zero matrix); step 2 the rest
+        opt.zero_grad()
+        model(x, targets=x)[1].backward()
+        opt.step()
+    assert [n for n, p in model.named_parameters() if p.dim() == 2 and torch.equal(p, start[n])] == []
+    with pytest.raises(ValueError, match="mlp='relu' is not one of"):
+        GPTConfig.preset("modern", mlp="relu")
+
+
 def test_optimizer_groups():
     model = GPT(tiny("gpt2"))
     opt, = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
@@ -326,6 +366,15 @@ def test_optimizer_groups():
     rest = [p for g in adamw.param_groups for p in g["params"]]
     assert {id(p) for p in rest} == {id(p) for p in model.parameters()} - hidden
     assert isinstance(muon, torch.optim.Muon) and muon.param_groups[0]["weight_decay"] == 0.1
+    # an untied input embedding: its own group at learning_rate * embedding_lr_scale, without decay
+    untied = GPT(tiny("modern", tie_weights=False))
+    adamw, = untied.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", embedding_lr_scale=50.0)
+    table = adamw.param_groups[2]
+    assert table["params"] == [untied.transformer.wte.weight] and table["lr"] == pytest.approx(0.05)
+    assert (table["weight_decay"], table["lr_scale"]) == (0.0, 50.0)
+    assert not any(untied.transformer.wte.weight is p for g in adamw.param_groups[:2] for p in g["params"])
+    with pytest.raises(ValueError, match="embedding_lr_scale=50.0 needs an untied head"):
+        model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", embedding_lr_scale=50.0)
     with pytest.raises(ValueError, match="optimizer='sgd' is not one of"):
         model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", optimizer="sgd")
 

@@ -369,6 +369,27 @@ def test_muon_resume_is_exact_bit_for_bit(workdir):
     assert any("momentum_buffer" in s for s in a["optimizer"]["state"].values())  # Muon's state is saved
 
 
+def test_modded_switches_train_and_are_kept_on_resume(workdir):
+    """--mlp/--qk_norm/--logit_softcap/--zero_init reach the model, travel in the checkpoint's model_args
+    (so sample.py, eval.py and serve.py rebuild the same model), and a resume that contradicts them is refused."""
+    flags = ["--mlp=relu2", "--qk_norm=True", "--logit_softcap=30", "--zero_init=True", "--eval_interval=4",
+             "--tie_weights=False", "--embedding_lr_scale=10"]
+    train(workdir, "--out_dir=out-modded", "--max_iters=4", *flags)
+    ckpt = load(workdir / "out-modded/ckpt_000004.pt")
+    args, groups = ckpt["model_args"], ckpt["optimizer"]["param_groups"]
+    # the schedule scales every group's lr: the untied embedding's stays 10x the others', step by step
+    assert [g["lr"] / groups[0]["lr"] for g in groups] == pytest.approx([1, 1, 10])
+    assert groups[2]["params"] == ["transformer.wte.weight"]
+    assert (args["mlp"], args["qk_norm"], args["logit_softcap"], args["zero_init"]) == ("relu2", True, 30, True)
+    losses = step_losses(workdir / "out-modded")
+    assert losses[4] < losses[1]
+    p = train(workdir, "--out_dir=out-modded", "--max_iters=8", "--init_from=resume", "--qk_norm=False", check=False)
+    assert error_line(p) == ("error: qk_norm=False but the checkpoint out-modded/ckpt_000004.pt has qk_norm=True; "
+                             "a resumed run keeps its shape: drop --qk_norm, or start a new --out_dir")
+    p = train(workdir, "--out_dir=out-tied-scaled", "--max_iters=1", "--embedding_lr_scale=10", check=False)
+    assert error_line(p).startswith("error: embedding_lr_scale=10.0 needs an untied head (tie_weights=False)")
+
+
 def test_distillation_loss_is_hintons():
     """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE, computed here from the definitions."""
     from train import distill_loss
