@@ -11,6 +11,8 @@ The three presets differ only in switches that each have a field in GPTConfig:
   gpt1    (Radford et al. 2018)  post-LayerNorm, learned positions, GELU, dropout 0.1, context 512
   gpt2    (Radford et al. 2019)  pre-LayerNorm + final LayerNorm, context 1024, scaled residual init
   modern  (Llama-style)          pre-RMSNorm, rotary positions (RoPE), SwiGLU MLP, no biases, 4096 context
+Four more switches come from modded-nanogpt's speed records and are off in every preset: a ReLU^2 MLP,
+QK-norm, logit soft-capping and zero-initialised output projections.
 Module names follow Hugging Face's GPT-2 (transformer.wte, wpe, h.N.attn.c_attn, ...) so OpenAI's
 released weights map one to one in GPT.from_pretrained.
 
