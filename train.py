@@ -335,11 +335,8 @@ def main(argv=None):
         fully_shard(raw_model)
 
     # ---- optimizer --------------------------------------------------------------------------------
-    try:
-        optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type,
-                                                    optimizer, embedding_lr_scale)
-    except ValueError as e:
-        raise UserError(str(e))
+    optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type,
+                                                optimizer, embedding_lr_scale)  # a ValueError is one line (run)
     for opt in optimizers:
         for group in opt.param_groups:
             say(f"optimizer {type(opt).__name__}: {len(group['params'])} tensors, "
