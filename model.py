@@ -225,18 +225,17 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        if config.prenorm:
-            # GPT-2: each block adds two projections to the residual stream, so its variance grows with
-            # depth; scaling their init by 1/sqrt(2*n_layer) keeps it constant. Post-norm renormalises
-            # the sum after every add, so GPT-1 keeps plain N(0, 0.02).
-            for name, p in self.named_parameters():
-                if name.endswith("c_proj.weight"):
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.zero_init:  # modded-nanogpt: every block starts as the identity and the residual stream
-            # holds only the embedding; c_proj still gets gradients (its input is not 0), then the rest
-            for name, p in self.named_parameters():
-                if name.endswith("c_proj.weight"):
+        # The projections that write into the residual stream (c_proj). GPT-2: each block adds two, so the
+        # stream's variance grows with depth; scaling their init by 1/sqrt(2*n_layer) keeps it constant.
+        # Post-norm renormalises the sum after every add, so GPT-1 keeps plain N(0, 0.02). zero_init
+        # (modded-nanogpt): every block starts as the identity and the stream holds only the embedding;
+        # c_proj still gets gradients (its input is not 0), and through it the rest of the block.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                if config.zero_init:
                     nn.init.zeros_(p)
+                elif config.prenorm:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):  # N(0, 0.02) as GPT-1 and GPT-2
