@@ -31,7 +31,7 @@ import torch
 import hf
 from atomic import atomic_write
 from bpe import Tokenizer
-from model import GPT, HF_GPT2_NAMES, GPTConfig
+from model import GPT, GPTConfig
 
 VERSION = 2  # 2: RNG states as tensors and lists, for weights_only loading. Bump on any layout change.
 
@@ -143,7 +143,7 @@ def load_model(source, which="best"):
         directory holds one, its tokenizer.bpe
     The model is on the CPU in eval mode. Bad sources are a ValueError naming the fix."""
     hf_dir = os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json"))
-    if hf_dir or source in HF_GPT2_NAMES:
+    if hf_dir or source in hf.GPT2_NAMES:
         model = hf.from_pretrained(source)
         bpe = os.path.join(source, "tokenizer.bpe") if hf_dir else ""
         tok = Tokenizer.load(bpe) if os.path.exists(bpe) else Tokenizer.gpt2()
@@ -157,7 +157,7 @@ def load_model(source, which="best"):
         path = source
     else:
         raise ValueError(f"{source!r} is not a run directory, a checkpoint file, a Hugging Face directory "
-                         f"or one of {', '.join(HF_GPT2_NAMES)}")
+                         f"or one of {', '.join(hf.GPT2_NAMES)}")
     state = load(path)
     if "model" not in state:  # a finetune.py LoRA checkpoint: adapters and a reference to the base
         raise ValueError(f"{path} holds LoRA adapters, not a whole model; fold them into one first: "

@@ -33,10 +33,13 @@ import os
 import regex
 import torch
 
-from model import _CONV1D, GPT, GPTConfig, _load_hf_weights
+from model import GPT, GPTConfig
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "modern": "LlamaForCausalLM", "gpt1": "OpenAIGPTLMHeadModel"}
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's releases on the hub
 
+# GPT-2's and GPT-1's Conv1D layers store a weight (in, out) where nn.Linear holds (out, in)
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # ours (under transformer.h.N.) -> Llama's (under model.layers.N.); two or three names: rows split in order
 _LLAMA = {"attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
           "attn.c_proj": ("self_attn.o_proj",),
@@ -93,21 +96,21 @@ def hf_config(config, eot=None):
 
 
 def hf_state_dict(model):
-    """The model's tensors under the names and layouts of its transformers class (see the docstring)."""
+    """The model's tensors under the names and layouts of its transformers class (see the docstring).
+    The padded vocabulary rows are dropped; a model trained without biases gets zero ones where the
+    class has them (GPT-2, GPT-1); a tied head is left out, as transformers ties it on loading."""
     c, kind = model.config, architecture(model.config)
-    if kind == "gpt2":
-        return model.hf_state_dict()
     sd, V, out = model.state_dict(), c.vocab_size, {}
-    if kind == "gpt1":
+    if kind in ("gpt2", "gpt1"):  # our module names, but for GPT-1's two tables and Conv1D's layout
         for key, w in sd.items():
             if key == "lm_head.weight" and c.tie_weights:
                 continue
-            w = w[:V] if key in ("transformer.wte.weight", "lm_head.weight") else w  # drop padding rows
-            out[_OPENAI.get(key, key)] = (w.t() if key.endswith(_CONV1D) else w).contiguous()
-            bias = key.removesuffix("weight") + "bias"  # trained without biases: OpenAIGPT's are 0
-            if key.endswith("weight") and ".h." in key and bias not in sd:
+            w = w[:V] if key in ("transformer.wte.weight", "lm_head.weight") else w
+            out[_OPENAI.get(key, key) if kind == "gpt1" else key] = w.t() if key.endswith(_CONV1D) else w
+            bias = key.removesuffix("weight") + "bias"
+            if key.endswith("weight") and key.startswith(("transformer.h.", "transformer.ln_f")) and bias not in sd:
                 out[bias] = torch.zeros(w.size(0), dtype=w.dtype)
-        return out
+        return {k: v.contiguous() for k, v in out.items()}
     out["model.embed_tokens.weight"] = sd["transformer.wte.weight"][:V]
     out["model.norm.weight"] = sd["transformer.ln_f.weight"]
     if not c.tie_weights:
@@ -124,58 +127,37 @@ def hf_state_dict(model):
 
 # ---- reading a Hugging Face directory ----------------------------------------------------------------
 
-def from_pretrained(path):
-    """The GPT in a Hugging Face directory (or a GPT-2 hub name): GPT-2 through GPT.from_pretrained,
-    and the Llama and OpenAI GPT forms export.py writes. Anything else is a ValueError naming why."""
+def from_pretrained(name_or_dir, dropout=None):
+    """The GPT in a Hugging Face directory written by save_pretrained (config.json + model.safetensors
+    or pytorch_model.bin), or OpenAI's GPT-2 by hub name (GPT2_NAMES; downloaded with huggingface_hub,
+    which needs a network). GPT-2 maps onto the gpt2 preset; the Llama and OpenAI GPT forms export.py
+    writes onto modern and gpt1. Anything else is a ValueError naming why."""
+    path = name_or_dir
     if not os.path.isdir(path):
-        return GPT.from_pretrained(path)
+        if path not in GPT2_NAMES:
+            raise ValueError(f"{path!r} is neither a directory nor one of {', '.join(GPT2_NAMES)}")
+        from huggingface_hub import snapshot_download  # comes with transformers/datasets; only here
+        try:
+            path = snapshot_download(f"openai-community/{path}", allow_patterns=["config.json", "model.safetensors"])
+        except Exception as e:  # offline, proxy, disk full: one line instead of an HTTP traceback
+            raise ValueError(f"could not download {name_or_dir} from the Hugging Face hub ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())}); check the network or pass a local save_pretrained "
+                             f"directory") from e
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"no config.json in {path}; pass a directory written by save_pretrained")
     try:
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
-    except (OSError, ValueError):
-        hf = {}  # GPT.from_pretrained names the problem
-    kind = hf.get("model_type")
-    if kind not in ("llama", "openai-gpt"):
-        return GPT.from_pretrained(path)
-
-    def need(ok, problem):
-        if not ok:
-            raise ValueError(f"{path} holds a {kind} model; only GPT-2 weights, and Llama and OpenAI GPT "
-                             f"models of our presets' forms (as export.py writes them), map onto this GPT: {problem}")
-
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "max_position_embeddings", "vocab_size") if kind == "llama" else \
-        ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")
-    missing = [k for k in keys if not isinstance(hf.get(k), int)]
-    need(not missing, f"config.json lacks {', '.join(missing)}")
-    tied = hf.get("tie_word_embeddings", kind == "openai-gpt")
-    if kind == "llama":
-        C, nh = hf["hidden_size"], hf["num_attention_heads"]
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        need(hf.get("num_key_value_heads", nh) == nh, "grouped-query attention (num_key_value_heads < heads)")
-        need(hf.get("head_dim", C // nh) == C // nh, "head_dim is not hidden_size / heads")
-        need(rope.get("rope_type", rope.get("type", "default")) == "default", "scaled RoPE")
-        need(hf.get("hidden_act", "silu") == "silu" and hf.get("rms_norm_eps") == 1e-6,
-             "an activation other than silu or rms_norm_eps other than 1e-6")
-        need(hf.get("attention_bias", False) == hf.get("mlp_bias", False), "biases in attention but not the MLP")
-        ffn = hf["intermediate_size"]  # 0 when it is the width the preset derives (so configs compare equal)
-        config = GPTConfig.preset("modern", n_layer=hf["num_hidden_layers"], n_head=nh, n_embd=C,
-                                  block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                                  ffn_hidden=0 if ffn == GPTConfig.preset("modern", n_embd=C, n_head=nh).mlp_hidden
-                                  else ffn, rope_theta=float(theta),
-                                  bias=hf.get("attention_bias", False), tie_weights=tied)
-    else:
-        need(hf.get("afn", "gelu") == "gelu", f"activation {hf.get('afn')!r}, not the tanh GELU ('gelu')")
-        need(hf.get("layer_norm_epsilon", 1e-5) == 1e-5, "layer_norm_epsilon other than 1e-5")
-        config = GPTConfig.preset("gpt1", n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                                  block_size=hf["n_positions"], vocab_size=hf["vocab_size"], dropout=0.0,
-                                  tie_weights=tied)
-    sd, file = _load_hf_weights(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}/config.json is not readable JSON ({e})") from None
+    config = _config_from_hf(path, hf, dropout or 0.0)
+    sd, file = _load_weights(path)
+    if hf["model_type"] == "gpt2":  # files saved from GPT2Model have no "transformer." prefix
+        sd = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: w for k, w in sd.items()}
     with torch.device("meta"):  # shapes only, no memory
         theirs = hf_state_dict(GPT(config))  # the names this config's export has
-    ours = {}
-    if kind == "llama":
+    ours = {}  # our key -> their tensor (None where the file lacks it), the inverse of hf_state_dict
+    if hf["model_type"] == "llama":
         ours["transformer.wte.weight"] = sd.get("model.embed_tokens.weight")
         ours["transformer.ln_f.weight"] = sd.get("model.norm.weight")
         for i in range(config.n_layer):
@@ -187,16 +169,15 @@ def from_pretrained(path):
     else:
         back = {v: k for k, v in _OPENAI.items()}
         for name in theirs:
-            w = sd.get(name)
-            key = back.get(name, name)
+            w, key = sd.get(name), back.get(name, name)
             ours[key] = w.t() if w is not None and key.endswith(_CONV1D) else w
-    if not tied:
+    if not config.tie_weights:
         ours["lm_head.weight"] = sd.get("lm_head.weight")
     lacking = sorted(k for k, w in ours.items() if w is None)
     if lacking:
-        raise ValueError(f"{file} lacks {len(lacking)} tensors this config needs, e.g. {lacking[0]}")
+        raise ValueError(f"{file} lacks {len(lacking)} tensors, e.g. {lacking[0]}")
     model = GPT(config)
-    own = model.state_dict()
+    own = model.state_dict()  # tensors sharing storage with the parameters: copy_ fills the model
     for key, w in ours.items():
         target = own[key]
         if key in ("transformer.wte.weight", "lm_head.weight"):
@@ -206,6 +187,65 @@ def from_pretrained(path):
         with torch.no_grad():
             target.copy_(w)
     return model
+
+
+def _config_from_hf(path, hf, dropout):
+    """The GPTConfig of a transformers config.json of one of our three forms."""
+    kind = hf.get("model_type")
+
+    def need(ok, problem):
+        if not ok:
+            raise ValueError(f"{path} holds a {kind} model; only GPT-2 weights, and Llama and OpenAI GPT "
+                             f"models of our presets' forms (as export.py writes them), map onto this GPT: {problem}")
+
+    need(kind in ("gpt2", "llama", "openai-gpt"), "an unknown model_type")
+    keys = {"llama": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "max_position_embeddings", "vocab_size")}.get(kind, ("n_embd", "n_layer", "n_head",
+                                                                          "n_positions", "vocab_size"))
+    missing = [k for k in keys if not isinstance(hf.get(k), int)]
+    need(not missing, f"config.json lacks {', '.join(missing)}")
+    tied = hf.get("tie_word_embeddings", kind != "llama")
+    if kind == "gpt2":
+        need(hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"), "not the tanh GELU")
+        need(tied, "an untied head")
+        return GPTConfig.preset("gpt2", n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                                block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                                ffn_hidden=hf.get("n_inner") or 0, dropout=dropout)
+    if kind == "openai-gpt":
+        need(hf.get("afn", "gelu") == "gelu", f"activation {hf.get('afn')!r}, not the tanh GELU ('gelu')")
+        need(hf.get("layer_norm_epsilon", 1e-5) == 1e-5, "layer_norm_epsilon other than 1e-5")
+        return GPTConfig.preset("gpt1", n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                                block_size=hf["n_positions"], vocab_size=hf["vocab_size"], dropout=dropout,
+                                tie_weights=tied)
+    C, nh = hf["hidden_size"], hf["num_attention_heads"]
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    need(hf.get("num_key_value_heads", nh) == nh, "grouped-query attention (num_key_value_heads < heads)")
+    need(hf.get("head_dim", C // nh) == C // nh, "head_dim is not hidden_size / heads")
+    need(rope.get("rope_type", rope.get("type", "default")) == "default", "scaled RoPE")
+    need(hf.get("hidden_act", "silu") == "silu" and hf.get("rms_norm_eps") == 1e-6,
+         "an activation other than silu or rms_norm_eps other than 1e-6")
+    need(hf.get("attention_bias", False) == hf.get("mlp_bias", False), "biases in attention but not the MLP")
+    ffn = hf["intermediate_size"]  # 0 when it is the width the preset derives (so configs compare equal)
+    return GPTConfig.preset("modern", n_layer=hf["num_hidden_layers"], n_head=nh, n_embd=C,
+                            block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                            ffn_hidden=0 if ffn == GPTConfig.preset("modern", n_embd=C, n_head=nh).mlp_hidden
+                            else ffn, rope_theta=float(theta), bias=hf.get("attention_bias", False),
+                            tie_weights=tied, dropout=dropout)
+
+
+def _load_weights(path):
+    """({name: tensor}, file) from model.safetensors (needs safetensors) or pytorch_model.bin."""
+    st, bin_ = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(st):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(f"reading {st} needs the safetensors package: pip install safetensors") from None
+        return load_file(st), st
+    if os.path.exists(bin_):
+        return torch.load(bin_, map_location="cpu", weights_only=True), bin_  # weights_only: no pickled code
+    raise ValueError(f"no model.safetensors or pytorch_model.bin in {path}")
 
 
 # ---- the tokenizer -------------------------------------------------------------------------------------

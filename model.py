@@ -1,39 +1,25 @@
 """
-model.py: one decoder-only Transformer that is GPT-1, GPT-2 or a modern long-context variant,
-depending on a handful of plain config switches.
+model.py: one decoder-only Transformer that is GPT-1, GPT-2 or a modern variant, by config switches.
 
-A GPT reads token ids (B, T), looks up a vector per token (wte) and, for learned positions, adds a
-vector per position (wpe). A stack of n_layer blocks then mixes information: causal self-attention
-lets each position read the positions before it, an MLP transforms each position on its own. A final
-linear layer (lm_head, usually sharing wte's matrix) scores every vocabulary entry for the next token.
-
-The three presets differ only in switches that each have a field in GPTConfig:
+Token ids (B, T) look up a vector each (wte), plus one per position for learned positions (wpe).
+n_layer blocks mix them: causal self-attention lets each position read those before it, an MLP
+transforms each position alone. lm_head (usually wte's matrix) scores the vocabulary for the next token.
   gpt1    (Radford et al. 2018)  post-LayerNorm, learned positions, GELU, dropout 0.1, context 512
   gpt2    (Radford et al. 2019)  pre-LayerNorm + final LayerNorm, context 1024, scaled residual init
-  modern  (Llama-style)          pre-RMSNorm, rotary positions (RoPE), SwiGLU MLP, no biases, 4096 context
-Four more switches come from modded-nanogpt's speed records and are off in every preset: a ReLU^2 MLP,
-QK-norm, logit soft-capping and zero-initialised output projections.
-Module names follow Hugging Face's GPT-2 (transformer.wte, wpe, h.N.attn.c_attn, ...) so OpenAI's
-released weights map one to one in GPT.from_pretrained.
-
-Speed choices: attention is one call of F.scaled_dot_product_attention (FlashAttention /
-memory-efficient kernels on GPU, never materialising the (T, T) matrix); the embedding table is
-padded to a multiple of 64 rows so the big output matmul has GPU-friendly shapes, and the padded
-logits are sliced off, so nobody outside this file ever sees them (they can be neither sampled nor
-scored). Generation keeps a KV cache: one forward over the prompt, then one token per step.
+  modern  (Llama-style)          pre-RMSNorm, rotary positions (RoPE), SwiGLU, no biases, context 4096
+modded-nanogpt's ReLU^2, QK-norm, logit soft-capping and zero-init are switches too, off in every preset.
+Module names are Hugging Face GPT-2's, so OpenAI's weights map one to one (hf.py converts both ways).
+Speed: attention is one F.scaled_dot_product_attention call (Flash kernels on GPU; no (T, T) matrix);
+the embedding is padded to a multiple of 64 rows for the output matmul's sake, and the padded logits
+are sliced off inside this file, so they are never sampled or scored. Generation keeps a KV cache.
 """
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
-
-HF_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
 
 @dataclass
 class GPTConfig:
@@ -119,20 +105,46 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so each new token attends to them
-    without recomputing. Tensors (n_layer, B, nh, capacity, hd), filled up to position `pos`."""
+    without recomputing. k, v: (n_layer, B, nh, capacity, hd). Each row b has its own length pos[b]
+    (a CPU tensor, so deciding how to attend needs no device sync): a batch of generations at
+    different points, as serve.py decodes, is one forward. Allocated at the first write, k and v each
+    in the dtype the layer gave them (under autocast a QK-normed key is float32, a value bf16)."""
 
-    def __init__(self, n_layer, capacity):
-        self.n_layer, self.capacity, self.pos, self.k, self.v = n_layer, capacity, 0, None, None
+    def __init__(self, n_layer, batch, capacity):
+        self.n_layer, self.capacity = n_layer, capacity
+        self.pos = torch.zeros(batch, dtype=torch.long)
+        self.k = self.v = None
 
-    def update(self, layer, k, v):
-        if self.k is None:  # allocated on first use, in the dtype autocast gives k and v
-            shape = (self.n_layer, *k.shape[:2], self.capacity, k.size(3))
-            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty_like(self.k)
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def allocate(self, k, v):  # k, v: one layer's (B', nh, T, hd), for the head shape and the dtypes
+        shape = (self.n_layer, len(self.pos), k.size(1), self.capacity, k.size(3))
+        self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+        self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+
+    def update(self, layer, k, v, where):
+        """Write k, v (B, nh, T, hd) at `where` (a column slice shared by every row, or the (B, T)
+        column of each row's each new token) and return this layer's (B, nh, L, hd) keys and values
+        up to L, the longest row's new length. Columns past a row's own length are masked off."""
+        if self.k is None:
+            self.allocate(k, v)
+        B, L = k.size(0), int(self.pos[:k.size(0)].max()) + k.size(2)
+        if isinstance(where, slice):
+            self.k[layer, :B, :, where] = k
+            self.v[layer, :B, :, where] = v
+        else:  # advanced indices around a slice: the indexed shape (B, T) comes first, then (nh, hd)
+            rows = torch.arange(B, device=k.device)[:, None]
+            self.k[layer, rows, :, where] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[layer, rows, :, where] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[layer, :B, :, :L], self.v[layer, :B, :, :L]
+
+    def copy_rows(self, dst, src, rows):
+        """Rows `rows` of the cache src (keys, values, lengths) into rows dst of this one: serve.py moves
+        prefilled prompts into its batch, and a finished row's place to another row, this way."""
+        if self.k is None:
+            self.allocate(src.k[0], src.v[0])
+        n = int(src.pos[rows].max())
+        self.k[:, dst, :, :n] = src.k[:, rows, :, :n]
+        self.v[:, dst, :, :n] = src.v[:, rows, :, :n]
+        self.pos[dst] = src.pos[rows]
 
 
 class CausalSelfAttention(nn.Module):
@@ -146,7 +158,11 @@ class CausalSelfAttention(nn.Module):
             hd = config.n_embd // config.n_head
             self.q_norm, self.k_norm = nn.RMSNorm(hd, eps=1e-6), nn.RMSNorm(hd, eps=1e-6)
 
-    def forward(self, x, rope=None, cache=None, layer=0):
+    def forward(self, x, rope=None, cache=None, layer=0, mask=None, where=None):
+        """x (B, T, C). rope: cos, sin at each new position. With a cache, the new keys and values go
+        in at `where` and the queries attend to every cached column that `mask` (B, 1, T, L) allows;
+        mask None means plain causal attention over T x T (training, a prefill) or, for T = 1 after a
+        prefix, attention to every cached column."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hd): each head attends independently over its hd = C/nh channels
@@ -154,15 +170,14 @@ class CausalSelfAttention(nn.Module):
         if hasattr(self, "q_norm"):  # QK-norm (Dehghani et al. 2023): a query.key logit is at most
             # |gain|^2 * sqrt(hd), whatever the weights, so a high learning rate cannot blow up the softmax
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # rotate at absolute positions pos..pos+T-1 (cache.pos on decode steps)
+        if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, pos+T, hd)
-        # A prefill (or training) is causal over T x T. A decode step (T=1, the only step a filled
-        # cache takes) may see every cached key, so no mask; is_causal with T_q != T_k would align
-        # the mask top-left, which is wrong. bool(): a plain flag even when torch.compile sees T as symbolic
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=bool(T > 1))
+            k, v = cache.update(layer, k, v, where)  # (B, nh, L, hd)
+        # is_causal aligns its mask top-left, right only when T_q = T_k; any other case has a mask.
+        # bool(): a plain flag even when torch.compile sees T as symbolic
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=bool(mask is None and T > 1))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -196,11 +211,11 @@ class Block(nn.Module):
         self.ln_1, self.attn = make_norm(config), CausalSelfAttention(config)
         self.ln_2, self.mlp = make_norm(config), MLP(config)
 
-    def forward(self, x, rope=None, cache=None, layer=0):
+    def forward(self, x, rope=None, *attend):  # attend: cache, layer, mask, where (see CausalSelfAttention)
         if self.prenorm:  # GPT-2: the residual stream is never normalised, gradients flow straight through
-            x = x + self.attn(self.ln_1(x), rope, cache, layer)
+            x = x + self.attn(self.ln_1(x), rope, *attend)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, rope, cache, layer))  # GPT-1 / original Transformer: post-norm
+        x = self.ln_1(x + self.attn(x, rope, *attend))  # GPT-1 / original Transformer: post-norm
         return self.ln_2(x + self.mlp(x))
 
 
@@ -254,7 +269,7 @@ class GPT(nn.Module):
                 n -= self.transformer.wte.weight.numel()
         return n
 
-    def _check_input(self, idx, start):
+    def _check_input(self, idx, start, cache=None):
         """Raise ValueError on bad input before any tensor math (an out-of-range id would otherwise be
         a CUDA device-side assert or an index error deep inside torch)."""
         if idx.dim() != 2 or idx.size(1) == 0 or idx.dtype not in (torch.long, torch.int32):
@@ -262,6 +277,9 @@ class GPT(nn.Module):
         if start + idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence of {start + idx.size(1)} tokens is longer than the context "
                              f"block_size={self.config.block_size}; crop it to the last {self.config.block_size}")
+        if cache is not None and (start + idx.size(1) > cache.capacity or idx.size(0) > len(cache.pos)):
+            raise ValueError(f"{tuple(idx.shape)} new tokens after {start} do not fit a KVCache of "
+                             f"{len(cache.pos)} rows x {cache.capacity} positions")
         # min/max wait for the GPU (a host sync), which would stall every training step; so ids are
         # checked except in training on an accelerator and under torch.compile (train.py checks the
         # tokenizer's vocab against the model once instead) and on decode steps (ids we sampled)
@@ -274,18 +292,26 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, cache=None):
         """idx (B, T) ids -> (B, T, C) final hidden states, after the last norm: what the head reads,
-        and what a task head reads (finetune.py). cache: a KVCache; positions continue from cache.pos."""
-        start = cache.pos if cache is not None else 0
-        if start and idx.size(1) > 1:  # the attention below has no mask for T new tokens after a prefix
-            raise ValueError(f"a step with a filled KVCache takes one token, got {idx.size(1)}")
-        self._check_input(idx, start)
-        T = idx.size(1)
+        and what a task head reads (finetune.py). cache: a KVCache whose first B rows each continue
+        from their own length cache.pos[b]; the T new tokens are appended to them."""
+        B, T = idx.shape
+        pos, mask, where, start = torch.arange(T, device=idx.device), None, None, 0  # pos: new positions
+        if cache is not None:
+            first, start = int(cache.pos[0]), int(cache.pos[:B].max())
+            if bool((cache.pos[:B] == first).all()):  # every row at one length: plain column slices
+                pos, where = pos + first, slice(first, first + T)
+                if first and T > 1:  # a chunk after a prefix: causal within it, all of the prefix
+                    mask = torch.arange(first + T, device=idx.device) <= pos[:, None]  # (T, L)
+            else:  # rows at different lengths: each its own positions, blind to the columns past its own
+                pos = where = cache.pos[:B].to(idx.device)[:, None] + pos  # (B, T)
+                mask = (torch.arange(start + T, device=idx.device) <= pos[..., None])[:, None]  # (B, 1, T, L)
+        self._check_input(idx, start, cache)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.transformer.wpe is not None:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # + (T, C)
-        else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, hd/2) each
+            x = x + self.transformer.wpe(pos)  # + (T, C), or (B, T, C) for per-row positions
+        else:  # cos, sin (T, hd/2), or (B, 1, T, hd/2) to broadcast over the heads
+            rope = tuple(t[pos] if pos.dim() == 1 else t[pos][:, None] for t in (self.rope_cos, self.rope_sin))
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
@@ -293,9 +319,9 @@ class GPT(nn.Module):
                 # torch.compile, and restores the RNG so dropout masks repeat exactly)
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope, cache, layer)
+                x = block(x, rope, cache, layer, mask, where)
         if cache is not None:
-            cache.pos += T
+            cache.pos[:B] += T
         return self.transformer.ln_f(x)
 
     def head(self, h):
@@ -324,20 +350,14 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, optimizer="adamw",
                              embedding_lr_scale=1.0):
-        """A list of optimizers covering every trainable parameter once. AdamW decays matrices and
-        embeddings (dim >= 2) only: biases and norm gains stay free, as GPT-1 did ("all non bias or
-        gain weights"); decaying a gain shrinks a scale, not a feature. fused=True on CUDA does the
-        whole update in one kernel per group. optimizer="muon" (Jordan et al. 2024) hands the 2-D
-        matrices inside the blocks to Muon, which orthogonalises each update (Newton-Schulz), so all
-        directions of a matrix learn at a similar rate; embeddings, the head, norms and biases stay
-        with AdamW, as Muon is meant for hidden matrices. Its match_rms_adamw scaling (Liu et al.
-        2025) gives Muon's update AdamW's size, so one learning_rate and weight_decay serve both.
-        An untied input embedding gets a group of its own: learning_rate * embedding_lr_scale, no weight
-        decay. It is a lookup table whose rows move only when their token occurs, read through the first
-        block's norm, so what counts is a row's direction and an lr sized for matrices turns it slowly;
-        modded-nanogpt runs its embedding at 75x the head's lr. Without decay, as lr * weight_decay at
-        that lr would shrink the table by a percent a step. Each group's "lr_scale" is what train.py's
-        schedule multiplies."""
+        """Optimizers covering every trainable parameter once; each group's "lr_scale" is what train.py's
+        schedule multiplies. AdamW decays matrices and embeddings only: decaying a norm gain or a bias
+        shrinks a scale, not a feature (GPT-1: "all non bias or gain weights"). fused=True on CUDA: one
+        kernel per group. optimizer="muon" (Jordan et al. 2024) orthogonalises the updates of the blocks'
+        matrices, so every direction learns at a similar rate; match_rms_adamw (Liu et al. 2025) sizes
+        them as AdamW's, so one lr serves both. An untied input embedding is a table whose rows move only
+        when their token occurs, read through a norm: an lr sized for matrices turns them slowly
+        (modded-nanogpt runs it at 75x), so it gets lr * embedding_lr_scale and no decay."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is not one of 'adamw', 'muon'")
         if embedding_lr_scale != 1.0 and self.config.tie_weights:
@@ -372,27 +392,22 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
-        """Continue idx (B, T) one token at a time, yielding each new token as a (B, 1) tensor so a
-        caller can print as it goes. temperature 0 (or top_k=1) is greedy; top_k keeps the k likeliest
-        tokens, top_p the smallest set whose probability reaches p (nucleus sampling). With eos_token,
-        a row that emits it keeps emitting it, and the stream stops once every row has (the eos itself
-        is yielded). Call model.eval() first, or dropout stays on.
-
-        KV cache: one forward over the prompt fills every layer's keys and values, then each step feeds
-        only the newest token. Like recomputing from scratch, the model always conditions on the last
-        block_size tokens (positions beyond the context were never trained, for learned or rotary
-        positions alike); once the sequence is longer than that, every step re-runs the cropped window,
-        because dropping the oldest token changes every hidden state after it. Greedy output is
-        therefore identical, token for token, to recomputing the cropped sequence at every step."""
+        """Continue idx (B, T) one token at a time, yielding each new (B, 1) token so a caller can print
+        as it goes; sampling as sample_next. With eos_token, a row that emits it keeps emitting it, and
+        the stream stops once every row has. Call model.eval() first, or dropout stays on.
+        KV cache: one forward over the prompt, then one token per step. The model conditions on the last
+        block_size tokens (later positions were never trained); past that, every step re-runs the
+        cropped window, as dropping the oldest token changes every hidden state after it. So greedy
+        output equals recomputing the cropped sequence at every step, token for token."""
         if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
             raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got temperature="
                              f"{temperature}, top_k={top_k}, top_p={top_p}")
         bs = self.config.block_size
-        cache = KVCache(self.config.n_layer, min(bs, idx.size(-1) + max_new_tokens))
+        cache = KVCache(self.config.n_layer, idx.size(0), min(bs, idx.size(-1) + max_new_tokens))
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            if cache.pos == 0 or idx.size(1) > bs:  # prefill: the prompt, or the window that slid on
-                cache.pos = 0
+            if cache.pos[0] == 0 or idx.size(1) > bs:  # prefill: the prompt, or the window that slid on
+                cache.pos.zero_()
                 logits, _ = self(idx[:, -bs:], cache=cache)
             else:  # decode: one token at position cache.pos, attending to everything cached
                 logits, _ = self(idx[:, -1:], cache=cache)
@@ -411,113 +426,34 @@ class GPT(nn.Module):
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token))
         return torch.cat([idx, *new], dim=1)
 
-    @classmethod
-    def from_pretrained(cls, name_or_dir, dropout=None):
-        """OpenAI's GPT-2 weights in Hugging Face format: a name in HF_GPT2_NAMES (downloaded with
-        huggingface_hub, which comes with transformers; needs a network) or a local directory written
-        by transformers' save_pretrained (config.json + model.safetensors or pytorch_model.bin)."""
-        path = name_or_dir
-        if not os.path.isdir(path):
-            if name_or_dir not in HF_GPT2_NAMES:
-                raise ValueError(f"{name_or_dir!r} is neither a directory nor one of {', '.join(HF_GPT2_NAMES)}")
-            from huggingface_hub import snapshot_download  # comes with transformers/datasets; only here
-            try:
-                path = snapshot_download(f"openai-community/{name_or_dir}",
-                                         allow_patterns=["config.json", "model.safetensors"])
-            except Exception as e:  # offline, proxy, disk full: one line instead of an HTTP traceback
-                raise ValueError(f"could not download {name_or_dir} from the Hugging Face hub ({type(e).__name__}: "
-                                 f"{e}); check the network or pass a local save_pretrained directory") from e
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise ValueError(f"no config.json in {path}; pass a directory written by save_pretrained")
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        if hf.get("model_type") != "gpt2" or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{path} holds a {hf.get('model_type')} model; only GPT-2 (tanh GELU) weights map onto this GPT")
-        config = GPTConfig.preset("gpt2", n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                                  block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                                  ffn_hidden=hf.get("n_inner") or 0, dropout=dropout or 0.0)
-        sd, file = _load_hf_weights(path)
-        model = cls(config)
-        own = model.state_dict()  # tensors sharing storage with the parameters: copy_ fills the model
-        loaded = set()
-        for hf_key, w in sd.items():
-            key = hf_to_ours(hf_key)
-            if key is None:
-                continue
-            target = own.get(key)
-            if target is not None and key.endswith(_CONV1D):
-                w = w.t()  # HF's Conv1D stores (in, out); nn.Linear holds (out, in)
-            if key == "transformer.wte.weight" and target is not None:
-                target = target[:w.size(0)]  # padded rows keep their init; their logits are sliced off
-            if target is None or target.shape != w.shape:
-                raise ValueError(f"{file}: tensor {hf_key} {tuple(w.shape)} has no match in this GPT "
-                                 f"{tuple(target.shape) if target is not None else ''}")
-            target.copy_(w)
-            loaded.add(key)
-        missing = set(own) - loaded - {"lm_head.weight"}
-        if missing:
-            raise ValueError(f"{file} lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-        return model
 
-    def hf_state_dict(self):
-        """This model's weights under Hugging Face GPT2LMHeadModel's names and layouts (for export):
-        the inverse of from_pretrained. Only the GPT-2 architecture has such a form."""
-        c = self.config
-        if (c.norm, c.pos, c.mlp, c.prenorm, c.tie_weights) != ("layernorm", "learned", "gelu", True, True):
-            raise ValueError("only the gpt2 architecture (pre-LayerNorm, learned positions, GELU, tied head) "
-                             "maps onto Hugging Face's GPT2LMHeadModel")
-        sd, out = self.state_dict(), {}
-        for key, w in sd.items():
-            if key == "lm_head.weight":
-                continue  # tied: HF ties it to wte when loading
-            w = w[:c.vocab_size] if key == "transformer.wte.weight" else w  # drop the padding rows
-            out[key] = (w.t() if key.endswith(_CONV1D) else w).contiguous()
-            bias = key.removesuffix("weight") + "bias"
-            if key.endswith("weight") and "wte" not in key and "wpe" not in key and bias not in sd:
-                out[bias] = torch.zeros(w.size(0), dtype=w.dtype)  # trained without biases: HF's are 0
-        return out
-
-
-# Hugging Face's GPT-2 uses the same module names (GPT2LMHeadModel prefixes "transformer."), but its
-# Conv1D layers store weights (in, out) where nn.Linear holds (out, in): these are transposed.
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def hf_to_ours(hf_key):
-    """A Hugging Face GPT-2 tensor name -> ours, or None for what we do not keep: the old causal-mask
-    buffers, and lm_head (tied to wte). Files saved from GPT2Model have no "transformer." prefix."""
-    if hf_key.endswith((".attn.bias", ".attn.masked_bias")) or hf_key == "lm_head.weight":
-        return None
-    return hf_key if hf_key.startswith("transformer.") else "transformer." + hf_key
-
-
-def _load_hf_weights(path):
-    """{name: tensor} from model.safetensors (needs the safetensors package) or pytorch_model.bin."""
-    st, bin_ = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(st):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ValueError(f"reading {st} needs the safetensors package: pip install safetensors") from None
-        return load_file(st), st
-    if os.path.exists(bin_):
-        return torch.load(bin_, map_location="cpu", weights_only=True), bin_  # weights_only: no pickled code
-    raise ValueError(f"no model.safetensors or pytorch_model.bin in {path}")
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """(B, V) logits of the next token -> (B, 1) sampled ids."""
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[:, [-1]]  # (B, 1) the k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generators=None):
+    """(B, V) next-token logits -> (B, 1) ids. Each setting is one value, or (B, 1) per-row values
+    (serve.py batches requests): temperature 0 or top_k 1 is greedy; top_k keeps the k likeliest
+    tokens (None: all), top_p the fewest whose probability reaches it (None or 1: all). generators:
+    one torch.Generator per row, so a row's seed alone decides its tokens; None: torch's global RNG."""
+    B, V = logits.shape
+    col = lambda x, off: torch.as_tensor(off if x is None else x, dtype=torch.float32,  # noqa: E731
+                                         device=logits.device).expand(B, 1)  # (B, 1)
+    temperature, top_k, top_p = col(temperature, 1.0), col(top_k, V), col(top_p, 1.0)
+    greedy, best = (temperature == 0) | (top_k == 1), logits.argmax(dim=-1, keepdim=True)  # (B, 1) each
+    if bool(greedy.all()):
+        return best
+    logits = logits.float() / torch.where(greedy, 1.0, temperature)
+    k, order = int(top_k.max()), None  # order None: the tokens stay in vocabulary order
+    if k < V:  # the k best of each row, in descending order: much cheaper than sorting all V
+        logits, order = logits.topk(k, dim=-1)
+    elif bool((top_p < 1).any()):
+        logits, order = logits.sort(dim=-1, descending=True)
+    if order is not None:
+        logits = logits.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= top_k, float("-inf"))
         # nucleus (Holtzman et al. 2019): in descending order, drop a token once the mass before it
         # already reaches top_p, which always keeps the most likely token
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        sorted_logits = sorted_logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)  # back to vocabulary order
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+    # inverse-CDF sampling: one uniform draw per row, from the row's own generator where it has one
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V or k)
+    u = torch.rand(B, 1, device=logits.device) if generators is None else \
+        torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])[:, None]
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(cdf.size(-1) - 1)  # (B, 1)
+    return torch.where(greedy, best, pick if order is None else order.gather(1, pick))

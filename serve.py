@@ -20,15 +20,14 @@ and "\\nUser:" joins the stop strings, so the reply ends where the model starts 
 
 Continuous batching. One engine thread owns the model; the HTTP handlers queue requests and read
 their tokens back. Between two steps the engine admits waiting requests: their prompts are prefilled
-(model.hidden_states fills a KVCache; prompts of one length go together), each prompt's keys and
-values are copied into free rows of one batched cache, and each first token is sampled. Each step
-then decodes all active rows together: one forward over their (B, 1) newest tokens, where row b sits
-at its own position pos[b], which sets its rotary angle (or learned position), the cache column it
-writes, and a mask hiding the columns past it. model.py's KVCache keeps one position for the whole
-batch, so that step is written here (decode_step). Each row has its own temperature, top_k, top_p,
-stop strings and torch.Generator (seeded from the request's seed), so a request's tokens do not
-depend on what it was batched with. A finished or abandoned row leaves at the step boundary; the
-last row moves into its place.
+(prompts of one length go together), each prompt's keys and values are copied into free rows of the
+engine's KVCache, and each first token is sampled. Each step then decodes all active rows together:
+one forward of the model over their (B, 1) newest tokens, where row b sits at its own length in the
+cache (model.py's KVCache keeps one per row: it sets the row's position and masks the columns past
+it). Each row has its own temperature, top_k, top_p, stop strings and torch.Generator (seeded from
+the request's seed), all handed to model.sample_next, so a request's tokens do not depend on what it
+was batched with (in float32; in bf16 a matmul's rounding can depend on the batch's shape). A
+finished or abandoned row leaves at the step boundary; the last row moves into its place.
 
 Faults. A bad request gets a 4xx with OpenAI's error body {"error": {message, type, param, code}};
 a full queue (max_queue) gets 503 with Retry-After. A client that disconnects frees its row at the
@@ -51,7 +50,6 @@ import uuid
 from typing import List, Literal, Optional, Union
 
 import torch
-import torch.nn.functional as F
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -63,7 +61,7 @@ from starlette.exceptions import HTTPException
 from checkpoint import find, load_model
 from configurator import UserError, configure, run
 from device import autocast, pick_device
-from model import KVCache, apply_rope
+from model import KVCache, sample_next
 from quantize import MODES, quantize as quantize_model, weight_bytes
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
@@ -150,7 +148,7 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-# ---- sampling, text, and the batched decoding step ------------------------------------------------
+# ---- sampling settings and text ------------------------------------------------------------
 
 class Sampling:
     """One sequence's settings. temperature 0 (or top_k 1) is greedy; logprobs is None (none) or the
@@ -160,35 +158,6 @@ class Sampling:
                  stop=(), ignore_eos=False):
         self.temperature, self.top_k, self.top_p, self.max_tokens = temperature, top_k, top_p, max_tokens
         self.seed, self.logprobs, self.stop, self.ignore_eos = seed, logprobs, list(stop), ignore_eos
-
-    @property
-    def greedy(self):
-        return self.temperature == 0 or self.top_k == 1
-
-
-def sample_rows(logits, temperature, top_k, top_p, generators):
-    """model.sample_next with one setting and one generator per row rather than one for the batch.
-    logits (B, V); temperature (B, 1) > 0; top_k (B, 1), V when off; top_p (B, 1), 1.0 when off;
-    generators: B torch.Generators. Returns the sampled ids (B,)."""
-    V = logits.size(-1)
-    logits = logits.float() / temperature
-    k = int(top_k.max())
-    order = None  # without top_k or top_p, the tokens stay in vocabulary order
-    if k < V:  # the k best of each row, in descending order: much cheaper than sorting all V
-        logits, order = logits.topk(k, dim=-1)
-    elif bool((top_p < 1).any()):
-        logits, order = logits.sort(dim=-1, descending=True)
-    if order is not None:
-        rank = torch.arange(logits.size(-1), device=logits.device)
-        logits = logits.masked_fill(rank >= top_k, float("-inf"))
-        probs = logits.softmax(dim=-1)
-        # nucleus (Holtzman et al. 2019): drop a token once the mass before it reaches top_p (keeps the first)
-        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
-    # inverse-CDF sampling: one uniform draw from each row's own generator, so its seed alone decides
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V or k)
-    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])[:, None]  # (B, 1)
-    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(cdf.size(-1) - 1)  # (B, 1)
-    return (pick if order is None else order.gather(1, pick))[:, 0]
 
 
 class TextStream:
@@ -217,45 +186,6 @@ class TextStream:
         return text[:len(text) - hold], False
 
 
-def decode_step(model, cache_k, cache_v, tokens, pos):
-    """One decoding step for B sequences, each at its own position.
-    tokens (B,): each row's newest token; pos (B,): the position it takes, which is also the number of
-    positions already in the row's cache. cache_k, cache_v (n_layer, rows, nh, block_size, hd), with
-    batch row b in cache row b. Writes each row's key and value at column pos[b] and returns the
-    next-token logits (B, V). GPT.hidden_states and CausalSelfAttention.forward, with per-row positions."""
-    B, tr = tokens.size(0), model.transformer
-    x = tr.wte(tokens[:, None])  # (B, 1, C)
-    rope = None
-    if tr.wpe is not None:
-        x = x + tr.wpe(pos)[:, None]  # (B, 1, C): each row its own learned position
-    else:  # (B, 1, 1, hd/2): broadcasts over the heads and the one new position of each row
-        rope = (model.rope_cos[pos][:, None, None], model.rope_sin[pos][:, None, None])
-    L = int(pos.max()) + 1
-    # row b attends to its own columns 0..pos[b]; the columns past them belong to longer rows
-    mask = (torch.arange(L, device=pos.device) <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
-    rows = torch.arange(B, device=pos.device)
-
-    def attend(attn, x, layer):
-        C = x.size(-1)
-        q, k, v = attn.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, 1, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, 1, hd)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        cache_k[layer, rows, :, pos] = k[:, :, 0]  # (B, nh, hd) into column pos[b] of row b
-        cache_v[layer, rows, :, pos] = v[:, :, 0]
-        y = F.scaled_dot_product_attention(q, cache_k[layer, :B, :, :L], cache_v[layer, :B, :, :L], attn_mask=mask)
-        return attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
-
-    for layer, block in enumerate(tr.h):
-        if block.prenorm:
-            x = x + attend(block.attn, block.ln_1(x), layer)
-            x = x + block.mlp(block.ln_2(x))
-        else:
-            x = block.ln_1(x + attend(block.attn, x, layer))
-            x = block.ln_2(x + block.mlp(x))
-    return model.head(tr.ln_f(x))[:, 0]  # (B, V)
-
-
 # ---- the engine: one thread, continuous batching --------------------------------------------------
 
 class Sequence:
@@ -271,7 +201,7 @@ class Sequence:
         else:
             self.generator.manual_seed(sampling.seed % 2 ** 64)
         self.text = TextStream(sampling.stop)
-        self.tokens, self.length, self.finish, self.cancelled, self.last_time = [], 0, None, False, None
+        self.tokens, self.finish, self.cancelled, self.last_time = [], None, False, None
 
 
 class Group:
@@ -295,7 +225,7 @@ class Engine:
         self.model, self.tok, self.metrics = model, tok, metrics or Metrics()
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device, self.device_type, self.ptdtype = next(model.parameters()).device, device_type, ptdtype
-        self.k = self.v = None          # (n_layer, max_batch, nh, block_size, hd), made at the first prefill
+        self.cache = KVCache(model.config.n_layer, max_batch, model.config.block_size)  # row b: active[b]
         self.active = []                # active[b] owns row b of the cache
         self.waiting = collections.deque()
         self.n_waiting = 0              # sequences in the waiting groups
@@ -404,13 +334,8 @@ class Engine:
         if not groups:
             return
         model, T = self.model, len(groups[0].ids)
-        cache = KVCache(model.config.n_layer, T)
+        cache = KVCache(model.config.n_layer, len(groups), T)
         h = model.hidden_states(torch.tensor([g.ids for g in groups], device=self.device), cache)  # (G, T, C)
-        if self.k is None:  # like KVCache: allocated at first use, in the dtype autocast gives k and v
-            shape = list(cache.k.shape)  # (n_layer, G, nh, T, hd) -> (n_layer, max_batch, nh, block_size, hd)
-            shape[1], shape[3] = self.max_batch, model.config.block_size
-            self.k = torch.zeros(shape, dtype=cache.k.dtype, device=self.device)
-            self.v = torch.zeros_like(self.k)
         self.metrics.prompt_tokens.inc(T * len(groups))
         started, rows, now = [], [], time.monotonic()
         for i, g in enumerate(groups):
@@ -432,11 +357,8 @@ class Engine:
                 for s in seqs:
                     self.finish(s, "length", "")
                 continue
-            r = len(self.active)
-            self.k[:, r:r + len(seqs), :, :T] = cache.k[:, i:i + 1]  # broadcast over the prompt's rows
-            self.v[:, r:r + len(seqs), :, :T] = cache.v[:, i:i + 1]
-            for s in seqs:
-                s.length = T
+            r = len(self.active)  # the prompt's keys and values, once for each of its choices
+            self.cache.copy_rows(list(range(r, r + len(seqs))), cache, [i] * len(seqs))
             self.active += seqs
             started += seqs
             rows += [i] * len(seqs)
@@ -444,25 +366,20 @@ class Engine:
             self.sample(started, model.head(h[rows, -1]))  # (N, V): each choice from its prompt's last position
 
     def decode(self):
+        """One step for every active row: its newest token goes in at its own position (model.py's
+        KVCache keeps each row's length) and its next token comes out."""
         seqs = self.active
-        tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)  # (B,)
-        pos = torch.tensor([s.length for s in seqs], device=self.device)        # (B,)
-        logits = decode_step(self.model, self.k, self.v, tokens, pos)            # (B, V)
+        tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (B, 1)
+        logits, _ = self.model(tokens, cache=self.cache)                            # (B, 1, V)
         self.metrics.batch_size.observe(len(seqs))
-        for s in seqs:
-            s.length += 1
-        self.sample(seqs, logits)
+        self.sample(seqs, logits[:, -1])
 
     def sample(self, seqs, logits):
         """The next token of each row of logits (B, V), each row with its own settings and generator."""
-        nxt = logits.argmax(dim=-1)  # the greedy rows; the sampled rows are overwritten below
-        rows = [b for b, s in enumerate(seqs) if not s.s.greedy]
-        if rows:
-            col = lambda xs: torch.tensor(xs, device=logits.device)[:, None]  # noqa: E731  (B', 1)
-            ss = [seqs[b].s for b in rows]
-            nxt[rows] = sample_rows(logits[rows], col([s.temperature for s in ss]),
-                                    col([s.top_k or logits.size(-1) for s in ss]), col([s.top_p for s in ss]),
-                                    [seqs[b].generator for b in rows])
+        col = lambda xs: torch.tensor(xs, device=logits.device)[:, None]  # noqa: E731  (B, 1)
+        V = logits.size(-1)
+        nxt = sample_next(logits, col([s.s.temperature for s in seqs]), col([s.s.top_k or V for s in seqs]),
+                          col([s.s.top_p for s in seqs]), [s.generator for s in seqs])[:, 0]  # (B,)
         want = [b for b, s in enumerate(seqs) if s.s.logprobs is not None]
         entries = {}
         if want:  # the model's own log-probabilities, before temperature and filtering (as vLLM)
@@ -524,9 +441,7 @@ class Engine:
                 continue
             last = self.active.pop()
             if b < len(self.active):
-                n = last.length
-                self.k[:, b, :, :n] = self.k[:, len(self.active), :, :n]
-                self.v[:, b, :, :n] = self.v[:, len(self.active), :, :n]
+                self.cache.copy_rows([b], self.cache, [len(self.active)])
                 self.active[b] = last
 
     def cut_all(self):

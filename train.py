@@ -55,6 +55,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import hf
 from bpe import Tokenizer
 from configurator import UserError, configure, run
 from device import autocast, compile_problem, peak_flops, pick_device
@@ -272,7 +273,7 @@ def main(argv=None):
         model = GPT(GPTConfig.preset(preset, vocab_size=tokenizer.vocab_size, **overrides))
     else:  # OpenAI's GPT-2 weights (a name, or a local Hugging Face directory) to fine-tune
         try:
-            model = GPT.from_pretrained(init_from, dropout=dropout)
+            model = hf.from_pretrained(init_from, dropout=dropout)
         except ValueError as e:
             raise UserError(f"init_from={init_from!r}: {e}")
         if model.config.vocab_size != tokenizer.vocab_size:

@@ -30,6 +30,22 @@ def tiny(name, **kw):
     return GPTConfig.preset(name, **{**args, **kw})
 
 
+# Every model a GPTConfig describes: the presets, and the modern preset with each switch turned. A new
+# GPTConfig field fails test_every_switch_has_a_variant until it is added here, and then every test
+# parametrized over MODEL_VARIANTS (here and in test_serve.py) runs with it.
+SWITCHES = {"norm": ["layernorm"], "prenorm": [False], "pos": ["learned"], "mlp": ["gelu", "relu2"],
+            "qk_norm": [True], "logit_softcap": [3.0], "zero_init": [True], "tie_weights": [False],
+            "bias": [True], "rope_theta": [500.0], "ffn_hidden": [48], "vocab_multiple": [1]}
+SIZES = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd"}  # set by each test
+NOT_IN_INFERENCE = {"dropout", "grad_checkpoint"}  # training only: test_gradient_checkpointing, dropout's
+MODEL_VARIANTS = [{"name": p} for p in PRESETS] + \
+    [{"name": "modern", k: v} for k, values in SWITCHES.items() for v in values]
+
+
+def test_every_switch_has_a_variant():
+    assert {f.name for f in dataclasses.fields(GPTConfig)} == set(SWITCHES) | SIZES | NOT_IN_INFERENCE
+
+
 def spiky(model, std=0.3):
     """Re-draw the weights with a large std so greedy decoding is varied, not one token repeated."""
     torch.manual_seed(1)
@@ -127,10 +143,31 @@ def test_hidden_states_then_head_is_forward(name):
             torch.testing.assert_close(h.var(-1, unbiased=False), torch.ones(2, 16), atol=1e-3, rtol=0)
         else:
             torch.testing.assert_close(h.pow(2).mean(-1), torch.ones(2, 16), atol=1e-4, rtol=0)
-        cache = KVCache(model.config.n_layer, 16)  # a prefill, then decode steps of one token each
+        cache = KVCache(model.config.n_layer, 2, 16)  # a prefill, decode steps of one token, a chunk
         model.hidden_states(idx[:, :10], cache)
         for t in (10, 11):
             torch.testing.assert_close(model.hidden_states(idx[:, t:t + 1], cache), h[:, t:t + 1])
+        torch.testing.assert_close(model.hidden_states(idx[:, 12:], cache), h[:, 12:])
+
+
+@pytest.mark.parametrize("config", MODEL_VARIANTS, ids=str)
+def test_kv_cache_rows_at_different_lengths_equal_each_row_alone(config):
+    """One forward over rows at different lengths (serve.py's decode step): each row's hidden states
+    are what it gets alone, for every switch. Row 1 is longer: if row 0 saw its columns, it would differ."""
+    torch.manual_seed(0)
+    model = spiky(GPT(tiny(**config)))
+    idx = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        alone = [model.hidden_states(idx[b:b + 1]) for b in range(2)]
+        cache = KVCache(model.config.n_layer, 2, 16)
+        model.hidden_states(idx[:, :9], cache)
+        cache.pos[0] = 5  # row 0 keeps its first 5 tokens: columns 5..8 are now past its end
+        for t in range(5):  # row 0 at positions 5..9, row 1 at 9..13, in the same forwards
+            step = torch.stack([idx[0, 5 + t], idx[1, 9 + t]])[:, None]
+            h = model.hidden_states(step, cache)
+            torch.testing.assert_close(h[0, 0], alone[0][0, 5 + t])
+            torch.testing.assert_close(h[1, 0], alone[1][0, 9 + t])
+        assert cache.pos.tolist() == [10, 14]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -173,105 +210,6 @@ def test_sampling_filters():
     assert set(sample_next(logits, 1.0, top_p=0.8).flatten().tolist()) == {0, 1}
     assert set(sample_next(logits, 1.0, top_p=1e-6).flatten().tolist()) == {0}
     assert len(set(sample_next(logits, 1.0).flatten().tolist())) == 5
-
-
-def test_matches_huggingface_gpt2(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf_cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    idx = torch.randint(0, 100, (2, 20))
-    with torch.no_grad():
-        hf_out = hf(idx, labels=idx)
-    # 1) what save_pretrained writes today: model.safetensors with "transformer."-prefixed keys
-    hf.save_pretrained(tmp_path / "st")
-    # 2) the layout of OpenAI's original upload: pytorch_model.bin with GPT2Model keys (no prefix),
-    # the causal-mask buffers attn.bias / attn.masked_bias, and an explicit lm_head (transformers 5
-    # no longer writes .bin files, so the test writes one the way older versions did)
-    old = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
-    for i in range(2):
-        old[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
-        old[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    hf_cfg.save_pretrained(tmp_path / "bin")
-    torch.save(old, tmp_path / "bin" / "pytorch_model.bin")
-    for d in ("st", "bin"):
-        model = GPT.from_pretrained(str(tmp_path / d)).eval()
-        assert model.config.n_layer == 2 and model.config.block_size == 64 and model.config.vocab_size == 100
-        with torch.no_grad():
-            logits, _ = model(idx[:, :-1])
-            _, loss = model(idx[:, :-1], targets=idx[:, 1:])
-        assert (logits - hf_out.logits[:, :-1]).abs().max() < 1e-4
-        assert abs(loss.item() - hf_out.loss.item()) < 1e-5  # HF shifts labels by one internally
-    del old["h.1.mlp.c_fc.weight"]
-    torch.save(old, tmp_path / "bin" / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="pytorch_model.bin lacks 1 tensors, e.g. transformer.h.1.mlp.c_fc.weight"):
-        GPT.from_pretrained(str(tmp_path / "bin"))
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_hf_state_dict_loads_into_huggingface_gpt2(bias):
-    """Export: hf_state_dict() loads into transformers' GPT2LMHeadModel, which then computes our logits. A
-    model trained without biases exports zero ones. Only the GPT-2 architecture has such a form."""
-    transformers = pytest.importorskip("transformers")
-    model = randomise(GPT(tiny("gpt2", bias=bias)))
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=16,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
-    assert not [n for n, _ in hf.named_buffers()]  # no non-persistent buffers to set aside
-    missing, unexpected = hf.load_state_dict(model.hf_state_dict(), strict=False)
-    # only lm_head is not exported: it is tied to wte, and OpenAI's files on the hub omit it too
-    assert missing == ["lm_head.weight"] and unexpected == []
-    assert hf.lm_head.weight is hf.transformer.wte.weight
-    idx = torch.randint(0, 100, (2, 16))
-    with torch.no_grad():
-        assert (hf(idx).logits - model(idx)[0]).abs().max() < 1e-4
-    with pytest.raises(ValueError, match="only the gpt2 architecture"):
-        GPT(tiny("modern")).hf_state_dict()
-
-
-def test_modern_matches_huggingface_llama():
-    """The modern preset is a Llama: our weights, copied by hand into transformers' LlamaForCausalLM, give
-    the same logits and final hidden states. Llama's code is independent of ours: its own RMSNorm,
-    rotate-half RoPE, SwiGLU down(silu(gate(x)) * up(x)) and, with "eager", attention as an explicit
-    softmax. So a RoPE over interleaved pairs, a swapped gate and up, or a wrong eps or theta fails here."""
-    transformers = pytest.importorskip("transformers")
-    # theta 500, not the default 10,000: it must reach both models, and it turns the slow dims further
-    config = tiny("modern", n_head=4, n_embd=64, block_size=32, rope_theta=500.0)
-    model = randomise(GPT(config))
-    C, H, V = config.n_embd, config.mlp_hidden, config.vocab_size  # 64, 192, 100
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=V, hidden_size=C, intermediate_size=H, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=32,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        tie_word_embeddings=True, attention_bias=False, mlp_bias=False, attn_implementation="eager")).eval()
-    ours = model.state_dict()
-    sd = {"model.embed_tokens.weight": ours["transformer.wte.weight"][:V],  # without the 28 padding rows
-          "model.norm.weight": ours["transformer.ln_f.weight"]}
-    for i in range(config.n_layer):
-        a, b = f"transformer.h.{i}.", f"model.layers.{i}."
-        q, k, v = ours[a + "attn.c_attn.weight"].split(C)  # c_attn's output rows are q, then k, then v
-        up, gate = ours[a + "mlp.c_fc.weight"].split(H)  # c_fc's rows are up, then gate
-        sd.update({b + "self_attn.q_proj.weight": q, b + "self_attn.k_proj.weight": k,
-                   b + "self_attn.v_proj.weight": v, b + "self_attn.o_proj.weight": ours[a + "attn.c_proj.weight"],
-                   b + "mlp.gate_proj.weight": gate, b + "mlp.up_proj.weight": up,
-                   b + "mlp.down_proj.weight": ours[a + "mlp.c_proj.weight"],
-                   b + "input_layernorm.weight": ours[a + "ln_1.weight"],
-                   b + "post_attention_layernorm.weight": ours[a + "ln_2.weight"]})
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert missing == ["lm_head.weight"] and unexpected == []  # the head is tied to embed_tokens
-    idx = torch.randint(0, 100, (2, 32))  # the whole context: every rotary position
-    with torch.no_grad():
-        hf_out = hf(idx, output_hidden_states=True)
-        assert (model(idx)[0] - hf_out.logits).abs().max() < 1e-5
-        assert (model.hidden_states(idx) - hf_out.hidden_states[-1]).abs().max() < 1e-5
-
-
-def test_from_pretrained_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="neither a directory nor one of gpt2"):
-        GPT.from_pretrained("gpt3")
-    with pytest.raises(ValueError, match="no config.json"):
-        GPT.from_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -417,10 +355,9 @@ def test_bad_input_errors():
         model(torch.tensor([[1, 100]]))  # 100 < 128 padded rows: without the check it would run silently
     with pytest.raises(ValueError, match=r"token id -1 is outside"):
         model(torch.tensor([[-1, 2]]))
-    from model import KVCache
-    cache = KVCache(model.config.n_layer, 16)
-    model(torch.zeros(1, 3, dtype=torch.long), cache=cache)  # a prefill, then steps of one token only:
-    with pytest.raises(ValueError, match="a step with a filled KVCache takes one token, got 2"):
-        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)  # T > 1 would attend with no causal mask
+    cache = KVCache(model.config.n_layer, 1, 4)
+    model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"\(1, 2\) new tokens after 3 do not fit a KVCache of 1 rows x 4"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="temperature >= 0"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=-1.0)
