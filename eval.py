@@ -127,7 +127,7 @@ def score(model, rows, batch_size, ctx=None, device="cpu", desc="scoring"):
             hs = h[torch.tensor(r, device=device), torch.tensor(c, device=device)]  # (N, C) scored positions
             logp, greedy = [], []
             for s in range(0, len(hs), 4096):  # (4096, vocab) float32 at a time
-                lp = model.head(hs[s:s + 4096]).float().log_softmax(-1)
+                lp = model.log_probs(hs[s:s + 4096])
                 tgt = torch.tensor(y[s:s + 4096], device=device)
                 logp.append(lp.gather(1, tgt[:, None])[:, 0])
                 greedy.append(lp.argmax(-1) == tgt)

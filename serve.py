@@ -343,7 +343,7 @@ class Engine:
             for s in seqs:
                 self.metrics.queue_time.observe(now - s.arrival)
             if g.prompt_logprobs is not None:  # echo: each prompt token's logprob given the ones before it
-                lp = model.head(h[i, :-1]).float().log_softmax(-1)  # (T-1, V)
+                lp = model.log_probs(h[i, :-1])  # (T-1, V)
                 text, offsets = TextStream([]), []
                 for t in g.ids:
                     offsets.append(text.chars)
@@ -363,19 +363,21 @@ class Engine:
             started += seqs
             rows += [i] * len(seqs)
         if started:
-            self.sample(started, model.head(h[rows, -1]))  # (N, V): each choice from its prompt's last position
+            self.sample(started, h[rows, -1])  # (N, C): each choice from its prompt's last position
 
     def decode(self):
         """One step for every active row: its newest token goes in at its own position (model.py's
         KVCache keeps each row's length) and its next token comes out."""
         seqs = self.active
         tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (B, 1)
-        logits, _ = self.model(tokens, cache=self.cache)                            # (B, 1, V)
+        h = self.model.hidden_states(tokens, self.cache)                            # (B, 1, C)
         self.metrics.batch_size.observe(len(seqs))
-        self.sample(seqs, logits[:, -1])
+        self.sample(seqs, h[:, -1])
 
-    def sample(self, seqs, logits):
-        """The next token of each row of logits (B, V), each row with its own settings and generator."""
+    def sample(self, seqs, h):
+        """The next token of each row, from its final hidden state h (B, C), each row with its own
+        settings and generator."""
+        logits = self.model.head(h)  # (B, V)
         col = lambda xs: torch.tensor(xs, device=logits.device)[:, None]  # noqa: E731  (B, 1)
         V = logits.size(-1)
         nxt = sample_next(logits, col([s.s.temperature for s in seqs]), col([s.s.top_k or V for s in seqs]),
@@ -383,7 +385,7 @@ class Engine:
         want = [b for b, s in enumerate(seqs) if s.s.logprobs is not None]
         entries = {}
         if want:  # the model's own log-probabilities, before temperature and filtering (as vLLM)
-            lp = logits[want].float().log_softmax(-1)
+            lp = self.model.log_probs(h[want])
             for j, (b, t) in enumerate(zip(want, nxt[want].tolist())):
                 s = seqs[b]
                 entries[b] = self.logprob_entries(lp[j:j + 1], [t], s.s.logprobs, [s.text.chars])

@@ -250,3 +250,30 @@ def test_bad_input_is_one_line(workdir, tok, tmp_path, monkeypatch):
             run(ev.main, [f"--init_from={ckpt}", *flags])
         assert str(e.value.code).startswith("error: ") and message in str(e.value.code), (flags, e.value.code)
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "m.pt"]  # no results file from a failed run
+
+
+def test_scores_under_bf16_autocast_equal_float32(monkeypatch):
+    """On a GPU eval.py runs under bf16 autocast. A trained model's logits sit far below 0, where bf16's
+    steps are coarse: here every logit is shifted by -80 (steps of 0.5), which log-softmax would not
+    notice in float32. Each token's score must still equal float32's within 1e-4: model.log_probs
+    computes the scored positions' head in float32. The old way, head under autocast, is checked to
+    be off, so the test can fail. No blocks: their own bf16 rounding (a few 1e-4 per token at 2 layers)
+    is what bf16 costs anywhere; this is about the head."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("gpt2", n_layer=0, n_head=2, n_embd=64, block_size=64, vocab_size=500)).eval()
+    with torch.no_grad():  # every lm_head row gets the same component along e, and ln_f adds -80/1 of e
+        e = torch.randn(64)
+        e /= e.norm()
+        W = model.lm_head.weight
+        W -= (W @ e)[:, None] * e - e
+        model.transformer.ln_f.bias.copy_(-80.0 * e)
+        assert model(torch.tensor([[1, 2, 3]]))[0].max() < -64  # where bf16 steps are 0.5
+    seq = torch.randint(0, 500, (40,)).tolist()
+    rows = [(seq[:i + 1], 1) for i in range(1, 40)]  # one scored token each: per-token scores
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    f32 = [s for s, _ in ev.score(model, rows, 8)]
+    got = [s for s, _ in ev.score(model, rows, 8, ctx=bf16())]
+    assert max(abs(a - b) for a, b in zip(f32, got)) < 1e-4
+    monkeypatch.setattr(model, "log_probs", lambda h: model.head(h).float().log_softmax(-1))
+    old = [s for s, _ in ev.score(model, rows, 8, ctx=bf16())]
+    assert max(abs(a - b) for a, b in zip(f32, old)) > 0.05
