@@ -1,5 +1,5 @@
 """
-checkpoint.py: the one checkpoint format, and load_model, which every script uses to get a model.
+checkpoint.py: the one checkpoint format, and open_model, which every script uses to get a model.
 
 A checkpoint is one file, ckpt_<step>.pt in a run directory, holding a dict:
     version        VERSION below; a reader refuses any other
@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import shutil
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -95,8 +96,7 @@ def find(run_dir, which="best"):
         raise ValueError(f"checkpoint {which} is neither in {run_dir}/ nor a file; "
                          f"pass --ckpt=best, last, a file name in the run or a path")
     if not os.path.isdir(run_dir):
-        raise ValueError(f"no run directory {run_dir}/; train one (python train.py ...) or pass "
-                         f"--out_dir=DIR of a run, or --init_from=gpt2")
+        raise ValueError(f"no run directory {run_dir}/; train one first (python train.py ...)")
     found = step_checkpoints(run_dir)
     best = os.path.join(run_dir, "best.pt")
     if which == "best" and os.path.exists(best):
@@ -133,16 +133,37 @@ def build_model(state):
     return model
 
 
-def load_model(source, which="best"):
-    """(model, tokenizer, description) from any source a script may be pointed at:
-      - a run directory of train.py (its checkpoint `which`: best, last, or a file name; see find)
+class Opened(NamedTuple):
+    """What a script reading a model gets from open_model."""
+    model: GPT                # on the CPU, in eval mode
+    tokenizer: Tokenizer
+    state: Optional[dict]     # the checkpoint dict (config, iter_num, head, ...); None for Hugging Face weights
+    path: str                 # the checkpoint file read; for Hugging Face weights, the hub name or directory
+    run_dir: Optional[str]    # the folder holding the checkpoint (its log.jsonl, eval_*.json); None for HF
+    description: str          # one line for the log: "out/best.pt (step 400)", or the hub name or directory
+
+
+# The reading scripts' old names for --model (configurator.configure's renamed=): a run was --out_dir=DIR,
+# anything else --init_from=NAME, whose default 'resume' meant "the run in out_dir". Each old name
+# maps to (new name, its old default), and its old default changes nothing.
+OLD_MODEL_FLAGS = {"out_dir": ("model", "out"), "init_from": ("model", "resume")}
+
+
+def open_model(source, which="best"):
+    """An Opened model from any source a script may be pointed at:
+      - a run directory of train.py or finetune.py (its checkpoint `which`: best, last, or a file
+        name in the run; see find)
       - a checkpoint file (.pt)
       - a GPT-2 name on the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl)
       - a local Hugging Face directory (config.json + weights): GPT-2, or a Llama or OpenAI GPT of
         our presets' forms (export.py's output, see hf.py), with GPT-2's tokenizer or, if the
         directory holds one, its tokenizer.bpe
-    The model is on the CPU in eval mode. Bad sources are a ValueError naming the fix."""
+    A checkpoint file is read once: the model, its tokenizer and its state come from the same load.
+    Bad sources are a ValueError naming the fix."""
     hf_dir = os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json"))
+    if (hf_dir or source in hf.GPT2_NAMES or os.path.isfile(source)) and which != "best":
+        raise ValueError(f"--ckpt={which} picks a checkpoint inside a run directory, and {source} is not one; "
+                         f"drop --ckpt, or pass --model=RUN_DIR")
     if hf_dir or source in hf.GPT2_NAMES:
         model = hf.from_pretrained(source)
         bpe = os.path.join(source, "tokenizer.bpe") if hf_dir else ""
@@ -150,17 +171,25 @@ def load_model(source, which="best"):
         if tok.vocab_size != model.config.vocab_size:
             raise ValueError(f"{source}: the model has {model.config.vocab_size} tokens, its tokenizer "
                              f"({tok.name}) {tok.vocab_size}; put the matching tokenizer.bpe beside config.json")
-        return model.eval(), tok, source
-    if os.path.isdir(source) or which not in ("best", "last"):
-        path = find(source, which)
-    elif os.path.isfile(source):
+        return Opened(model.eval(), tok, None, source, None, source)
+    if os.path.isfile(source):
         path = source
+    elif os.path.isdir(source) or which not in ("best", "last"):
+        path = find(source, which)
     else:
-        raise ValueError(f"{source!r} is not a run directory, a checkpoint file, a Hugging Face directory "
-                         f"or one of {', '.join(hf.GPT2_NAMES)}")
+        raise ValueError(f"no model at {source!r}: --model takes a run directory (train one first: python "
+                         f"train.py ...), a checkpoint file, a Hugging Face directory or one of "
+                         f"{', '.join(hf.GPT2_NAMES)}")
     state = load(path)
     if "model" not in state:  # a finetune.py LoRA checkpoint: adapters and a reference to the base
         raise ValueError(f"{path} holds LoRA adapters, not a whole model; fold them into one first: "
                          f"python finetune.py --out_dir={os.path.dirname(path) or '.'} --merge=merged.pt")
     tok = Tokenizer.loads(state["tokenizer"], source=f"{path} (its embedded tokenizer)")
-    return build_model(state).eval(), tok, f"{path} (step {state['iter_num']})"
+    return Opened(build_model(state).eval(), tok, state, path, os.path.dirname(path) or ".",
+                  f"{path} (step {state['iter_num']})")
+
+
+def load_model(source, which="best"):
+    """(model, tokenizer, description): open_model for the callers that need only those three."""
+    opened = open_model(source, which)
+    return opened.model, opened.tokenizer, opened.description

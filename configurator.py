@@ -16,6 +16,12 @@ raw string. Every name must already exist in the script, and the value must have
 so a typo is an error that names the closest known keys instead of a silently ignored setting.
 Calling configure again (a test running main() twice in one process) starts from the defaults.
 
+Renamed settings. A script whose setting changed name passes renamed={old: (new, old default)}: the old
+name still works, sets the new one, and prints one line `note: --old is deprecated in script.py; use
+--new=VALUE` on stderr. Given its old default, the old name changes nothing (that default meant what the
+new setting's default means) and its note says so. Old and new names both given are an error: which
+one was meant?
+
 Failing. A user's mistake (a typo, a missing file, a bad value) must end as one line that names the
 problem and the fix, never as a traceback from deep inside torch. Scripts raise UserError for what
 they check themselves; library modules (model.py, bpe.py, checkpoint.py, shards.py) raise ValueError,
@@ -62,7 +68,7 @@ def run(main, argv=None):
 
 def _known_keys(defaults):
     # the settings are the script's public module-level variables of plain types; ALL_CAPS names are
-    # constants (e.g. train.CHECKPOINT_VERSION), not settings
+    # constants (e.g. eval.TASKS), not settings
     return {k: v for k, v in defaults.items()
             if not k.startswith("_") and not k.isupper() and isinstance(v, _TYPES)}
 
@@ -101,10 +107,27 @@ def _parse_value(raw, default):
         return raw
 
 
-def configure(defaults, argv=None):
+def configure(defaults, argv=None, renamed=None):
     """Apply config files and --key=value flags from argv to `defaults` (a script's globals()) in place.
+    renamed: {old name: (new name, old default)} for settings that changed name (see above).
     Returns the resolved settings as a dict (what checkpoints and wandb record)."""
     argv = sys.argv[1:] if argv is None else argv
+    renamed = renamed or {}
+    script = os.path.basename(defaults.get("__file__") or "this script")
+    given = {}  # new name -> the name that set it, to catch an old and a new name both given
+
+    def rename(key, value):
+        """(the setting `key` names, value); (None, value) for an old name given its old default."""
+        new, old_default = renamed.get(key, (key, None))
+        if key in renamed and value == old_default:
+            print(f"note: --{key}={value} is deprecated in {script} and changes nothing: drop it", file=sys.stderr)
+            return None, value
+        if given.setdefault(new, key) != key:
+            raise UserError(f"--{given[new]} and --{key} both set {new}: pass only --{new}=...")
+        if key in renamed:
+            print(f"note: --{key} is deprecated in {script}; use --{new}={value}", file=sys.stderr)
+        return new, value
+
     # the settings as the script wrote them, kept from the first call, so later calls start afresh
     pristine = defaults.setdefault("__settings__", dict(_known_keys(defaults)))
     defaults.update(pristine)
@@ -131,15 +154,19 @@ def configure(defaults, argv=None):
             for key, value in namespace.items():
                 if key.startswith("_") or not isinstance(value, _TYPES):
                     continue  # __builtins__, helper imports
-                if key not in known:
+                if key not in known and key not in renamed:
                     raise _unknown(key, known)
-                known[key] = _coerce(key, value, defaults[key])
+                key, value = rename(key, value)
+                if key is not None:
+                    known[key] = _coerce(key, value, defaults[key])
         else:
             if "=" not in arg:
                 raise UserError(f"flag '{arg}' needs a value: write {arg}=VALUE")
             key, raw = arg[2:].split("=", 1)
-            if key not in known:
+            if key not in known and key not in renamed:
                 raise _unknown(key, known)
-            known[key] = _coerce(key, _parse_value(raw, defaults[key]), defaults[key])
+            key, raw = rename(key, raw)
+            if key is not None:
+                known[key] = _coerce(key, _parse_value(raw, defaults[key]), defaults[key])
     defaults.update(known)
     return dict(known)

@@ -2,13 +2,13 @@
 eval.py: measure a model the way the field does: perplexity and bits per byte on text, zero-shot
 multiple choice (HellaSwag, ARC/PIQA/COPA-style sets), LAMBADA, and completions to read.
 
-    python eval.py --out_dir=out-quickstart                               # val shards: ppl, bits/byte
-    python eval.py --out_dir=out-quickstart --task=ppl --data=notes.txt --stride=64
-    python eval.py --init_from=gpt2 --task=hellaswag                      # Rowan/hellaswag, 10,042 items
-    python eval.py --out_dir=out --task=mc --data=arc_easy.jsonl          # {"query", "choices", "gold"}
-    python eval.py --init_from=gpt2 --task=lambada --prompts=prompts.txt  # + completions beside the numbers
+    python eval.py --model=out-quickstart                             # val shards: ppl, bits/byte
+    python eval.py --model=out-quickstart --task=ppl --data=notes.txt --stride=64
+    python eval.py --model=gpt2 --task=hellaswag                      # Rowan/hellaswag, 10,042 items
+    python eval.py --model=out --task=mc --data=arc_easy.jsonl        # {"query", "choices", "gold"}
+    python eval.py --model=gpt2 --task=lambada --prompts=prompts.txt  # + completions beside the numbers
 
-Any model checkpoint.load_model takes: a train.py or finetune.py run, a checkpoint file, GPT-2's
+Any model checkpoint.open_model takes: a train.py or finetune.py run, a checkpoint file, GPT-2's
 weights, or a Hugging Face directory written by export.py. The numbers go to one results JSON (model,
 data, metric, value, count and the command; eval_<task>.json in the run directory by default), which
 export.py puts in the model card, and to a table on stdout with reference values where known.
@@ -53,15 +53,16 @@ import torch
 
 from atomic import atomic_write
 from bpe import Tokenizer
-from checkpoint import find, load, load_model
+from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
 from device import autocast, pick_device
+from quantize import MODES
 from shards import read_shard
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
-out_dir = "out"            # the run to evaluate (init_from='resume')
-ckpt = "best"              # 'best' | 'last' | a file name in out_dir | a .pt path
-init_from = "resume"       # 'resume' (a checkpoint in out_dir) | 'gpt2', 'gpt2-medium', ... | a Hugging Face dir
+model = "out"              # a run directory (train.py's default out_dir) | a .pt file | 'gpt2', 'gpt2-medium',
+                           # ... | a Hugging Face directory (export.py's): the same in sample, eval, export, serve
+ckpt = "best"              # in a run directory: 'best' (lowest val loss) | 'last' (newest) | a file name in it
 task = "ppl"               # 'ppl' | 'hellaswag' | 'mc' | 'lambada' | 'none' (only the completions of `prompts`)
 data = ""                  # ppl: "" = the run's val shards, or data/<name>, *.bin, a .txt file (glob: one document
                            # each), .jsonl/.parquet (one per row); hellaswag: "" = the hub's Rowan/hellaswag
@@ -79,7 +80,7 @@ max_new_tokens = 64
 temperature = 0.0          # 0 = greedy: the same completions every run
 top_k = None
 seed = 1337
-quantize = ""              # 'int8': also score the int8 model (quantize.py, CPU) and report what it costs
+quantize = "none"          # 'none' | 'int8': also score the int8 model (quantize.py, CPU) and report what it costs
 out = ""                   # results JSON; "" = eval_<task>.json in the run directory (here for other models)
 device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"             # 'auto' = bfloat16 on GPUs that have it, float32 on CPU | 'float32' | ...
@@ -299,7 +300,7 @@ def hub_rows(name, config, split):
 # ---- the script ----------------------------------------------------------------------------------------
 
 def main(argv=None):
-    configure(globals(), argv)
+    configure(globals(), argv, renamed=OLD_MODEL_FLAGS)
     argv = sys.argv[1:] if argv is None else list(argv)
     if task not in TASKS:
         raise UserError(f"task={task!r} is not one of {', '.join(TASKS)}")
@@ -311,29 +312,24 @@ def main(argv=None):
         raise UserError("task=mc needs --data=FILE.jsonl, one {\"query\", \"choices\", \"gold\"} per line")
     if task == "none" and not prompts:
         raise UserError("task=none only writes completions: pass --prompts=FILE")
-    if quantize not in ("", "none", "int8"):
-        raise UserError(f"quantize={quantize!r} is not one of '', 'int8'")
+    if quantize not in MODES:
+        raise UserError(f"quantize={quantize!r} is not one of {', '.join(map(repr, MODES))}")
     dev, device_type, ptdtype = pick_device(device, dtype)
     ctx = autocast(device_type, ptdtype)
     if quantize == "int8" and device_type != "cpu":
         raise UserError("quantize=int8 runs on the CPU only (torch.ao's int8 kernels); add --device=cpu")
 
     # ---- the model ----------------------------------------------------------------------------------
-    try:
-        source = find(out_dir, ckpt) if init_from == "resume" else init_from
-        state = load(source) if os.path.isfile(source) else None  # a checkpoint's run settings and step
-        model, tok, where = load_model(source)
-    except ValueError as e:
-        raise UserError(f"{e}" if init_from == "resume" else f"init_from={init_from!r}: {e}")
-    W = window or model.config.block_size
-    if W > model.config.block_size:
-        raise UserError(f"window={W} is longer than the model's context {model.config.block_size}")
+    opened = open_model(model, ckpt)
+    gpt, tok, state = opened.model, opened.tokenizer, opened.state  # state: a checkpoint's run settings and step
+    W = window or gpt.config.block_size
+    if W > gpt.config.block_size:
+        raise UserError(f"window={W} is longer than the model's context {gpt.config.block_size}")
     S = stride or max(1, W // 2)
     if S > W:
         raise UserError(f"stride={S} is larger than the window {W}: tokens would be skipped; use stride <= window")
-    model.to(dev)
-    run_dir = os.path.dirname(source) if state is not None else None
-    dest = out or os.path.join(run_dir or ".", f"eval_{task}{'_' + _stem(data) if data else ''}.json")
+    gpt.to(dev)
+    dest = out or os.path.join(opened.run_dir or ".", f"eval_{task}{'_' + _stem(data) if data else ''}.json")
 
     # ---- the data -----------------------------------------------------------------------------------
     docs = items = label = dataset = None
@@ -346,7 +342,7 @@ def main(argv=None):
         raise UserError(f"{label}: no documents or items to score")
 
     # ---- scoring ------------------------------------------------------------------------------------
-    print(f"evaluating {where}: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {tok.name} "
+    print(f"evaluating {opened.description}: {gpt.num_params(non_embedding=False) / 1e6:.2f}M parameters, {tok.name} "
           f"tokenizer, on {dev} in {str(ptdtype).removeprefix('torch.')}", file=sys.stderr)
 
     def evaluate(m):
@@ -360,7 +356,7 @@ def main(argv=None):
         return {}, None
 
     t0 = time.time()
-    metrics, records = evaluate(model)
+    metrics, records = evaluate(gpt)
     seconds = time.time() - t0
     n = metrics.get("tokens") if task == "ppl" else len(items or [])
     shown = {"ppl": ("perplexity", "bits_per_byte", "nats_per_token"), "lambada": ("acc", "perplexity"),
@@ -368,10 +364,10 @@ def main(argv=None):
     results = [{"metric": k, "value": metrics[k], "count": n} for k in shown]
     if quantize == "int8":
         import quantize as q  # serve.py's int8 weights (torch.ao dynamic quantization)
-        int8 = q.quantize(model, "int8")
+        int8 = q.quantize(gpt, "int8")
         qm, _ = evaluate(int8)
         results += [{"metric": f"{k} (int8)", "value": qm[k], "count": n, "change": qm[k] - metrics[k]} for k in shown]
-        metrics.update(weight_bytes=q.weight_bytes(model), weight_bytes_int8=q.weight_bytes(int8))
+        metrics.update(weight_bytes=q.weight_bytes(gpt), weight_bytes_int8=q.weight_bytes(int8))
 
     # ---- completions --------------------------------------------------------------------------------
     completions = []
@@ -379,10 +375,10 @@ def main(argv=None):
         torch.manual_seed(seed)
         for p in read_prompts(prompts):
             ids = tok.encode(p, allowed_special="all") if p else [tok.eot_token]  # "" starts a document
-            ids = ids[-(model.config.block_size - 1):]
+            ids = ids[-(gpt.config.block_size - 1):]
             with ctx:
-                y = model.generate(torch.tensor([ids], device=dev), max_new_tokens, temperature, top_k,
-                                   eos_token=tok.eot_token)[0, len(ids):].tolist()
+                y = gpt.generate(torch.tensor([ids], device=dev), max_new_tokens, temperature, top_k,
+                                 eos_token=tok.eot_token)[0, len(ids):].tolist()
             y = y[:y.index(tok.eot_token)] if tok.eot_token in y else y
             completions.append({"prompt": p, "completion": tok.decode(y)})
 
@@ -390,7 +386,7 @@ def main(argv=None):
     # published figures, beside ours only where the data is the benchmark itself (the hub's split)
     refs = {m: ref for (t, m), ref in REFERENCES.items() if t == task and not data}
     report = {
-        "model": where, "source": source, "step": state.get("iter_num") if state else None,
+        "model": opened.description, "source": opened.path, "step": state.get("iter_num") if state else None,
         "task": task, "data": label, "dataset": dataset, "results": results,
         "details": {k: v for k, v in metrics.items() if k not in shown},
         "references": [{"metric": m, "value": v, "source": s} for m, (v, s) in refs.items()],

@@ -2,9 +2,9 @@
 export.py: publish a trained model in the Hugging Face format, with a model card that says what it
 was trained on, and optionally push it to the hub.
 
-    python export.py --out_dir=out-quickstart                       # -> out-quickstart-hf/
-    python export.py --out_dir=out-quickstart --push_to_hub=me/quickstart --dry_run=True
-    python export.py --out_dir=out-quickstart --push_to_hub=me/quickstart --license=mit
+    python export.py --model=out-quickstart                         # -> out-quickstart-hf/
+    python export.py --model=out-quickstart --push_to_hub=me/quickstart --dry_run=True
+    python export.py --model=out-quickstart --push_to_hub=me/quickstart --license_id=mit
 
 The directory loads with transformers and no custom code (AutoModelForCausalLM, AutoTokenizer):
   model.safetensors, config.json, generation_config.json  the gpt2 preset as GPT2LMHeadModel, the
@@ -12,7 +12,7 @@ The directory loads with transformers and no custom code (AutoModelForCausalLM, 
                                         hf.py maps the tensors and says why each mapping is exact
   tokenizer.json, tokenizer_config.json our BPE: our regex, our merges in trained order, the special
                                         tokens; GPT-2's vocabulary also as GPT-2's vocab.json, merges.txt
-  tokenizer.bpe                         our own file, so checkpoint.load_model(dir) reads the export back
+  tokenizer.bpe                         our own file, so checkpoint.open_model(dir) reads the export back
   README.md                             the model card, from the run's own files only: the checkpoint (its
                                         settings, step), log.jsonl (losses, time), the data card of the
                                         shards (data/<dataset>/card.json) and eval.py's results JSON files
@@ -35,18 +35,18 @@ import torch
 
 import hf
 from atomic import atomic_write
-from checkpoint import find, load, load_model
+from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
-out_dir = "out"            # the run to export (init_from='resume')
-ckpt = "best"              # 'best' | 'last' | a file name in out_dir | a .pt path (e.g. finetune.py --merge's)
-init_from = "resume"       # 'resume' (a checkpoint in out_dir) | 'gpt2', ... | a Hugging Face dir
-hf_dir = ""                # the directory to write; "" = <out_dir>-hf
-dtype = "float32"          # of the weights in model.safetensors: 'float32' | 'bfloat16' | 'float16' (half the size)
+model = "out"              # a run directory (train.py's default out_dir) | a .pt file (e.g. finetune.py --merge's)
+                           # | 'gpt2', ... | a Hugging Face directory: the same in sample, eval, export, serve
+ckpt = "best"              # in a run directory: 'best' (lowest val loss) | 'last' (newest) | a file name in it
+hf_dir = ""                # the directory to write; "" = <run directory>-hf, or <the source's name>-hf in .
+save_dtype = "float32"     # the weights' precision in model.safetensors: 'float32' | 'bfloat16' | 'float16' (half)
 results = ""               # eval.py results JSON files for the card (a glob); "" = eval_*.json beside the checkpoint
 data_dir = "data"          # where the run's prepared dataset and its data card live (as for train.py)
-license = ""               # the weights' licence as a hub id ('mit', 'apache-2.0', ...); "" = 'other', undeclared
+license_id = ""            # the weights' licence as a hub id ('mit', 'apache-2.0', ...); "" = 'other', undeclared
 language = "en"            # the card's language (ISO 639-1), e.g. 'en'
 name = ""                  # the model's name in the card; "" = the hub repo's or hf_dir's name
 push_to_hub = ""           # 'owner/name': upload the directory to the Hugging Face hub (huggingface_hub)
@@ -247,50 +247,48 @@ def model_card(name, kind, model, tok, n_params, state, source, run_dir, data_ca
 # ---- the script ------------------------------------------------------------------------------------
 
 def main(argv=None):
-    configure(globals(), argv)
-    if dtype not in DTYPES:
-        raise UserError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    configure(globals(), argv, renamed={**OLD_MODEL_FLAGS, "dtype": ("save_dtype", "float32"),
+                                        "license": ("license_id", "")})  # dtype is compute precision elsewhere
+    if save_dtype not in DTYPES:
+        raise UserError(f"save_dtype={save_dtype!r} is not one of {', '.join(DTYPES)}")
     if push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", push_to_hub):
         raise UserError(f"push_to_hub={push_to_hub!r} must be a hub repo id, owner/name")
     if dry_run and not push_to_hub:
         raise UserError("dry_run=True lists what push_to_hub would upload: add --push_to_hub=owner/name")
-    if license and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
-        raise UserError(f"license={license!r} is not a hub licence id such as mit, apache-2.0, cc-by-4.0 or other")
+    if license_id and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license_id):
+        raise UserError(f"license_id={license_id!r} is not a hub licence id such as mit, apache-2.0, cc-by-4.0 "
+                        f"or other")
     try:
         from safetensors.torch import save as safetensors_bytes
     except ImportError:
         raise UserError("export needs the safetensors package: pip install safetensors==0.8.0") from None
 
     # ---- the model and everything the run wrote about it --------------------------------------------
+    opened = open_model(model, ckpt)
+    gpt, tok, state, source, run_dir, where = opened
     try:
-        source = find(out_dir, ckpt) if init_from == "resume" else init_from
-        state = load(source) if os.path.isfile(source) else None
-        model, tok, where = load_model(source)
-    except ValueError as e:
-        raise UserError(f"{e}" if init_from == "resume" else f"init_from={init_from!r}: {e}")
-    try:
-        kind = hf.architecture(model.config)
+        kind = hf.architecture(gpt.config)
     except ValueError as e:
         raise UserError(f"{where} cannot be exported: {e}")
     if "<|endoftext|>" not in tok.special_tokens:
         raise UserError(f"the tokenizer {tok.name} has no <|endoftext|>, which the export uses as bos and eos")
-    dest = hf_dir or (out_dir.rstrip("/\\") if init_from == "resume" else
-                      os.path.splitext(os.path.basename(os.path.normpath(init_from)))[0]) + "-hf"
+    # beside a run directory (out-quickstart -> out-quickstart-hf); any other source by its name, here
+    dest = hf_dir or (os.path.normpath(model) if os.path.isdir(model) and state is not None else
+                      os.path.splitext(os.path.basename(os.path.normpath(model)))[0]) + "-hf"
     if glob.glob(os.path.join(glob.escape(dest), "*.pt")):
         raise UserError(f"{dest}/ holds checkpoints: export to another --hf_dir, not into a run directory")
-    run_dir = os.path.dirname(source) if state is not None else None
     card_name = name or push_to_hub or os.path.basename(os.path.normpath(dest))
 
     # ---- the files, in memory first (nothing is written until everything was built) ----------------
-    tensors = {k: v.detach().to(DTYPES[dtype]).contiguous().clone() for k, v in hf.hf_state_dict(model).items()}
+    tensors = {k: v.detach().to(DTYPES[save_dtype]).contiguous().clone() for k, v in hf.hf_state_dict(gpt).items()}
     n_params = sum(v.numel() for v in tensors.values())
     eot = tok.eot_token
-    files = {"config.json": json.dumps(hf.hf_config(model.config, eot) | {"torch_dtype": dtype}, indent=2),
+    files = {"config.json": json.dumps(hf.hf_config(gpt.config, eot) | {"torch_dtype": save_dtype}, indent=2),
              "generation_config.json": json.dumps({"bos_token_id": eot, "eos_token_id": eot,
                                                    "pad_token_id": eot}, indent=2),
              "tokenizer.bpe": tok.dumps()}
     try:
-        files.update(hf.tokenizer_files(tok, model.config.block_size))
+        files.update(hf.tokenizer_files(tok, gpt.config.block_size))
     except ValueError as e:
         raise UserError(str(e))
     head = None
@@ -321,8 +319,8 @@ def main(argv=None):
     elif card_path:
         print(f"warning: no data card at {card_path}: the model card cannot describe the training data "
               f"(run from the folder that holds data/, or set --data_dir)", file=sys.stderr)
-    files["README.md"] = model_card(card_name, kind, model, tok, n_params, state, source, run_dir, data_card,
-                                    card_path, evals, license, language, head)
+    files["README.md"] = model_card(card_name, kind, gpt, tok, n_params, state, source, run_dir, data_card,
+                                    card_path, evals, license_id, language, head)
 
     # ---- write --------------------------------------------------------------------------------------
     os.makedirs(dest, exist_ok=True)
@@ -337,18 +335,18 @@ def main(argv=None):
     for stale in set(OURS) - written:  # left by an earlier export of another kind (e.g. GPT-2's vocab.json)
         if os.path.exists(os.path.join(dest, stale)):
             os.remove(os.path.join(dest, stale))
-    print(f"exported {where} as {hf.ARCHITECTURES[kind]} ({n_params:,} parameters, {dtype}) to {dest}/")
+    print(f"exported {where} as {hf.ARCHITECTURES[kind]} ({n_params:,} parameters, {save_dtype}) to {dest}/")
     for fname in sorted(written):
         print(f"  {fname:<30} {os.path.getsize(os.path.join(dest, fname)):>14,} bytes")
     if check:
-        verify(dest, model, tok)
+        verify(dest, gpt, tok)
 
     # ---- push ---------------------------------------------------------------------------------------
     if push_to_hub:
         push(dest, push_to_hub, sorted(written), where)
 
 
-def verify(dest, model, tok):
+def verify(dest, gpt, tok):
     """Load the export with transformers and compare its logits and tokenizer with ours."""
     try:
         import transformers
@@ -359,15 +357,15 @@ def verify(dest, model, tok):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
     their_tok = transformers.AutoTokenizer.from_pretrained(dest)
     text = "def main(argv=None):\n    config = configure(globals(), argv)  # Ünïcödé, 漢字 and 🙂\n"
-    ids = tok.encode(text)[:model.config.block_size]
+    ids = tok.encode(text)[:gpt.config.block_size]
     if their_tok.encode(text)[:len(ids)] != ids:
         raise UserError(f"check failed: {dest}/tokenizer.json encodes the sample text differently from {tok.name}")
     x = torch.tensor([ids])
-    ref = model
-    if dtype != "float32":  # compare with our model's weights rounded as the file rounded them
-        ref = copy.deepcopy(model)
+    ref = gpt
+    if save_dtype != "float32":  # compare with our model's weights rounded as the file rounded them
+        ref = copy.deepcopy(gpt)
         for p in ref.parameters():
-            p.data = p.data.to(DTYPES[dtype]).float()
+            p.data = p.data.to(DTYPES[save_dtype]).float()
     with torch.no_grad():
         diff = (theirs(x).logits.float() - ref(x)[0]).abs().max().item()
     print(f"check: transformers' {type(theirs).__name__} and AutoTokenizer load {dest}/; the same {len(ids)} token "

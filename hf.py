@@ -1,6 +1,6 @@
 """
 hf.py: our GPT and our tokenizer in the Hugging Face format, both ways: export.py writes it, and
-checkpoint.load_model reads it back.
+checkpoint.open_model reads it back.
 
 A Hugging Face model directory is config.json (the architecture and its sizes), model.safetensors
 (the tensors under that architecture's names) and the tokenizer files. transformers loads it with no

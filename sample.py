@@ -1,9 +1,9 @@
 """
 sample.py: write text with a model trained by train.py, or with OpenAI's GPT-2 weights.
 
-    python sample.py --out_dir=out-quickstart                      # best checkpoint of a run
-    python sample.py --out_dir=out-quickstart --ckpt=last --start="def fib(n):"
-    python sample.py --init_from=gpt2 --start=FILE:prompt.txt --top_p=0.9
+    python sample.py --model=out-quickstart                        # best checkpoint of a run
+    python sample.py --model=out-quickstart --ckpt=last --start="def fib(n):"
+    python sample.py --model=gpt2 --start=FILE:prompt.txt --top_p=0.9
 
 A checkpoint carries its own tokenizer (train.py embeds the .bpe file's text), so nothing else needs
 pointing at. Tokens are printed the moment they are generated: model.generate_stream keeps a KV cache,
@@ -17,14 +17,14 @@ import time
 
 import torch
 
-from checkpoint import find, load_model
+from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
 from device import autocast, compile_problem, pick_device
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
-out_dir = "out"            # the run whose checkpoint to load (init_from='resume')
-ckpt = "best"              # 'best' (lowest val loss) | 'last' (newest) | a file name in out_dir | a .pt path
-init_from = "resume"       # 'resume' (a checkpoint in out_dir) | 'gpt2', 'gpt2-medium', ... | local HF dir
+model = "out"              # a run directory (train.py's default out_dir) | a .pt file | 'gpt2', 'gpt2-medium',
+                           # ... | a Hugging Face directory (export.py's): the same in sample, eval, export, serve
+ckpt = "best"              # in a run directory: 'best' (lowest val loss) | 'last' (newest) | a file name in it
 start = ""                 # the prompt; "" starts a fresh document; FILE:path reads the prompt from a file
 num_samples = 1            # samples, one after another
 max_new_tokens = 300       # tokens to generate per sample
@@ -41,7 +41,7 @@ compile = False            # torch.compile the model in place (dynamic shapes: t
 
 
 def main(argv=None):
-    configure(globals(), argv)
+    configure(globals(), argv, renamed=OLD_MODEL_FLAGS)
     # every setting is checked before anything is loaded or written
     if num_samples < 1 or max_new_tokens < 1:
         raise UserError(f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must be at least 1")
@@ -59,12 +59,9 @@ def main(argv=None):
     dev, device_type, ptdtype = pick_device(device, dtype)
     torch.manual_seed(seed)  # on CPU and every GPU: the same seed gives the same samples
 
-    try:
-        model, tok, where = load_model(find(out_dir, ckpt) if init_from == "resume" else init_from)
-    except ValueError as e:
-        raise UserError(f"{e}" if init_from == "resume" else f"init_from={init_from!r}: {e}")
-    model.to(dev)
-    print(f"sampling {where}: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
+    opened = open_model(model, ckpt)
+    gpt, tok = opened.model.to(dev), opened.tokenizer
+    print(f"sampling {opened.description}: {gpt.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
           f"{tok.name} tokenizer, on {dev} in {str(ptdtype).removeprefix('torch.')}", file=sys.stderr)
     if compile:
         if compile_problem(device_type):
@@ -72,11 +69,11 @@ def main(argv=None):
         else:
             # in place: generate_stream calls the module's own forward, which a torch.compile(model)
             # wrapper would never see. dynamic=True: one graph for every cache length, not one each
-            model.compile(dynamic=True)
+            gpt.compile(dynamic=True)
 
     # an empty prompt begins a new document: prepare.py puts <|endoftext|> before every document
     ids = tok.encode(prompt, allowed_special="all") if prompt else [tok.eot_token]
-    block_size = model.config.block_size
+    block_size = gpt.config.block_size
     if len(ids) >= block_size:  # keep room for at least one new token inside the context
         print(f"warning: the prompt is {len(ids)} tokens, the model's context is {block_size}; "
               f"keeping its last {block_size - 1} tokens", file=sys.stderr)
@@ -89,7 +86,7 @@ def main(argv=None):
         sys.stdout.write(prompt)
         n, t0 = 0, time.time()
         with autocast(device_type, ptdtype):
-            for token in model.generate_stream(x, max_new_tokens, temperature, top_k, top_p, eot):
+            for token in gpt.generate_stream(x, max_new_tokens, temperature, top_k, top_p, eot):
                 t = token.item()
                 n += 1
                 if t == eot:

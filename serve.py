@@ -2,8 +2,8 @@
 serve.py: serve a model over HTTP with OpenAI's API, so the clients people already own (the openai
 package, LangChain, curl) talk to it unchanged. Built on FastAPI and uvicorn.
 
-    python serve.py --out_dir=out-quickstart                 # http://127.0.0.1:8000, playground at /
-    python serve.py --init_from=gpt2 --quantize=int8 --port=8080 --api_key=secret
+    python serve.py --model=out-quickstart                   # http://127.0.0.1:8000, playground at /
+    python serve.py --model=gpt2 --quantize=int8 --port=8080 --api_key=secret
     curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "out-quickstart", "prompt": "def ", "max_tokens": 40, "temperature": 0}'
 
@@ -58,17 +58,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from checkpoint import find, load_model
+from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
 from device import autocast, pick_device
 from model import KVCache, sample_next
 from quantize import MODES, quantize as quantize_model, weight_bytes
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
-out_dir = "out"            # the run whose checkpoint to serve (init_from='resume'), as sample.py
-ckpt = "best"              # 'best' | 'last' | a file name in out_dir | a .pt path
-init_from = "resume"       # 'resume' (a checkpoint in out_dir) | 'gpt2', ... | a local Hugging Face dir
-model_name = ""            # the id clients send as "model"; "" = the run's folder name, or init_from
+model = "out"              # a run directory (train.py's default out_dir) | a .pt file | 'gpt2', 'gpt2-medium',
+                           # ... | a Hugging Face directory (export.py's): the same in sample, eval, export, serve
+ckpt = "best"              # in a run directory: 'best' (lowest val loss) | 'last' (newest) | a file name in it
+model_name = ""            # the id clients send as "model"; "" = the last part of `model` (the run's folder name)
 host = "127.0.0.1"         # 0.0.0.0 listens on every interface: then set an api_key
 port = 8000                # 0 = any free port (printed at start)
 api_key = ""               # require "Authorization: Bearer KEY" on /v1/*; "" = $SERVE_API_KEY, or open
@@ -814,7 +814,7 @@ class Server(uvicorn.Server):
 
 
 def main(argv=None):
-    configure(globals(), argv)
+    configure(globals(), argv, renamed=OLD_MODEL_FLAGS)
     # every setting is checked before anything is loaded or bound
     if quantize not in MODES:
         raise UserError(f"quantize={quantize!r} is not one of {', '.join(map(repr, MODES))}")
@@ -836,20 +836,17 @@ def main(argv=None):
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror}; another server may be there: "
                         f"pick another --port") from None
 
-    try:
-        model, tok, where = load_model(find(out_dir, ckpt) if init_from == "resume" else init_from)
-    except ValueError as e:
-        raise UserError(f"{e}" if init_from == "resume" else f"init_from={init_from!r}: {e}")
-    model = quantize_model(model.to(dev), quantize)
-    name = model_name or os.path.basename(os.path.normpath(out_dir if init_from == "resume" else init_from))
+    opened = open_model(model, ckpt)
+    gpt, tok, where = quantize_model(opened.model.to(dev), quantize), opened.tokenizer, opened.description
+    name = model_name or os.path.basename(os.path.normpath(model))
     metrics = Metrics()
-    engine = Engine(model, tok, max_batch, max_queue, metrics, device_type, ptdtype)
-    app = build_app(Service(model, tok, name, engine), metrics, key)
+    engine = Engine(gpt, tok, max_batch, max_queue, metrics, device_type, ptdtype)
+    app = build_app(Service(gpt, tok, name, engine), metrics, key)
     server = Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                    timeout_graceful_shutdown=drain_seconds + 5), engine, drain_seconds)
     sock.listen(128)
     precision = quantize if quantize != "none" else str(ptdtype).removeprefix("torch.")
-    print(f"serving {where} as {name!r}: {model.config.n_layer} layers, {weight_bytes(model) / 1e6:.1f} MB of "
+    print(f"serving {where} as {name!r}: {gpt.config.n_layer} layers, {weight_bytes(gpt) / 1e6:.1f} MB of "
           f"weights ({precision}) on {dev}, max_batch={max_batch}{', API key required' if key else ''}",
           file=sys.stderr)
     print(f"listening on http://{host}:{sock.getsockname()[1]} (playground: /, API: /v1)", file=sys.stderr, flush=True)

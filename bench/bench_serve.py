@@ -76,7 +76,7 @@ def untrained_run(name, tok):
 
 class Server:
     def __init__(self, run_dir, *args):
-        self.p = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={run_dir}",
+        self.p = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--model={run_dir}",
                                    "--port=0", f"--threads={threads}", *args],
                                   stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline, self.err = time.monotonic() + 120, ""

@@ -1,6 +1,6 @@
 # Quick start: a small GPT on the Python standard library (prepare.py --dataset=stdlib: offline, a
 # 4,096-token BPE, ~3M train tokens), sized for a 2-core laptop CPU: about 4 minutes of training,
-# then `python sample.py --out_dir=out-quickstart` prints recognisable Python.
+# then `python sample.py --model=out-quickstart` prints recognisable Python.
 #   python prepare.py --dataset=stdlib && python train.py config/quickstart.py
 # Budget (2 cores, float32, eager; README, Measured): ~0.09 s per 1,024-token step, so 2,400 steps =
 # about 4 minutes = 2.5M tokens, 0.8 epoch; val 1.58 bits per byte at the end, over rows spread across

@@ -60,16 +60,16 @@ def setup_cases(d):
 
 # (script, flags, extra env, what the one line must say)
 CASES = [
-    ("sample.py", ["--out_dir=out-base", "--temperature=-1"], {}, "need temperature >= 0"),
-    ("sample.py", ["--out_dir=out-base", "--top_k=0"], {}, "top_k None or an int >= 1"),
-    ("sample.py", ["--out_dir=out-base", "--top_p=1.5"], {}, "top_p None or in (0, 1]"),
-    ("sample.py", ["--out_dir=out-base", "--max_new_tokens=0"], {}, "max_new_tokens=0 must be at least 1"),
-    ("sample.py", ["--init_from=gpt2"], {"HF_HUB_OFFLINE": "1"}, "init_from='gpt2': could not download gpt2"),
-    ("sample.py", ["--init_from=llama_dir"], {}, "holds a llama model; only GPT-2"),
-    ("sample.py", ["--init_from=nohf"], {}, "no model.safetensors or pytorch_model.bin in nohf"),
-    ("sample.py", ["--out_dir=out-base", "--ckpt=ckpt_999999.pt"], {}, "checkpoint ckpt_999999.pt is neither in out-base/"),
-    ("sample.py", ["--ckpt=evil.pt"], {}, "evil.pt: refused: it holds pickled Python objects"),
-    ("sample.py", ["--out_dir=nope"], {}, "no run directory nope/"),
+    ("sample.py", ["--model=out-base", "--temperature=-1"], {}, "need temperature >= 0"),
+    ("sample.py", ["--model=out-base", "--top_k=0"], {}, "top_k None or an int >= 1"),
+    ("sample.py", ["--model=out-base", "--top_p=1.5"], {}, "top_p None or in (0, 1]"),
+    ("sample.py", ["--model=out-base", "--max_new_tokens=0"], {}, "max_new_tokens=0 must be at least 1"),
+    ("sample.py", ["--model=gpt2"], {"HF_HUB_OFFLINE": "1"}, "could not download gpt2"),
+    ("sample.py", ["--model=llama_dir"], {}, "holds a llama model; only GPT-2"),
+    ("sample.py", ["--model=nohf"], {}, "no model.safetensors or pytorch_model.bin in nohf"),
+    ("sample.py", ["--model=out-base", "--ckpt=ckpt_999999.pt"], {}, "checkpoint ckpt_999999.pt is neither in out-base/"),
+    ("sample.py", ["--model=evil.pt"], {}, "evil.pt: refused: it holds pickled Python objects"),
+    ("sample.py", ["--model=nope"], {}, "no model at 'nope'"),
     ("train.py", [*TINY, "--out_dir=a_file"], {}, "a_file; a file stands where a folder is needed"),
     ("train.py", [*TINY, "--out_dir=a_file/run"], {}, "a_file/run; a file stands where a folder is needed"),
     ("train.py", [*TINY, "--dataset=badtok", "--out_dir=out-x"], {},
@@ -141,5 +141,5 @@ def test_progress_lines_show_the_total_and_an_eta(workdir):
 
 
 def test_sample_finds_a_bare_checkpoint_name_in_the_run(workdir, run_dir):
-    p = script("sample.py", "--out_dir=out-base", "--ckpt=ckpt_000004.pt", "--max_new_tokens=5", cwd=workdir)
+    p = script("sample.py", "--model=out-base", "--ckpt=ckpt_000004.pt", "--max_new_tokens=5", cwd=workdir)
     assert p.returncode == 0 and "sampling out-base/ckpt_000004.pt (step 4)" in p.stderr, p.stderr

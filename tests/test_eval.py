@@ -100,7 +100,7 @@ def test_eval_script_writes_results_and_completions(workdir):
     if not (workdir / "out-eval" / "best.pt").exists():
         train(workdir, "--out_dir=out-eval", "--max_iters=4", "--eval_interval=4")
     (workdir / "prompts.txt").write_text("def \nimport os\n")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--out_dir=out-eval", "--prompts=prompts.txt",
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model=out-eval", "--prompts=prompts.txt",
                         "--max_new_tokens=8", "--device=cpu"], cwd=workdir, env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -110,7 +110,7 @@ def test_eval_script_writes_results_and_completions(workdir):
     n_docs = int((val == Tokenizer.load(str(workdir / "data" / "tiny" / "tokenizer.bpe")).eot_token).sum())
     assert res["model"].endswith("best.pt (step 4)") and res["step"] == 4 and res["task"] == "ppl"
     assert res["data"] == os.path.join("data", "tiny") + " (val shards)"
-    assert res["command"] == "python eval.py --out_dir=out-eval --prompts=prompts.txt --max_new_tokens=8 --device=cpu"
+    assert res["command"] == "python eval.py --model=out-eval --prompts=prompts.txt --max_new_tokens=8 --device=cpu"
     values = {r["metric"]: r for r in res["results"]}
     assert values["perplexity"]["count"] == len(val) - n_docs  # every token but the <|endoftext|> before each document
     assert values["perplexity"]["value"] == pytest.approx(math.exp(values["nats_per_token"]["value"]))
@@ -168,7 +168,7 @@ def test_multiple_choice_and_lambada_agree_with_lm_evaluation_harness(workdir, t
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # the model: exported by export.py, read back by both tools from the same directory
     ckpt = save_checkpoint(tiny_model(preset, tok), tok, tmp_path / "m.pt")
-    importlib.import_module("export").main([f"--init_from={ckpt}", f"--hf_dir={tmp_path / 'hf'}", "--check=False"])
+    importlib.import_module("export").main([f"--model={ckpt}", f"--hf_dir={tmp_path / 'hf'}", "--check=False"])
     # the data: stdlib words; some contexts run past the 128-token window, so truncation is compared too
     rnd, words = random.Random(0), (workdir / "corpus" / "textwrap.txt").read_text().split()
     files = {"hs_local": write_jsonl(tmp_path / "hs.jsonl", hellaswag_rows(words, 24, rnd)),
@@ -189,7 +189,7 @@ def test_multiple_choice_and_lambada_agree_with_lm_evaluation_harness(workdir, t
                                      tasks=list(TASK_YAMLS), device="cpu", batch_size=8,
                                      task_manager=TaskManager(include_path=str(tasks)), log_samples=True)
     for name, task in (("hs_local", "hellaswag"), ("mc_local", "mc"), ("lambada_local", "lambada")):
-        ours = ev.main([f"--init_from={tmp_path / 'hf'}", f"--task={task}", f"--data={files[name]}",
+        ours = ev.main([f"--model={tmp_path / 'hf'}", f"--task={task}", f"--data={files[name]}",
                         f"--out={tmp_path / (name + '.json')}", "--device=cpu", "--batch_size=5"])
         mine = {r["metric"]: r["value"] for r in ours["results"]}
         lme = theirs["results"][name]
@@ -214,7 +214,7 @@ def test_int8_reports_the_cost_of_quantization(tok, tmp_path):
     pytest.importorskip("quantize")
     ckpt = save_checkpoint(tiny_model("gpt2", tok, 32), tok, tmp_path / "m.pt")
     (tmp_path / "doc.txt").write_text(open(os.path.join(ROOT, "eval.py")).read()[:3000])
-    res = ev.main([f"--init_from={ckpt}", f"--data={tmp_path / 'doc.txt'}", "--quantize=int8", "--device=cpu",
+    res = ev.main([f"--model={ckpt}", f"--data={tmp_path / 'doc.txt'}", "--quantize=int8", "--device=cpu",
                    f"--out={tmp_path / 'r.json'}"])
     values = {r["metric"]: r for r in res["results"]}
     base, q = values["perplexity"]["value"], values["perplexity (int8)"]
@@ -231,7 +231,7 @@ def test_bad_input_is_one_line(workdir, tok, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--init_from={ckpt}", "--task=hellaswag"],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--model={ckpt}", "--task=hellaswag"],
                        env={**ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, capture_output=True,
                        text=True, timeout=120)
     assert "could not load Rowan/hellaswag (validation) from the Hugging Face hub" in error_line(p)
@@ -244,10 +244,10 @@ def test_bad_input_is_one_line(workdir, tok, tmp_path, monkeypatch):
              (["--stride=40", "--window=32"], "stride=40 is larger than the window 32"),
              (["--data=nothing*.txt"], "matches no file"),
              ([], "this model has no run settings naming its dataset"),
-             (["--init_from=nowhere"], "init_from='nowhere': 'nowhere' is not a run directory")]
+             (["--model=nowhere"], "no model at 'nowhere': --model takes a run directory")]
     for flags, message in cases:
         with pytest.raises(SystemExit) as e:
-            run(ev.main, [f"--init_from={ckpt}", *flags])
+            run(ev.main, [f"--model={ckpt}", *flags])
         assert str(e.value.code).startswith("error: ") and message in str(e.value.code), (flags, e.value.code)
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "m.pt"]  # no results file from a failed run
 

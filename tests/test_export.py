@@ -56,7 +56,7 @@ def test_round_trip_each_preset(tok, tmp_path, preset, cls, tied, capsys):
                               dropout=0.0, tie_weights=tied, **({"rope_theta": 500.0} if preset == "modern" else {}))
     model = randomise(GPT(config), std=0.15)  # logits of a few units: greedy decoding varies
     ckpt = save_checkpoint(model, tok, tmp_path / "m.pt")
-    export.main([f"--init_from={ckpt}", f"--hf_dir={tmp_path / 'hf'}"])  # check=True: it loads itself back
+    export.main([f"--model={ckpt}", f"--hf_dir={tmp_path / 'hf'}"])  # check=True: it loads itself back
     assert f"check: transformers' {cls} and AutoTokenizer load" in capsys.readouterr().out
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(theirs).__name__ == cls and theirs.dtype == torch.float32
@@ -137,7 +137,7 @@ def run_dir(workdir):
     d = workdir / "out-export"
     if not (d / "ckpt_000006.pt").exists():
         train(workdir, "--out_dir=out-export", "--max_iters=6", "--eval_interval=3")
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--out_dir=out-export", "--device=cpu"],
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model=out-export", "--device=cpu"],
                            cwd=workdir, env=ENV, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
     return d
@@ -147,7 +147,7 @@ def test_model_card_has_valid_front_matter_and_the_runs_own_numbers(workdir, run
     import yaml
     from huggingface_hub import ModelCard
     monkeypatch.chdir(workdir)
-    export.main(["--out_dir=out-export", "--hf_dir=card-hf", "--license=mit", "--check=False"])
+    export.main(["--model=out-export", "--hf_dir=card-hf", "--license_id=mit", "--check=False"])
     text = (workdir / "card-hf" / "README.md").read_text()
     front = yaml.safe_load(text.split("---\n")[1])
     assert front["license"] == "mit" and front["language"] == ["en"] and "gpt2" in front["tags"]
@@ -184,7 +184,7 @@ def test_model_card_has_valid_front_matter_and_the_runs_own_numbers(workdir, run
 
 def test_push_dry_run_lists_files_offline_and_errors_are_one_line(workdir, run_dir, monkeypatch, capsys):
     env = {**ENV, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, os.path.join(ROOT, "export.py"), "--out_dir=out-export", "--hf_dir=push-hf",
+    cmd = [sys.executable, os.path.join(ROOT, "export.py"), "--model=out-export", "--hf_dir=push-hf",
            "--check=False", "--push_to_hub=someone/tiny-gpt"]
     p = subprocess.run([*cmd, "--dry_run=True"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -201,7 +201,7 @@ def test_push_dry_run_lists_files_offline_and_errors_are_one_line(workdir, run_d
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: calls.append(("create", a, k)))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **k: calls.append(("upload", k)) or "ok")
     monkeypatch.chdir(workdir)
-    export.main(["--out_dir=out-export", "--hf_dir=push-hf", "--check=False", "--push_to_hub=someone/tiny-gpt",
+    export.main(["--model=out-export", "--hf_dir=push-hf", "--check=False", "--push_to_hub=someone/tiny-gpt",
                  "--private=False"])
     assert calls[0] == ("create", ("someone/tiny-gpt",), {"private": False, "exist_ok": True})
     assert calls[1][1]["folder_path"] == "push-hf" and calls[1][1]["repo_id"] == "someone/tiny-gpt"
@@ -218,7 +218,7 @@ def test_task_head_and_refusals(tok, tmp_path, capsys):
     head = {"weight": torch.randn(3, 32), "bias": torch.randn(3)}
     ckpt = save_checkpoint(model, tok, tmp_path / "ft.pt", head=head,
                            finetune={"task": "classification", "labels": ["neg", "neu", "pos"], "lora": None})
-    export.main([f"--init_from={ckpt}", f"--hf_dir={tmp_path / 'ft-hf'}", "--check=False"])
+    export.main([f"--model={ckpt}", f"--hf_dir={tmp_path / 'ft-hf'}", "--check=False"])
     from safetensors.torch import load_file
     saved = load_file(str(tmp_path / "ft-hf" / "classifier_head.safetensors"))
     assert torch.equal(saved["weight"], head["weight"]) and torch.equal(saved["bias"], head["bias"])
@@ -232,15 +232,15 @@ def test_task_head_and_refusals(tok, tmp_path, capsys):
                                  pos="rope"))
     capped = GPT(GPTConfig.preset("modern", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=tok.vocab_size,
                                   logit_softcap=15.0))
-    cases = [([f"--init_from={tmp_path / 'lora.pt'}"], "holds LoRA adapters, not a whole model; fold them into one first"),
-             ([f"--init_from={save_checkpoint(untied, tok, tmp_path / 'u.pt')}"], "untied gpt2 model"),
-             ([f"--init_from={save_checkpoint(mixed, tok, tmp_path / 'x.pt')}"],
+    cases = [([f"--model={tmp_path / 'lora.pt'}"], "holds LoRA adapters, not a whole model; fold them into one first"),
+             ([f"--model={save_checkpoint(untied, tok, tmp_path / 'u.pt')}"], "untied gpt2 model"),
+             ([f"--model={save_checkpoint(mixed, tok, tmp_path / 'x.pt')}"],
               "no transformers class computes norm=layernorm, pos=rope"),
-             ([f"--init_from={save_checkpoint(capped, tok, tmp_path / 'c.pt')}"], "no QK-norm or logit soft-capping"),
-             ([f"--init_from={ckpt}", f"--hf_dir={tmp_path}"], "holds checkpoints: export to another --hf_dir"),
-             ([f"--init_from={ckpt}", "--push_to_hub=not a repo"], "must be a hub repo id, owner/name"),
-             ([f"--init_from={ckpt}", "--dry_run=True"], "dry_run=True lists what push_to_hub would upload"),
-             ([f"--init_from={ckpt}", "--dtype=int4"], "dtype='int4' is not one of")]
+             ([f"--model={save_checkpoint(capped, tok, tmp_path / 'c.pt')}"], "no QK-norm or logit soft-capping"),
+             ([f"--model={ckpt}", f"--hf_dir={tmp_path}"], "holds checkpoints: export to another --hf_dir"),
+             ([f"--model={ckpt}", "--push_to_hub=not a repo"], "must be a hub repo id, owner/name"),
+             ([f"--model={ckpt}", "--dry_run=True"], "dry_run=True lists what push_to_hub would upload"),
+             ([f"--model={ckpt}", "--save_dtype=int4"], "save_dtype='int4' is not one of")]
     for flags, message in cases:
         with pytest.raises(SystemExit) as e:
             run(export.main, flags)

@@ -42,27 +42,27 @@ def test_quickstart_end_to_end(tmp_path):
     assert "best.pt" in ckpts and "ckpt_000030.pt" in ckpts, ckpts
 
     # 3. sample: loads the checkpoint and its embedded tokenizer with nothing else to point at
-    text, err = run([os.path.join(ROOT, "sample.py"), "--out_dir=out-qs", "--max_new_tokens=40",
+    text, err = run([os.path.join(ROOT, "sample.py"), "--model=out-qs", "--max_new_tokens=40",
                      "--start=import ", "--seed=1"], tmp_path)
     assert text.startswith("import ") and len(text) > len("import ") + 10
     assert "tokens/s" in err
-    again, _ = run([os.path.join(ROOT, "sample.py"), "--out_dir=out-qs", "--max_new_tokens=40",
+    again, _ = run([os.path.join(ROOT, "sample.py"), "--model=out-qs", "--max_new_tokens=40",
                     "--start=import ", "--seed=1"], tmp_path)
     assert again == text  # same seed, same text
 
     # a prompt longer than the context is cropped with a warning; a missing run is a one-line error
     (tmp_path / "long.txt").write_text("x = 1\n" * 300)
-    text, err = run([os.path.join(ROOT, "sample.py"), "--out_dir=out-qs", "--max_new_tokens=5",
+    text, err = run([os.path.join(ROOT, "sample.py"), "--model=out-qs", "--max_new_tokens=5",
                      "--start=FILE:long.txt"], tmp_path)
     assert "warning: the prompt is" in err and "keeping its last 127 tokens" in err
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir=nope"], cwd=tmp_path,
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model=nope"], cwd=tmp_path,
                        capture_output=True, text=True)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
-        "error: no run directory nope/; train one (python train.py ...) or pass --out_dir=DIR of a run, "
-        "or --init_from=gpt2"]
+        "error: no model at 'nope': --model takes a run directory (train one first: python train.py ...), a "
+        "checkpoint file, a Hugging Face directory or one of gpt2, gpt2-medium, gpt2-large, gpt2-xl"]
     import torch
     torch.save({"version": 99}, tmp_path / "old.pt")  # a checkpoint of another layout
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt=old.pt"], cwd=tmp_path,
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model=old.pt"], cwd=tmp_path,
                        capture_output=True, text=True)
     assert p.returncode == 1 and "old.pt is checkpoint version 99, this code reads version 2" in p.stderr
 

@@ -116,8 +116,8 @@ class Server:
 @pytest.fixture(scope="module")
 def servers(workdir, run_dir):
     """main: API key, 16 rows. small: one row, one waiting place (for 503 and freed slots)."""
-    main = Server(workdir, "--out_dir=out-serve", f"--api_key={KEY}")
-    small = Server(workdir, "--out_dir=out-serve", "--max_batch=1", "--max_queue=1")
+    main = Server(workdir, "--model=out-serve", f"--api_key={KEY}")
+    small = Server(workdir, "--model=out-serve", "--max_batch=1", "--max_queue=1")
     try:
         yield main.wait_ready(), small.wait_ready()
     finally:
@@ -410,7 +410,7 @@ def test_disconnect_frees_the_slot_and_a_full_queue_is_503(servers):
 
 
 def test_sigterm_finishes_the_stream_in_flight_and_exits_0(workdir, run_dir):
-    server = Server(workdir, "--out_dir=out-serve", "--drain_seconds=0.3").wait_ready()
+    server = Server(workdir, "--model=out-serve", "--drain_seconds=0.3").wait_ready()
     lines = []
     with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
                       json={"model": "out-serve", "prompt": "def ", "max_tokens": 1000, "stream": True,
@@ -433,9 +433,9 @@ def test_bad_settings_are_one_line_errors(workdir, run_dir):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
-    cases = [(["--out_dir=out-serve", "--quantize=int4"], "quantize='int4' is not one of 'none', 'int8'"),
-             (["--out_dir=nope"], "no run directory nope/"),
-             (["--out_dir=out-serve", f"--port={busy.getsockname()[1]}"], "another server may be there")]
+    cases = [(["--model=out-serve", "--quantize=int4"], "quantize='int4' is not one of 'none', 'int8'"),
+             (["--model=nope"], "no model at 'nope'"),
+             (["--model=out-serve", f"--port={busy.getsockname()[1]}"], "another server may be there")]
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args], cwd=workdir, env=ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, _ in cases]
     for p, (_, message) in zip(procs, cases):
