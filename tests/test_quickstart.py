@@ -1,8 +1,10 @@
-"""The README's quick start, end to end at a tiny size: prepare the offline stdlib corpus, train a few
-steps with config/quickstart.py, sample. Every artefact a user relies on is checked, and the README's
+"""The README's quick start, end to end at a tiny size: its first command's three steps, as written
+there (prepare the offline stdlib corpus, train with config/quickstart.py, sample), each with a few
+settings appended that make it small. Every artefact a user relies on is checked, and the README's
 two commands are the ones CI and a newcomer run."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -18,9 +20,22 @@ def run(args, cwd):
     return p.stdout, p.stderr
 
 
+def readme_steps():
+    """{script: its arguments} of the README's first command, after the lines that set up the venv."""
+    block = open(os.path.join(ROOT, "README.md")).read().split("```bash")[1].split("```")[0]
+    steps = {}
+    for part in block.replace("\\\n", " ").split("&&"):
+        words = shlex.split(part)
+        if words[0].endswith("python") and words[1].endswith(".py"):
+            steps[words[1]] = [os.path.join(ROOT, w) if w.startswith("config/") else w for w in words[2:]]
+    return steps
+
+
 def test_quickstart_end_to_end(tmp_path):
+    steps = readme_steps()
+    assert list(steps) == ["prepare.py", "train.py", "sample.py"]
     # 1. prepare: the real stdlib corpus with a small vocabulary, so the test stays quick
-    run([os.path.join(ROOT, "prepare.py"), "--dataset=stdlib", "--vocab_size=512", "--num_proc=1"], tmp_path)
+    run([os.path.join(ROOT, "prepare.py"), *steps["prepare.py"], "--vocab_size=512", "--num_proc=1"], tmp_path)
     data = tmp_path / "data" / "stdlib"
     assert {"stdlib_val_000000.bin", "stdlib_train_000001.bin", "tokenizer.bpe", "card.json",
             "README.md"} <= set(os.listdir(data))
@@ -34,25 +49,24 @@ def test_quickstart_end_to_end(tmp_path):
     assert val[0] == tok.eot_token and "import" in tok.decode(np.asarray(val[:5000]).tolist())
 
     # 2. train: the quick start's config, a few steps, one evaluation at the end
-    out, _ = run([os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "quickstart.py"),
-                  "--max_iters=30", "--eval_interval=30", "--eval_iters=2", "--log_interval=10",
-                  "--out_dir=out-qs", "--grad_checkpoint=True"], tmp_path)  # the out-of-memory knob, too
+    out, _ = run([os.path.join(ROOT, "train.py"), *steps["train.py"], "--max_iters=30", "--eval_interval=30",
+                  "--eval_iters=2", "--log_interval=10", "--grad_checkpoint=True"], tmp_path)  # the OOM knob, too
     assert "val_bpb" in out
-    ckpts = sorted(os.listdir(tmp_path / "out-qs"))
+    ckpts = sorted(os.listdir(tmp_path / "out-quickstart"))
     assert "best.pt" in ckpts and "ckpt_000030.pt" in ckpts, ckpts
 
     # 3. sample: loads the checkpoint and its embedded tokenizer with nothing else to point at
-    text, err = run([os.path.join(ROOT, "sample.py"), "--model=out-qs", "--max_new_tokens=40",
+    text, err = run([os.path.join(ROOT, "sample.py"), *steps["sample.py"], "--max_new_tokens=40",
                      "--start=import ", "--seed=1"], tmp_path)
     assert text.startswith("import ") and len(text) > len("import ") + 10
     assert "tokens/s" in err
-    again, _ = run([os.path.join(ROOT, "sample.py"), "--model=out-qs", "--max_new_tokens=40",
+    again, _ = run([os.path.join(ROOT, "sample.py"), "--model=out-quickstart", "--max_new_tokens=40",
                     "--start=import ", "--seed=1"], tmp_path)
     assert again == text  # same seed, same text
 
     # a prompt longer than the context is cropped with a warning; a missing run is a one-line error
     (tmp_path / "long.txt").write_text("x = 1\n" * 300)
-    text, err = run([os.path.join(ROOT, "sample.py"), "--model=out-qs", "--max_new_tokens=5",
+    text, err = run([os.path.join(ROOT, "sample.py"), "--model=out-quickstart", "--max_new_tokens=5",
                      "--start=FILE:long.txt"], tmp_path)
     assert "warning: the prompt is" in err and "keeping its last 127 tokens" in err
     p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model=nope"], cwd=tmp_path,
