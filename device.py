@@ -53,6 +53,15 @@ def autocast(device_type, dtype):
     return nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
 
 
+def for_inference(model, device, device_type, dtype):
+    """The model on `device`, for a script that only reads it (sample, eval, serve). On a GPU with a
+    16-bit dtype its weights are cast once: under autocast a float32 weight is cast again at every
+    call, which for one decoded token is most of the memory traffic. Autocast stays on around it,
+    for the reductions it keeps in float32; model.log_probs scores in float32 either way."""
+    model = model.to(device)
+    return model.to(dtype) if device_type == "cuda" and dtype != torch.float32 else model
+
+
 def compile_problem(device_type):
     """Why torch.compile cannot run here (it generates C++ on CPU and Triton on CUDA), or None."""
     if device_type == "mps":

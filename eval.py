@@ -55,7 +55,7 @@ from atomic import atomic_write
 from bpe import Tokenizer
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
-from device import autocast, pick_device
+from device import autocast, for_inference, pick_device
 from quantize import MODES
 from shards import read_shard
 
@@ -328,7 +328,7 @@ def main(argv=None):
     S = stride or max(1, W // 2)
     if S > W:
         raise UserError(f"stride={S} is larger than the window {W}: tokens would be skipped; use stride <= window")
-    gpt.to(dev)
+    gpt = for_inference(gpt, dev, device_type, ptdtype)
     dest = out or os.path.join(opened.run_dir or ".", f"eval_{task}{'_' + _stem(data) if data else ''}.json")
 
     # ---- the data -----------------------------------------------------------------------------------

@@ -324,10 +324,15 @@ class GPT(nn.Module):
             cache.pos[:B] += T
         return self.transformer.ln_f(x)
 
-    def head(self, h):
+    def head(self, h, float32=False):
         """Hidden states (..., C) -> logits (..., vocab_size). The padded columns are sliced off, so
-        the softmax is over real tokens only (torch.compile fuses the slice into the loss)."""
-        logits = self.lm_head(h)[..., :self.config.vocab_size]
+        the softmax is over real tokens only (torch.compile fuses the slice into the loss). float32:
+        in float32 even if the weights were cast to 16 bits (device.for_inference)."""
+        w = getattr(self.lm_head, "weight", None)  # quantize.py's int8 head has none, and computes in float32
+        if float32 and w is not None and w.dtype != torch.float32:
+            logits = F.linear(h, w.float())[..., :self.config.vocab_size]
+        else:
+            logits = self.lm_head(h)[..., :self.config.vocab_size]
         if self.config.logit_softcap:  # tanh squashes only the extremes: a logit of cap/2 loses 8%
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
@@ -338,7 +343,7 @@ class GPT(nn.Module):
         scoring (eval.py, serve.py's logprobs). Logits of a trained model sit around -60 to -75, where
         bf16 steps are 0.5 apart: up to 0.25 nats off per token. Only scored positions come here."""
         with torch.autocast(h.device.type, enabled=False):
-            return self.head(h.float()).float().log_softmax(-1)
+            return self.head(h.float(), float32=True).log_softmax(-1)
 
     def forward(self, idx, targets=None, cache=None, reduction="mean"):
         """idx (B, T) ids -> (logits, loss).

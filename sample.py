@@ -19,7 +19,7 @@ import torch
 
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
-from device import autocast, compile_problem, pick_device
+from device import autocast, compile_problem, for_inference, pick_device
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
 model = "out"              # a run directory (train.py's default out_dir) | a .pt file | 'gpt2', 'gpt2-medium',
@@ -60,7 +60,7 @@ def main(argv=None):
     torch.manual_seed(seed)  # on CPU and every GPU: the same seed gives the same samples
 
     opened = open_model(model, ckpt)
-    gpt, tok = opened.model.to(dev), opened.tokenizer
+    gpt, tok = for_inference(opened.model, dev, device_type, ptdtype), opened.tokenizer
     print(f"sampling {opened.description}: {gpt.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
           f"{tok.name} tokenizer, on {dev} in {str(ptdtype).removeprefix('torch.')}", file=sys.stderr)
     if compile:

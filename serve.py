@@ -40,6 +40,7 @@ import collections
 import contextlib
 import hmac
 import json
+import math
 import os
 import signal
 import socket
@@ -47,7 +48,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import List, Literal, Optional, Union
+from typing import Dict, List, Literal, Optional, Union
 
 import torch
 import uvicorn
@@ -60,7 +61,7 @@ from starlette.exceptions import HTTPException
 
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
-from device import autocast, pick_device
+from device import autocast, for_inference, pick_device
 from model import KVCache, sample_next
 from quantize import MODES, quantize as quantize_model, weight_bytes
 
@@ -78,33 +79,43 @@ max_queue = 64             # sequences waiting for a row; beyond that, 503 with 
 drain_seconds = 30.0       # after SIGTERM, how long requests in flight may run before they are cut
 device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"             # 'auto' = bf16/fp16 autocast on GPUs, float32 on CPU | 'float32' | ...
-threads = 1                # torch threads: 1 leaves a core to the event loop (README, Measured); 0 = all
+threads = 1                # torch threads: 1 leaves a core to the event loop (bench/README.md); 0 = all
+prefill_chunk = 512        # a longer prompt is prefilled this many tokens per step, between decode steps; 0 = whole
+prefix_cache = 2048        # tokens of prompt prefixes kept for requests that share them (a system prompt); 0 = off
+score_prompts = True       # each prompt's bits per byte under the model, for /metrics (costs a head over the prompt)
+log_requests = ""          # a .jsonl file: one line per prompt (text, completion, settings, timings, scores)
+log_max_mb = 100.0         # the request log moves to <file>.1 past this size
 # --------------------------------------------------------------------------------------------------
 
 MAX_STOPS, MAX_LOGPROBS, MAX_TOP_LOGPROBS = 4, 5, 20  # OpenAI's limits (top_logprobs: chat's)
+MAX_BODY = 8 * 2 ** 20  # bytes of a request body: a full context of token ids as JSON is far less
 CHAT_STOP = "\nUser:"
 
 
 # ---- request bodies (pydantic checks every field; a failure is a 400 naming it) --------------------
 
-class Body(BaseModel):  # strict: "5" is not an int; unknown fields are ignored, as OpenAI does
-    model_config = ConfigDict(strict=True, extra="ignore")
+class Body(BaseModel):  # strict: "5" is not an int; a field this server does not implement is a 400
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(Body):
     include_usage: bool = False
 
 
-class Common(Body):
+class Common(Body):  # every number is bounded here, at the edge, to what the engine's tensors hold
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=1)
-    n: int = Field(1, ge=1)
+    top_k: Optional[int] = Field(None, ge=1, le=2 ** 31 - 1)
+    n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, List[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2 ** 63, lt=2 ** 64)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: Optional[Dict[str, float]] = None  # token id (as a string) -> -100..100, added to its logit
+    user: Optional[str] = None  # OpenAI's end-user id, for abuse monitoring: written to the request log only
     ignore_eos: bool = False  # go on past <|endoftext|>: benchmarks want fixed lengths
 
 
@@ -152,12 +163,16 @@ class APIError(Exception):
 
 class Sampling:
     """One sequence's settings. temperature 0 (or top_k 1) is greedy; logprobs is None (none) or the
-    number of alternatives to report with each token."""
+    number of alternatives to report with each token. As OpenAI defines them, a token's logit drops by
+    presence_penalty once it has been generated and by frequency_penalty for each time it was;
+    logit_bias {id: bias} is added to the logits."""
 
     def __init__(self, temperature=0.0, top_k=None, top_p=1.0, max_tokens=16, seed=None, logprobs=None,
-                 stop=(), ignore_eos=False):
+                 stop=(), ignore_eos=False, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None):
         self.temperature, self.top_k, self.top_p, self.max_tokens = temperature, top_k, top_p, max_tokens
         self.seed, self.logprobs, self.stop, self.ignore_eos = seed, logprobs, list(stop), ignore_eos
+        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
+        self.logit_bias = logit_bias or {}
 
 
 class TextStream:
@@ -202,35 +217,97 @@ class Sequence:
             self.generator.manual_seed(sampling.seed % 2 ** 64)
         self.text = TextStream(sampling.stop)
         self.tokens, self.finish, self.cancelled, self.last_time = [], None, False, None
+        self.logprob_sum, self.prompt_bpb = 0.0, None  # for the output-health metrics and the request log
+        self.counts = None  # (V,) how often each token was generated: for the presence/frequency penalties
+        if sampling.logit_bias:
+            self.bias_ids = torch.tensor(list(sampling.logit_bias), device=device)
+            self.bias_values = torch.tensor(list(sampling.logit_bias.values()), device=device)
 
 
 class Group:
     """A prompt (token ids) and its n sequences: prefilled once, admitted together. prompt_logprobs:
-    None, or the number of alternatives to report for each prompt token (echo)."""
+    None, or the number of alternatives to report for each prompt token (echo). A prompt that is
+    prefilled a chunk at a time (or continues a cached prefix) has a KVCache of its own meanwhile."""
 
     def __init__(self, ids, seqs, prompt_logprobs=None):
         self.ids, self.seqs, self.prompt_logprobs = ids, seqs, prompt_logprobs
+        self.cache, self.echo, self.offsets = None, [(ids[0], None, None, 0)], None
+        self.nats, self.bytes = 0.0, 0  # the prompt's surprise: -log p of its scored tokens, their bytes
 
 
 class QueueFull(Exception):
     pass
 
 
+class PrefixCache:
+    """Keys and values of prompts already prefilled, in blocks of BLOCK tokens, so requests that share a
+    beginning (a system prompt, few-shot examples) compute it once. A block is keyed by every token up
+    to its end, its own and all before it, so a hit is an exact prefix, never a lookalike. The least
+    recently used block goes first once `capacity` tokens are held."""
+    BLOCK = 64
+
+    def __init__(self, capacity):
+        self.capacity, self.blocks = capacity // self.BLOCK, collections.OrderedDict()
+
+    def lookup(self, ids, cache):
+        """Copy the longest cached prefix of ids into row 0 of cache (whole blocks, and at least one
+        token short of ids, whose last position must be computed for its logits). Returns its length."""
+        n = 0
+        while n + self.BLOCK < len(ids) and tuple(ids[:n + self.BLOCK]) in self.blocks:
+            key = tuple(ids[:n + self.BLOCK])
+            self.blocks.move_to_end(key)
+            k, v = self.blocks[key]  # (n_layer, nh, BLOCK, hd) each
+            if cache.k is None:
+                cache.allocate(k, v)
+            cache.k[:, 0, :, n:n + self.BLOCK], cache.v[:, 0, :, n:n + self.BLOCK] = k, v
+            n += self.BLOCK
+        cache.pos[0] = n
+        return n
+
+    def insert(self, ids, cache, row):
+        """Keep the whole blocks of ids, whose keys and values are in row `row` of cache."""
+        for end in range(self.BLOCK, len(ids) + 1, self.BLOCK):
+            key = tuple(ids[:end])
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+                continue
+            self.blocks[key] = (cache.k[:, row, :, end - self.BLOCK:end].clone(),
+                                cache.v[:, row, :, end - self.BLOCK:end].clone())
+            while len(self.blocks) > self.capacity:
+                self.blocks.popitem(last=False)
+
+
+def repetition(tokens, n=4):
+    """The share of a response's tokens that end an n-gram it already holds: near 1 in a degenerate loop."""
+    seen, repeats = set(), 0
+    for i in range(n - 1, len(tokens)):
+        gram = tuple(tokens[i - n + 1:i + 1])
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / max(1, len(tokens) - n + 1)
+
+
 class Engine:
     """Owns the model on its own thread. submit() queues groups from any thread; the loop admits them
-    at step boundaries and decodes every active row together."""
+    at step boundaries and decodes every active row together. A prompt longer than prefill_chunk tokens
+    (0: no limit) is prefilled a chunk per step, between decode steps, so it never stalls the others
+    for long; prefix_cache tokens of prompt prefixes are kept for reuse (0: off)."""
 
     def __init__(self, model, tok, max_batch=16, max_queue=64, metrics=None, device_type="cpu",
-                 ptdtype=torch.float32):
+                 ptdtype=torch.float32, prefill_chunk=0, prefix_cache=0, score_prompts=True):
         self.model, self.tok, self.metrics = model, tok, metrics or Metrics()
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, prefill_chunk
+        self.prefixes = PrefixCache(prefix_cache) if prefix_cache else None
+        self.score_prompts = score_prompts
         self.device, self.device_type, self.ptdtype = next(model.parameters()).device, device_type, ptdtype
         self.cache = KVCache(model.config.n_layer, max_batch, model.config.block_size)  # row b: active[b]
         self.active = []                # active[b] owns row b of the cache
+        self.prefilling = collections.deque()  # groups whose prompts are being prefilled a chunk at a time
         self.waiting = collections.deque()
         self.n_waiting = 0              # sequences in the waiting groups
         self.cond = threading.Condition()
         self.stopping, self.cut_at = False, None  # cut_at: when draining ends (time.monotonic())
+        self.broken = None              # why the device cannot run the model any more (/health says it)
         self.recent = collections.deque()  # (time, tokens) of each step of the last 10 s
         self.metrics.tokens_per_second.set_function(self.tokens_per_second)
         self.outbox = []                # (sequence, event) of this step, handed over together
@@ -282,16 +359,19 @@ class Engine:
 
     # -- the engine thread --
     def loop(self):
+        if self.cache.k is None and not self.guard([], self.warm_up):
+            self.broken = self.broken or "the KV cache could not be allocated"
         while True:
             with self.cond:
-                while not self.active and not self.waiting and not self.stopping:
+                while not self.active and not self.prefilling and not self.waiting and not self.stopping:
                     self.cond.wait(timeout=1.0)
                 if self.stopping:
                     self.cut_all()
                     return self.deliver(self.outbox)
-                # admit in arrival order while the next group fits in the free rows (a group whose
+                # admit in arrival order while the next group fits in the rows left free (a group whose
                 # client left while waiting is taken too, to be dropped)
-                admitted, free = [], self.max_batch - len(self.active)
+                admitted = []
+                free = self.max_batch - len(self.active) - sum(len(g.seqs) for g in self.prefilling)
                 while self.waiting and (len(self.waiting[0].seqs) <= free or
                                         all(s.cancelled for s in self.waiting[0].seqs)):
                     g = self.waiting.popleft()
@@ -299,60 +379,151 @@ class Engine:
                     free -= sum(not s.cancelled for s in g.seqs)
                     admitted.append(g)
                 self.metrics.waiting.set(self.n_waiting)
-            try:
-                with torch.inference_mode(), autocast(self.device_type, self.ptdtype):
-                    same_length = collections.defaultdict(list)  # prompts of one length prefill together
-                    for g in admitted:
-                        same_length[len(g.ids)].append(g)
-                    for groups in same_length.values():
-                        self.prefill(groups)
-                    self.leave()
-                    if self.active:
-                        self.decode()
-                    self.leave()
-                if self.cut_at is not None and time.monotonic() > self.cut_at:
-                    self.cut_all()
-            except Exception as e:  # a bug, or out of memory: fail these requests and keep serving
-                print(f"engine error: {type(e).__name__}: {e}", file=sys.stderr)
-                for s in self.active + [s for g in admitted for s in g.seqs]:
-                    if s.finish is None:
-                        s.finish = "error"
-                        self.post(s, {"index": s.index, "error": f"{type(e).__name__}: {e}"})
-                self.active = []
+            self.step(admitted)
+            if self.cut_at is not None and time.monotonic() > self.cut_at:
+                self.cut_all()
             self.metrics.running.set(len(self.active))
             if self.outbox:
                 batch, self.outbox = self.outbox, []
                 self.deliver(batch)
 
+    def step(self, admitted):
+        """Prefill what was admitted (short prompts of one length together; long or prefix-cached ones
+        into a cache of their own, a chunk per step), then one decoding step for every active row. An
+        error fails the requests it concerns only (out of memory in a decode step: the newest row)."""
+        with torch.inference_mode(), autocast(self.device_type, self.ptdtype):
+            same_length = collections.defaultdict(list)  # short prompts of one length prefill together
+            for g in admitted:
+                if all(s.cancelled for s in g.seqs):  # left while waiting
+                    for s in g.seqs:
+                        self.finish(s, "abort", "")
+                    continue
+                T = len(g.ids)
+                if self.prefixes and g.prompt_logprobs is None and T > PrefixCache.BLOCK:
+                    g.cache = KVCache(self.model.config.n_layer, 1, T)
+                    if self.prefixes.lookup(g.ids, g.cache) == 0 and not (self.chunk and T > self.chunk):
+                        g.cache = None
+                if g.cache is None and self.chunk and T > self.chunk:
+                    g.cache = KVCache(self.model.config.n_layer, 1, T)
+                if g.cache is not None:
+                    self.prefilling.append(g)
+                else:
+                    same_length[T].append(g)
+            for groups in same_length.values():
+                self.guard([s for g in groups for s in g.seqs], lambda: self.prefill(groups))
+            if self.prefilling and all(s.cancelled for s in self.prefilling[0].seqs):
+                for s in self.prefilling.popleft().seqs:
+                    self.finish(s, "abort", "")
+            if self.prefilling:
+                g = self.prefilling[0]
+                if self.guard(g.seqs, lambda: self.prefill_chunk(g)) is None and g in self.prefilling:
+                    self.prefilling.remove(g)  # it failed
+            self.leave()
+            if self.active:
+                seqs = list(self.active)
+                try:
+                    self.decode()
+                except Exception as e:
+                    oom = isinstance(e, torch.OutOfMemoryError)  # the newest row goes, the rest retry
+                    self.fail([max(seqs, key=lambda s: s.arrival)] if oom else seqs, e)
+            self.leave()
+
+    def guard(self, seqs, work):
+        """Run work(); if it raises, fail seqs (and only them) and keep serving. Returns work()'s value."""
+        try:
+            return work()
+        except Exception as e:
+            self.fail(seqs, e)
+
+    def fail(self, seqs, e):
+        print(f"engine error: {type(e).__name__}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
+        for s in seqs:
+            if s.finish is None:
+                s.finish = "error"
+                self.metrics.finished.labels("error").inc()
+                self.post(s, {"index": s.index, "error": f"{type(e).__name__}: {e}"})
+        try:  # a sticky CUDA error fails everything after it: then /health must say so
+            torch.ones(1, device=self.device).add_(1).cpu()
+        except Exception as dead:
+            self.broken = f"{type(dead).__name__}: {dead}"
+
+    def warm_up(self):
+        """Allocate the batch's KV cache now, in the dtypes the layers give, so a max_batch too large for
+        the device's memory fails at start, not under the first traffic."""
+        with torch.inference_mode(), autocast(self.device_type, self.ptdtype):
+            one = KVCache(self.model.config.n_layer, 1, 1)
+            self.model.hidden_states(torch.zeros(1, 1, dtype=torch.long, device=self.device), one)
+            self.cache.copy_rows([0], one, [0])
+            self.cache.pos.zero_()
+        return True
+
     def prefill(self, groups):
-        """Run G prompts of one length T through the model together, (G, T); copy each one's keys and
-        values into the next free rows (one per choice: a prompt's choices share them), and sample
-        each choice's first token."""
-        for s in (s for g in groups for s in g.seqs if s.cancelled):  # left while waiting
-            self.finish(s, "abort", "")
-        groups = [g for g in groups if not all(s.cancelled for s in g.seqs)]
-        if not groups:
-            return
-        model, T = self.model, len(groups[0].ids)
-        cache = KVCache(model.config.n_layer, len(groups), T)
-        h = model.hidden_states(torch.tensor([g.ids for g in groups], device=self.device), cache)  # (G, T, C)
-        self.metrics.prompt_tokens.inc(T * len(groups))
-        started, rows, now = [], [], time.monotonic()
+        """Run G prompts of one length T through the model together, (G, T), and start them."""
+        cache = KVCache(self.model.config.n_layer, len(groups), len(groups[0].ids))
+        h = self.model.hidden_states(torch.tensor([g.ids for g in groups], device=self.device), cache)  # (G, T, C)
         for i, g in enumerate(groups):
-            seqs = [s for s in g.seqs if not s.cancelled]
-            for s in seqs:
-                self.metrics.queue_time.observe(now - s.arrival)
+            self.score_prompt(g, h[i], 0)
+            if self.prefixes:
+                self.prefixes.insert(g.ids, cache, i)
+        self.start(groups, cache, list(range(len(groups))), h[:, -1])
+
+    def prefill_chunk(self, g):
+        """The next chunk of a long (or prefix-cached) prompt, in its own cache; the whole prompt
+        done, start it. Returns True (done or not) unless it raised."""
+        start = int(g.cache.pos[0])
+        end = min(len(g.ids), start + (self.chunk or len(g.ids)))
+        h = self.model.hidden_states(torch.tensor([g.ids[start:end]], device=self.device), g.cache)  # (1, t, C)
+        self.score_prompt(g, h[0], start)
+        if end == len(g.ids):
+            self.prefilling.popleft()
+            if self.prefixes:
+                self.prefixes.insert(g.ids, g.cache, 0)
+            self.start([g], g.cache, [0], h[:, -1])
+        return True
+
+    def score_prompt(self, g, h, start):
+        """h (t, C): the hidden states at prompt positions start.. start+t-1, each of which predicts the
+        next prompt token. Adds their surprise (nats, bytes) to g, and the echo's log-probabilities."""
+        if g.prompt_logprobs is not None and g.offsets is None:  # each token's text_offset, for the echo
+            text, g.offsets = TextStream([]), []
+            for t in g.ids:
+                g.offsets.append(text.chars)
+                text.push(self.tok.decode_bytes([t]))
+            g.echo_chars = text.chars
+        targets = g.ids[start + 1:start + 1 + len(h)]
+        if not targets or not (self.score_prompts or g.prompt_logprobs is not None):
+            return
+        for a in range(0, len(targets), 512):  # (512, V) float32 at a time
+            ids = targets[a:a + 512]
+            lp = self.model.log_probs(h[a:a + len(ids)])  # (n, V)
+            chosen = lp.gather(1, torch.tensor(ids, device=lp.device)[:, None])[:, 0]
+            g.nats -= float(chosen.sum())
+            g.bytes += sum(len(self.tok.decode_bytes([t])) for t in ids)
             if g.prompt_logprobs is not None:  # echo: each prompt token's logprob given the ones before it
-                lp = model.log_probs(h[i, :-1])  # (T-1, V)
-                text, offsets = TextStream([]), []
-                for t in g.ids:
-                    offsets.append(text.chars)
-                    text.push(self.tok.decode_bytes([t]))
-                prompt = [(g.ids[0], None, None, 0)] + self.logprob_entries(lp, g.ids[1:], g.prompt_logprobs,
-                                                                            offsets[1:])
-                for s in seqs:
-                    s.text.chars = text.chars  # the echoed prompt comes first: generated offsets follow it
-                    self.post(s, {"index": s.index, "text": "", "logprobs": prompt, "finish_reason": None})
+                first = start + 1 + a
+                g.echo += self.logprob_entries(lp, ids, g.prompt_logprobs, g.offsets[first:first + len(ids)])
+
+    def start(self, groups, cache, rows, h):
+        """Groups whose prompts are prefilled (row rows[i] of cache): copy each prompt's keys and values
+        into free rows of the batch, one per choice, and sample each choice's first token from h (G, C)."""
+        started, src, now = [], [], time.monotonic()
+        for j, (g, i) in enumerate(zip(groups, rows)):
+            seqs = [s for s in g.seqs if not s.cancelled]
+            for s in g.seqs:
+                if s.cancelled:
+                    self.finish(s, "abort", "")
+            bpb = g.nats / math.log(2) / g.bytes if g.bytes else None
+            if bpb is not None and self.score_prompts:
+                self.metrics.prompt_bpb.observe(bpb)
+            self.metrics.prompt_tokens.inc(len(g.ids))
+            for s in seqs:
+                s.prompt_bpb = bpb
+                self.metrics.queue_time.observe(now - s.arrival)
+                if g.prompt_logprobs is not None:
+                    s.text.chars = g.echo_chars  # the echoed prompt comes first: generated offsets follow it
+                    self.post(s, {"index": s.index, "text": "", "logprobs": g.echo, "finish_reason": None})
+            if not seqs:
+                continue
             if seqs[0].s.max_tokens == 0:  # scoring only: nothing is generated
                 for s in seqs:
                     self.finish(s, "length", "")
@@ -361,9 +532,9 @@ class Engine:
             self.cache.copy_rows(list(range(r, r + len(seqs))), cache, [i] * len(seqs))
             self.active += seqs
             started += seqs
-            rows += [i] * len(seqs)
+            src += [j] * len(seqs)
         if started:
-            self.sample(started, h[rows, -1])  # (N, C): each choice from its prompt's last position
+            self.sample(started, h[src])  # (N, C): each choice from its prompt's last position
 
     def decode(self):
         """One step for every active row: its newest token goes in at its own position (model.py's
@@ -375,26 +546,50 @@ class Engine:
         self.sample(seqs, h[:, -1])
 
     def sample(self, seqs, h):
-        """The next token of each row, from its final hidden state h (B, C), each row with its own
-        settings and generator."""
-        logits = self.model.head(h)  # (B, V)
-        col = lambda xs: torch.tensor(xs, device=logits.device)[:, None]  # noqa: E731  (B, 1)
-        V = logits.size(-1)
-        nxt = sample_next(logits, col([s.s.temperature for s in seqs]), col([s.s.top_k or V for s in seqs]),
-                          col([s.s.top_p for s in seqs]), [s.generator for s in seqs])[:, 0]  # (B,)
-        want = [b for b, s in enumerate(seqs) if s.s.logprobs is not None]
+        """The next token of each row, from its final hidden state h (B, C), with its own settings and
+        generator. A row whose settings break the batched draw fails alone; the others are drawn again."""
+        lp = self.model.log_probs(h)  # (B, V) float32: what is sampled (softmax ignores the shift) and reported
+        logits = lp
+        for b, s in enumerate(seqs):  # OpenAI's penalties and logit_bias, on this row's logits
+            if s.s.presence_penalty or s.s.frequency_penalty or s.s.logit_bias:
+                logits = lp.clone() if logits is lp else logits
+                if s.counts is not None:
+                    logits[b] -= s.s.frequency_penalty * s.counts + s.s.presence_penalty * (s.counts > 0)
+                if s.s.logit_bias:
+                    logits[b, s.bias_ids] += s.bias_values
+        V = lp.size(-1)
+        col = lambda xs: torch.tensor(xs, device=lp.device)[:, None]  # noqa: E731  (B, 1)
+        settings = (col([s.s.temperature for s in seqs]), col([min(s.s.top_k or V, V) for s in seqs]),
+                    col([s.s.top_p for s in seqs]))
+        try:
+            nxt = sample_next(logits, *settings, [s.generator for s in seqs])[:, 0].tolist()  # (B,)
+        except Exception:
+            nxt = []
+            for b, s in enumerate(seqs):
+                try:
+                    nxt.append(int(sample_next(logits[b:b + 1], *(x[b:b + 1] for x in settings), [s.generator])))
+                except Exception as e:
+                    self.fail([s], e)
+                    nxt.append(-1)
+        chosen = lp.gather(1, torch.tensor(nxt, device=lp.device).clamp(min=0)[:, None])[:, 0].tolist()
+        want = [b for b, s in enumerate(seqs) if s.s.logprobs is not None and nxt[b] >= 0]
         entries = {}
-        if want:  # the model's own log-probabilities, before temperature and filtering (as vLLM)
-            lp = self.model.log_probs(h[want])
-            for j, (b, t) in enumerate(zip(want, nxt[want].tolist())):
-                s = seqs[b]
-                entries[b] = self.logprob_entries(lp[j:j + 1], [t], s.s.logprobs, [s.text.chars])
+        for b in want:  # the model's own log-probabilities, before temperature and filtering (as vLLM)
+            s = seqs[b]
+            entries[b] = self.logprob_entries(lp[b:b + 1], [nxt[b]], s.s.logprobs, [s.text.chars])
         now = time.monotonic()
         self.recent.append((now, len(seqs)))
         while self.recent[0][0] < now - 10:
             self.recent.popleft()
         self.metrics.generation_tokens.inc(len(seqs))
-        for b, (s, t) in enumerate(zip(seqs, nxt.tolist())):
+        for b, (s, t) in enumerate(zip(seqs, nxt)):
+            if t < 0:
+                continue
+            s.logprob_sum += chosen[b]
+            if s.s.presence_penalty or s.s.frequency_penalty:
+                if s.counts is None:
+                    s.counts = torch.zeros(V, device=lp.device)
+                s.counts[t] += 1
             self.accept(s, t, entries.get(b, []), now)
 
     def logprob_entries(self, lp, ids, k, offsets):
@@ -414,7 +609,7 @@ class Engine:
         (self.metrics.ttft if first else self.metrics.itl).observe(now - (s.arrival if first else s.last_time))
         s.last_time = now
         if t == self.tok.eot_token and not s.s.ignore_eos:  # the model ended the document
-            return self.finish(s, "stop", s.text.push(b"", final=True)[0], logprobs)
+            return self.finish(s, "stop", s.text.push(b"", final=True)[0], logprobs, "eos")
         text, stopped = s.text.push(self.tok.decode_bytes([t]))
         if not stopped and len(s.tokens) == s.s.max_tokens:  # the last token: flush what was held
             rest, stopped = s.text.push(b"", final=True)
@@ -423,10 +618,16 @@ class Engine:
             return self.finish(s, "stop", text, logprobs)
         self.post(s, {"index": s.index, "text": text, "logprobs": logprobs, "finish_reason": None})
 
-    def finish(self, s, reason, text, logprobs=()):
+    def finish(self, s, reason, text, logprobs=(), cause=None):
+        """End a sequence. cause: what ended it, for the metrics: the reason, or "eos" (a "stop" that was
+        the model's own end of text, where a rising share can mean it has drifted)."""
         s.finish = reason
+        self.metrics.finished.labels(cause or reason).inc()
         if reason != "abort":
             self.metrics.e2e.observe(time.monotonic() - s.arrival)
+            if s.tokens:
+                self.metrics.response_logprob.observe(s.logprob_sum / len(s.tokens))
+                self.metrics.response_repetition.observe(repetition(s.tokens))
         self.metrics.success.labels(reason).inc()
         self.post(s, {"index": s.index, "text": text, "logprobs": list(logprobs), "finish_reason": reason})
 
@@ -447,11 +648,13 @@ class Engine:
                 self.active[b] = last
 
     def cut_all(self):
-        """End every sequence now, in flight or waiting, each with its last event (the drain is over)."""
+        """End every sequence now, in flight, prefilling or waiting, each with its last event (the drain is over)."""
         with self.cond:
             waiting = [s for g in self.waiting for s in g.seqs]
             self.waiting.clear()
             self.n_waiting = 0
+        waiting += [s for g in self.prefilling for s in g.seqs]
+        self.prefilling.clear()
         for s in self.active + waiting:
             if s.finish is None:
                 self.finish(s, "abort" if s.cancelled else "length", "")
@@ -461,28 +664,43 @@ class Engine:
 # ---- metrics ------------------------------------------------------------------------------------
 
 class Metrics:
-    """Prometheus metrics under vLLM's names (what serving dashboards already chart), in their own
-    registry. Latencies are per sequence, from the request's arrival, on time.monotonic()."""
+    """Prometheus metrics in their own registry. The server's health under vLLM's names and "vllm:"
+    prefix, so dashboards made for vLLM chart it unchanged; the model's health under "model_":
+    prompt_bits_per_byte (how surprising the traffic is to the model: it rises as requests drift away
+    from the training data), and per response the mean log-probability of its tokens, the share of
+    tokens that repeat a 4-gram (degenerate loops) and what ended it. Latencies are per sequence,
+    from the request's arrival, on time.monotonic(). static/grafana_dashboard.json charts them all."""
 
     def __init__(self):
         r = self.registry = CollectorRegistry()
         lat = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.requests = Counter("http_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.prompt_tokens = Counter("prompt_tokens", "prompt tokens prefilled", registry=r)
-        self.generation_tokens = Counter("generation_tokens", "tokens generated", registry=r)
-        self.success = Counter("request_success", "sequences finished, by reason (abort: the client left)",
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "tokens generated", registry=r)
+        self.success = Counter("vllm:request_success", "sequences finished, by reason (abort: the client left)",
                                ["finished_reason"], registry=r)
-        self.ttft = Histogram("time_to_first_token_seconds", "arrival to first token", buckets=lat, registry=r)
-        self.itl = Histogram("inter_token_latency_seconds", "time between a sequence's tokens", registry=r,
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "arrival to first token", buckets=lat, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "time between a sequence's tokens", registry=r,
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-        self.e2e = Histogram("e2e_request_latency_seconds", "arrival to last token", buckets=lat, registry=r)
-        self.queue_time = Histogram("request_queue_time_seconds", "arrival to prefill", buckets=lat, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "arrival to last token", buckets=lat, registry=r)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "arrival to prefill", buckets=lat, registry=r)
         self.batch_size = Histogram("batch_size", "rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
                                     registry=r)
-        self.running = Gauge("num_requests_running", "sequences in the decode batch (active batch size)", registry=r)
-        self.waiting = Gauge("num_requests_waiting", "sequences waiting for a batch row (queue depth)", registry=r)
+        self.running = Gauge("vllm:num_requests_running", "sequences in the decode batch", registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "sequences waiting for a batch row (queue depth)",
+                             registry=r)
         self.tokens_per_second = Gauge("generation_tokens_per_second", "tokens generated per second over the "
                                        "last 10 s", registry=r)
+        self.prompt_bpb = Histogram("model_prompt_bits_per_byte", "the prompt's bits per byte under the model",
+                                    buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8), registry=r)
+        self.response_logprob = Histogram("model_response_mean_logprob", "mean log-probability of a response's "
+                                          "tokens", buckets=(-8, -6, -4, -3, -2, -1.5, -1, -0.5, -0.25, -0.1, 0),
+                                          registry=r)
+        self.response_repetition = Histogram("model_response_repetition", "share of a response's tokens that "
+                                             "repeat a 4-gram of it", buckets=(0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1),
+                                             registry=r)
+        self.finished = Counter("model_finish", "sequences ended, by cause: eos (the model's end of text), stop "
+                                "(a stop string), length, abort, error", ["cause"], registry=r)
 
 
 # ---- the HTTP API -------------------------------------------------------------------------------
@@ -490,9 +708,17 @@ class Metrics:
 class Service:
     """What the endpoints do, around a running engine: checks, queueing, and OpenAI's response shapes."""
 
-    def __init__(self, model, tok, name, engine):
-        self.tok, self.name, self.engine = tok, name, engine
+    def __init__(self, model, tok, name, engine, log=None):
+        self.tok, self.name, self.engine, self.log = tok, name, engine, log
         self.block_size, self.created = model.config.block_size, int(time.time())
+        # a text of more bytes than this cannot fit the context, whatever its tokens: refused untokenized
+        self.max_text_bytes = self.block_size * max(len(tok.decode_bytes([t])) for t in range(tok.vocab_size))
+
+    def encode(self, text, param):
+        if len(text) > self.max_text_bytes or len(text.encode("utf-8", "replace")) > self.max_text_bytes:
+            raise APIError(400, f"the {param} is {len(text):,} characters, more than this model's context of "
+                           f"{self.block_size} tokens can hold; shorten it", param, "context_length_exceeded")
+        return self.tok.encode(text, allowed_special="all")
 
     def attach(self, loop):
         """Route the engine's events through this event loop: one thread hop per step for all the
@@ -524,14 +750,23 @@ class Service:
                                f"for ({len(ids)} in the prompt, {max_tokens} for the completion); lower max_tokens "
                                f"or shorten the prompt", "prompt" if len(ids) >= bs else "max_tokens",
                                "context_length_exceeded")
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= self.tok.vocab_size or not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias maps token ids (0 to {self.tok.vocab_size - 1}, as strings) to "
+                               f"biases from -100 to 100; got {key!r}: {value}", "logit_bias")
+            bias[int(key)] = value
         return Sampling(req.temperature, req.top_k, req.top_p, max_tokens, req.seed, logprobs,
-                        stops + list(extra_stop), req.ignore_eos)
+                        stops + list(extra_stop), req.ignore_eos, req.presence_penalty, req.frequency_penalty, bias)
 
     def start(self, prompts, n, sampling, prompt_logprobs=None):
         """Queue n sequences per prompt (choice i*n + j is prompt i's j-th, seeded seed + j).
         Returns (sequences, an async iterator of their events)."""
         if self.engine.cut_at is not None:
             raise APIError(503, "the server is shutting down", None, "shutting_down", {"Retry-After": "5"})
+        if self.engine.broken:
+            raise APIError(503, f"the model's device failed ({self.engine.broken}); restart the server",
+                           None, "engine_failed")
         arrival, queue = time.monotonic(), asyncio.Queue()
         emit = queue.put_nowait  # called on the event loop's thread: see attach
         groups = []
@@ -603,6 +838,7 @@ class Service:
             finally:
                 watcher.cancel()
                 self.engine.cancel(seqs)  # a no-op unless this handler was cancelled
+                self.write_log(req, kind, prompts, seqs, texts)
             choices = [choice(i, texts[i], entries[i], reasons[i], None) for i in sorted(reasons)]
             return JSONResponse({**head, "choices": choices, "usage": usage()})
 
@@ -616,6 +852,7 @@ class Service:
             return "data: " + json.dumps(obj) + "\n\n"
 
         async def sse():
+            texts = collections.defaultdict(str)
             try:
                 if kind == "chat":  # the role comes first, in a chunk of its own
                     for s in seqs:
@@ -623,6 +860,7 @@ class Service:
                         yield line({**head, "choices": [{"index": s.index, "delta": role, "logprobs": None,
                                                          "finish_reason": None}]})
                 async for ev in events:
+                    texts[ev["index"]] += ev["text"]
                     if ev["text"] or ev["logprobs"]:
                         yield line({**head, "choices": [choice(ev["index"], ev["text"], ev["logprobs"], None, False)]})
                     if ev["finish_reason"]:  # a choice's last chunk: no text, and the reason
@@ -633,9 +871,28 @@ class Service:
                 yield "data: " + json.dumps(e.body()) + "\n\n"
             finally:
                 self.engine.cancel(seqs)  # a disconnect lands here (Starlette cancels the stream)
+                self.write_log(req, kind, prompts, seqs, texts)
             yield "data: [DONE]\n\n"
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def write_log(self, req, kind, prompts, seqs, texts):
+        """One line per prompt of the request in the request log, if there is one: what eval.py can read
+        back (--task=ppl --data=LOG --text_field=prompt, or --prompts=LOG)."""
+        if self.log is None:
+            return
+        settings = req.model_dump(exclude={"prompt", "messages", "stream_options"}, exclude_none=True)
+        n = len(seqs) // len(prompts)
+        for p, ids in enumerate(prompts):
+            mine = seqs[p * n:(p + 1) * n]
+            self.log.write({
+                "time": time.time(), "endpoint": kind, "prompt": self.tok.decode(ids),
+                "completion": texts.get(mine[0].index, ""), "completions": [texts.get(s.index, "") for s in mine],
+                "settings": settings, "prompt_tokens": len(ids), "completion_tokens": [len(s.tokens) for s in mine],
+                "finish_reason": [s.finish for s in mine], "seconds": round(time.monotonic() - mine[0].arrival, 4),
+                "prompt_bits_per_byte": mine[0].prompt_bpb,
+                "mean_logprob": [s.logprob_sum / len(s.tokens) if s.tokens else None for s in mine],
+                "repetition": [repetition(s.tokens) for s in mine]})
 
     async def watch_disconnect(self, request, seqs):
         while (await request.receive())["type"] != "http.disconnect":  # the body has been read already
@@ -646,7 +903,7 @@ class Service:
         p = req.prompt
         p = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p or [[]]
         # "" starts a new document, as in sample.py: prepare.py puts <|endoftext|> before each one
-        prompts = [list(x) if not isinstance(x, str) else self.tok.encode(x, allowed_special="all") if x
+        prompts = [list(x) if not isinstance(x, str) else self.encode(x, "prompt") if x
                    else [self.tok.eot_token] for x in p]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens  # null: OpenAI's default
         scoring = req.echo and req.logprobs is not None  # the prompt's logprobs are wanted too
@@ -670,7 +927,7 @@ class Service:
             content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
             lines.append(content + "\n" if m.role in ("system", "developer") else
                          f"{'User' if m.role == 'user' else 'Assistant'}: {content}")
-        ids = [self.tok.eot_token] + self.tok.encode("\n".join(lines) + "\nAssistant:")
+        ids = [self.tok.eot_token] + self.encode("\n".join(lines) + "\nAssistant:", "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = max(1, self.block_size - len(ids))  # the rest of the context, as OpenAI
@@ -688,6 +945,22 @@ class Service:
         return await self.respond(request, req, [ids], seqs, events, "chat", choice)
 
 
+class RequestLog:
+    """Requests as JSON lines (never the API key: it is a header, not part of the request body), in
+    `path`, which is renamed to path.1 (replacing the previous one) once it grows past max_bytes."""
+
+    def __init__(self, path, max_bytes):
+        self.path, self.max_bytes = path, max_bytes
+        open(path, "a").close()  # a folder that is not there, or not writable, fails at start
+
+    def write(self, record):
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        if os.path.exists(self.path) and os.path.getsize(self.path) + len(line) > self.max_bytes:
+            os.replace(self.path, self.path + ".1")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+
+
 def build_app(service, metrics, key=""):
     """The ASGI app: FastAPI's routes behind Gate (the API key, and counting requests)."""
     engine = service.engine
@@ -699,7 +972,7 @@ def build_app(service, metrics, key=""):
         yield
         engine.stop()
 
-    app = FastAPI(title="gpt-from-scratch", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gpt-from-scratch", lifespan=lifespan, docs_url=None, redoc_url=None)  # /openapi.json
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "playground.html")) as f:
         playground = f.read()
 
@@ -713,6 +986,9 @@ def build_app(service, metrics, key=""):
         if err.get("type") == "json_invalid":
             return APIError(400, f"the body is not valid JSON: {err.get('msg')}", None, "invalid_json").response()
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "extra_forbidden":
+            return APIError(400, f"{'.'.join(loc)}: this server does not implement this field; leave it out",
+                            loc[0] if loc else None, "unsupported_field").response()
         return APIError(400, f"{'.'.join(loc)}: {err.get('msg')}" if loc else err.get("msg"),
                         loc[0] if loc else None).response()
 
@@ -742,6 +1018,9 @@ def build_app(service, metrics, key=""):
     async def health():
         if engine.cut_at is not None:  # draining: a load balancer should send no more
             return JSONResponse({"status": "draining"}, status_code=503)
+        if engine.broken or not engine.thread.is_alive():  # the device failed: every request would too
+            return JSONResponse({"status": "error", "error": engine.broken or "the engine thread stopped"},
+                                status_code=503)
         return {"status": "ok", "model": service.name, "running": len(engine.active), "waiting": engine.n_waiting}
 
     @app.get("/metrics")
@@ -753,12 +1032,13 @@ def build_app(service, metrics, key=""):
         return HTMLResponse(playground)
 
     return Gate(app, key, metrics, {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
-                                    "/metrics", "/"})
+                                    "/metrics", "/", "/openapi.json"})
 
 
 class Gate:
     """ASGI middleware in front of the app: the API key on /v1/* (so /health, /metrics and the page
-    stay open), and the count of every request by route and status, those it refuses included."""
+    stay open), a bound on the body's size (read here, before any parsing), and the count of every
+    request by route and status, those it refuses included."""
 
     def __init__(self, app, key, metrics, routes):
         self.app, self.key, self.metrics, self.routes = app, key, metrics, routes
@@ -779,6 +1059,23 @@ class Gate:
                 err = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                                None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
                 return await err.response()(scope, receive, send_status)
+            if scope["method"] == "POST":  # the whole body, at most MAX_BODY bytes, then replayed to the app
+                body, more = b"", True
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > MAX_BODY:
+                        err = APIError(413, f"the request body is over {MAX_BODY // 2 ** 20} MiB", None,
+                                       "body_too_large")
+                        return await err.response()(scope, receive, send_status)
+                replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+                async def receive_again():  # then, as the client's next message: it left
+                    return replay.pop() if replay else await receive()
+                return await self.app(scope, receive_again, send_status)
             await self.app(scope, receive, send_status)
         finally:
             self.metrics.requests.labels(path if path in self.routes else "other", str(status[0])).inc()
@@ -818,10 +1115,13 @@ def main(argv=None):
     # every setting is checked before anything is loaded or bound
     if quantize not in MODES:
         raise UserError(f"quantize={quantize!r} is not one of {', '.join(map(repr, MODES))}")
-    if max_batch < 1 or max_queue < 0 or drain_seconds < 0 or not 0 <= port < 65536 or threads < 0:
-        raise UserError(f"need max_batch >= 1, max_queue >= 0, drain_seconds >= 0, 0 <= port < 65536 and "
-                        f"threads >= 0; got max_batch={max_batch}, max_queue={max_queue}, drain_seconds="
-                        f"{drain_seconds}, port={port}, threads={threads}")
+    if max_batch < 1 or max_queue < 0 or drain_seconds < 0 or not 0 <= port < 65536 or threads < 0 or \
+            prefill_chunk < 0 or prefix_cache < 0 or log_max_mb <= 0:
+        raise UserError(f"need max_batch >= 1, max_queue >= 0, drain_seconds >= 0, 0 <= port < 65536, threads, "
+                        f"prefill_chunk, prefix_cache >= 0 and log_max_mb > 0; got max_batch={max_batch}, max_queue="
+                        f"{max_queue}, drain_seconds={drain_seconds}, port={port}, threads={threads}, prefill_chunk="
+                        f"{prefill_chunk}, prefix_cache={prefix_cache}, log_max_mb={log_max_mb}")
+    log = RequestLog(log_requests, int(log_max_mb * 2 ** 20)) if log_requests else None
     dev, device_type, ptdtype = pick_device(device, dtype)
     if quantize == "int8" and device_type != "cpu":
         raise UserError(f"quantize='int8' runs on the CPU only, but the device is {dev}; add --device=cpu")
@@ -837,11 +1137,18 @@ def main(argv=None):
                         f"pick another --port") from None
 
     opened = open_model(model, ckpt)
-    gpt, tok, where = quantize_model(opened.model.to(dev), quantize), opened.tokenizer, opened.description
+    gpt = quantize_model(for_inference(opened.model, dev, device_type, ptdtype), quantize)
+    tok, where = opened.tokenizer, opened.description
     name = model_name or os.path.basename(os.path.normpath(model))
     metrics = Metrics()
-    engine = Engine(gpt, tok, max_batch, max_queue, metrics, device_type, ptdtype)
-    app = build_app(Service(gpt, tok, name, engine), metrics, key)
+    engine = Engine(gpt, tok, max_batch, max_queue, metrics, device_type, ptdtype, prefill_chunk, prefix_cache,
+                    score_prompts)
+    try:
+        engine.warm_up()
+    except torch.OutOfMemoryError:
+        raise UserError(f"the KV cache of max_batch={max_batch} rows x {gpt.config.block_size} positions does not "
+                        f"fit in {dev}'s memory; lower --max_batch") from None
+    app = build_app(Service(gpt, tok, name, engine, log), metrics, key)
     server = Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                    timeout_graceful_shutdown=drain_seconds + 5), engine, drain_seconds)
     sock.listen(128)

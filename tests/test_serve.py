@@ -364,9 +364,13 @@ def test_metrics_counters_move(servers):
     after = main.metrics()
     moved = lambda k: after.get(k, 0) - before.get(k, 0)  # noqa: E731
     assert moved('http_requests_total{route="/v1/completions",status="200"}') == 1
-    assert moved("generation_tokens_total") == 5 and moved("prompt_tokens_total") == 2
-    assert moved("time_to_first_token_seconds_count") == 1 and moved("e2e_request_latency_seconds_count") == 1
-    assert after["num_requests_running"] == 0 and after["num_requests_waiting"] == 0
+    assert moved("vllm:generation_tokens_total") == 5 and moved("vllm:prompt_tokens_total") == 2
+    assert moved("vllm:time_to_first_token_seconds_count") == 1 and moved("vllm:e2e_request_latency_seconds_count") == 1
+    assert after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0
+    # the model's health: the prompt's surprise, the response's mean log-probability and repetition, its end
+    assert moved("model_prompt_bits_per_byte_count") == 1 and after["model_prompt_bits_per_byte_sum"] > 0
+    assert moved("model_response_mean_logprob_count") == 1 and moved("model_response_repetition_count") == 1
+    assert moved('model_finish_total{cause="length"}') + moved('model_finish_total{cause="eos"}') == 1
     assert after["generation_tokens_per_second"] > 0
 
 
@@ -384,14 +388,14 @@ def test_disconnect_frees_the_slot_and_a_full_queue_is_503(servers):
     answer, frees the row at the next step; with the row busy and the place taken, the next is 503."""
     _, small = servers
     body = {"model": "out-serve", "prompt": "def ", "max_tokens": 1000, "stream": True, "ignore_eos": True}
-    aborts = small.metrics().get('request_success_total{finished_reason="abort"}', 0)
+    aborts = small.metrics().get('vllm:request_success_total{finished_reason="abort"}', 0)
     with httpx.Client(base_url=small.url, timeout=30) as h:
         with h.stream("POST", "/v1/completions", json=body) as r:  # streamed: leaves after one chunk
             next(r.iter_lines())  # (the dropped iterator closes the connection at once)
     with pytest.raises(httpx.ReadTimeout):  # not streamed: gives up after 0.1 s
         httpx.post(small.url + "/v1/completions", json={**body, "stream": False}, timeout=0.1)
-    wait_metric(small, 'request_success_total{finished_reason="abort"}', aborts + 2)
-    assert small.metrics()["num_requests_running"] == 0
+    wait_metric(small, 'vllm:request_success_total{finished_reason="abort"}', aborts + 2)
+    assert small.metrics()["vllm:num_requests_running"] == 0
     with httpx.Client(base_url=small.url, timeout=30) as a, httpx.Client(base_url=small.url, timeout=30) as b:
         with a.stream("POST", "/v1/completions", json=body) as r:  # takes the row
             lines = r.iter_lines()  # kept: a dropped iterator would close the connection
@@ -399,12 +403,12 @@ def test_disconnect_frees_the_slot_and_a_full_queue_is_503(servers):
             waiting = threading.Thread(target=lambda: b.post("/v1/completions", json={**body, "stream": False,
                                                                                   "max_tokens": 5}))
             waiting.start()  # takes the waiting place
-            wait_metric(small, "num_requests_waiting", 1)
+            wait_metric(small, "vllm:num_requests_waiting", 1)
             full = httpx.post(small.url + "/v1/completions", json=body, timeout=10)
             assert full.status_code == 503 and full.headers["retry-after"] == "1"
             assert full.json()["error"]["code"] == "queue_full"
         waiting.join(timeout=30)
-    wait_metric(small, 'request_success_total{finished_reason="abort"}', aborts + 3)
+    wait_metric(small, 'vllm:request_success_total{finished_reason="abort"}', aborts + 3)
     r = small.client().completions.create(model="out-serve", prompt="x", max_tokens=3)
     assert r.usage.completion_tokens == 3
 
