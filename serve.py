@@ -401,7 +401,10 @@ class Engine:
                 T = len(g.ids)
                 if self.prefixes and g.prompt_logprobs is None and T > PrefixCache.BLOCK:
                     g.cache = KVCache(self.model.config.n_layer, 1, T)
-                    if self.prefixes.lookup(g.ids, g.cache) == 0 and not (self.chunk and T > self.chunk):
+                    hit = self.prefixes.lookup(g.ids, g.cache)
+                    self.metrics.prefix_queries.inc(T)
+                    self.metrics.prefix_hits.inc(hit)
+                    if hit == 0 and not (self.chunk and T > self.chunk):
                         g.cache = None
                 if g.cache is None and self.chunk and T > self.chunk:
                     g.cache = KVCache(self.model.config.n_layer, 1, T)
@@ -549,25 +552,25 @@ class Engine:
         """The next token of each row, from its final hidden state h (B, C), with its own settings and
         generator. A row whose settings break the batched draw fails alone; the others are drawn again."""
         lp = self.model.log_probs(h)  # (B, V) float32: what is sampled (softmax ignores the shift) and reported
-        logits = lp
-        for b, s in enumerate(seqs):  # OpenAI's penalties and logit_bias, on this row's logits
-            if s.s.presence_penalty or s.s.frequency_penalty or s.s.logit_bias:
-                logits = lp.clone() if logits is lp else logits
-                if s.counts is not None:
-                    logits[b] -= s.s.frequency_penalty * s.counts + s.s.presence_penalty * (s.counts > 0)
-                if s.s.logit_bias:
-                    logits[b, s.bias_ids] += s.bias_values
         V = lp.size(-1)
         col = lambda xs: torch.tensor(xs, device=lp.device)[:, None]  # noqa: E731  (B, 1)
-        settings = (col([s.s.temperature for s in seqs]), col([min(s.s.top_k or V, V) for s in seqs]),
-                    col([s.s.top_p for s in seqs]))
+
+        def draw(rows):
+            logits, ss = lp[rows].clone(), [seqs[b] for b in rows]
+            for j, s in enumerate(ss):  # OpenAI's penalties and logit_bias, on this row's logits
+                if s.counts is not None:
+                    logits[j] -= s.s.frequency_penalty * s.counts + s.s.presence_penalty * (s.counts > 0)
+                if s.s.logit_bias:
+                    logits[j, s.bias_ids] += s.bias_values
+            return sample_next(logits, col([s.s.temperature for s in ss]), col([min(s.s.top_k or V, V) for s in ss]),
+                               col([s.s.top_p for s in ss]), [s.generator for s in ss])[:, 0].tolist()
         try:
-            nxt = sample_next(logits, *settings, [s.generator for s in seqs])[:, 0].tolist()  # (B,)
-        except Exception:
+            nxt = draw(list(range(len(seqs))))  # (B,)
+        except Exception:  # one row's settings broke the batched draw: each row alone, the culprit fails
             nxt = []
             for b, s in enumerate(seqs):
                 try:
-                    nxt.append(int(sample_next(logits[b:b + 1], *(x[b:b + 1] for x in settings), [s.generator])))
+                    nxt += draw([b])
                 except Exception as e:
                     self.fail([s], e)
                     nxt.append(-1)
@@ -699,6 +702,9 @@ class Metrics:
         self.response_repetition = Histogram("model_response_repetition", "share of a response's tokens that "
                                              "repeat a 4-gram of it", buckets=(0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1),
                                              registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "prompt tokens found in the prefix cache", registry=r)
         self.finished = Counter("model_finish", "sequences ended, by cause: eos (the model's end of text), stop "
                                 "(a stop string), length, abort, error", ["cause"], registry=r)
 
