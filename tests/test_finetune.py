@@ -15,6 +15,7 @@ import finetune
 import lora
 from bpe import Tokenizer
 from configurator import run
+from conftest import fake_clock
 from model import GPT, GPTConfig
 
 LETTERS = "abcdefgh"
@@ -323,16 +324,8 @@ def test_early_stopping_keeps_the_best_and_prediction_writes_the_labels(tmp_path
 def test_step_time_leaves_out_evaluations_between_log_lines(tmp_path, monkeypatch):
     """On a clock where a step takes 1 s and an evaluation 100 s, every log line says 1000 ms per step,
     also when an evaluation falls between two log lines (eval_interval 3, log_interval 2)."""
-    clock = [0.0]
-
-    def taking(seconds, f):
-        def timed(*args, **kwargs):
-            clock[0] += seconds
-            return f(*args, **kwargs)
-        return timed
-    monkeypatch.setattr(finetune, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
-    monkeypatch.setattr(finetune, "objective", taking(1.0, finetune.objective))  # one micro-batch per step
-    monkeypatch.setattr(finetune, "score", taking(100.0, finetune.score))
+    # objective runs once per micro-batch, and here a step is one micro-batch
+    fake_clock(finetune, {"objective": 1.0, "score": 100.0}, set=monkeypatch.setattr)
     out = tmp_path / "out"
     finetune_main(f"--init_from={write_base(tmp_path / 'base.pt')}", f"--out_dir={out}", "--max_iters=8",
                   "--eval_interval=3", "--log_interval=2", *make_task(tmp_path / "data", "classification", 64, 16))

@@ -207,18 +207,12 @@ def test_sigkill_during_save_keeps_previous_checkpoint(workdir, tmp_path):
 
 
 FAKE_CLOCK = """
-import os, sys, types
-sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import os, sys
+root = os.path.dirname(sys.argv[1])
+sys.path[:0] = [root, os.path.join(root, "tests")]
 import train
-clock = [0.0]
-def taking(seconds, f):
-    def timed(*args, **kwargs):
-        clock[0] += seconds
-        return f(*args, **kwargs)
-    return timed
-train.time = types.SimpleNamespace(time=lambda: clock[0])
-train.get_lr = taking(1.0, train.get_lr)        # called once per step: a step takes 1 s
-train.evaluate = taking(100.0, train.evaluate)  # an evaluation 100 s
+from conftest import fake_clock
+fake_clock(train, {"get_lr": 1.0, "evaluate": 100.0})  # get_lr runs once a step: a step takes 1 s
 sys.argv = sys.argv[1:]
 train.run(train.main)
 """
