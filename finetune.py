@@ -68,11 +68,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import lora
+import process
 from atomic import atomic_write
 from bpe import Tokenizer
 from configurator import UserError, configure, run
 from device import autocast, pick_device
 from model import CausalSelfAttention
+from process import say
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
 # I/O
@@ -105,7 +107,7 @@ micro_batch_size = 32         # examples per forward pass per process: lower it 
 epochs = 3
 max_iters = 0                 # optimizer steps; 0 = epochs x steps per epoch
 learning_rate = 6.25e-5
-warmup = 0.002                # fraction of the steps spent warming up
+warmup_frac = 0.002           # the fraction of all steps spent warming up (GPT-1: 0.2%)
 weight_decay = 0.01           # on matrices and embeddings only
 beta1 = 0.9
 beta2 = 0.999
@@ -132,8 +134,6 @@ TASKS = {"classification": 1, "entailment": 2, "similarity": 2, "multiple_choice
 SPECIAL = ("<|start|>", "<|delim|>", "<|extract|>")
 VAL_NAMES = ("validation", "val", "dev", "valid")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
-FORMATS = {"loss": ".4f", "task_loss": ".4f", "lm_loss": ".4f", "lr": ".2e", "ms_per_step": ".0f",
-           "examples_per_s": ",.1f"}
 
 
 # ---- input transformations (figure 1) --------------------------------------------------------------
@@ -563,15 +563,26 @@ def peak_memory(device_type):
     return rss * (1 if sys.platform == "darwin" else 1024), "RSS of the process"
 
 
-def duration(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+def score(model, examples, spec, ctx, dev, rank, world):
+    """metrics of the model on examples (all ranks take part, see outputs)."""
+    return metrics(outputs(model, examples, spec, micro_batch_size, ctx, dev, rank, world),
+                   labels_tensor(examples, spec), spec)
 
 
-# ---- the script ----------------------------------------------------------------------------------
+# ---- the steps of main -----------------------------------------------------------------------------
 
 def split_names(s):
     return [f.strip() for f in s.split(",") if f.strip()]
+
+
+def run_merge(path):
+    """Write the fine-tuned model at path as one standalone checkpoint to `merge` (LoRA folded in)."""
+    model, _, spec, state = load_finetuned(path)
+    if spec["lora"]:
+        state = merged_state(model, state)
+    atomic_write(merge, lambda f: torch.save(state, f))
+    print(f"wrote {merge}: {path} as one standalone model "
+          f"({'LoRA merged into the weights' if spec['lora'] else 'it was already full'})")
 
 
 def run_predict(path, dev, ctx):
@@ -610,6 +621,93 @@ def run_predict(path, dev, ctx):
     print(f"wrote {len(lines)} predictions to {dest}")
 
 
+
+def load_base():
+    """The pretrained model init_from names: (gpt, tokenizer, description, base), base being how a
+    LoRA checkpoint finds it again: an absolute path (a run's best.pt by its file name) or a hub name."""
+    try:
+        run_dir = os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json"))
+        base = os.path.abspath(checkpoint.find(init_from, "best")) if run_dir else \
+            os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+        gpt, tok, where = checkpoint.load_model(base)
+    except ValueError as e:
+        raise UserError(f"init_from={init_from!r}: {e}")
+    return gpt, tok, where, base
+
+
+def load_task(max_len, base):
+    """The task's splits ({split: rows}) and its spec: what the checkpoint records to read inputs and
+    labels again (fields, label names, number of choices, max_len, LoRA settings, the base). With no
+    val split, val_fraction of train is carved off with the seed: the same rows every run."""
+    fields, cfields = split_names(text_fields), split_names(choice_fields)
+    if len(fields) != TASKS[task]:
+        raise UserError(f"task={task} reads {TASKS[task]} text field(s), got text_fields={text_fields!r}")
+    if (task == "multiple_choice") != bool(cfields):
+        raise UserError("choice_fields names the answers of a multiple_choice task, and only of one")
+    splits, class_names = load_splits(data, data_config, label_field)
+    if "train" not in splits:
+        raise UserError(f"data={data!r} has no train split (it has {', '.join(splits) or 'none'})")
+    if "val" not in splits:
+        rows = splits["train"][:]
+        random.Random(seed).shuffle(rows)
+        n_val = max(1, round(val_fraction * len(rows)))
+        if not 0 < val_fraction < 1 or len(rows) - n_val < 1:
+            raise UserError(f"no val split, and val_fraction={val_fraction} of {len(rows)} train rows leaves none "
+                            f"to train or to validate on; add a val file or change val_fraction")
+        splits["val"], splits["train"] = rows[:n_val], rows[n_val:]
+        say(f"no val split: {n_val} of the {len(rows)} train rows carved off as val (seed {seed})")
+    spec = {"task": task, "text_fields": fields, "choice_fields": cfields, "label_field": label_field,
+            "regression": regression, "max_len": max_len, "labels": None, "n_choices": None,
+            "lora": dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=split_names(lora_targets))
+            if lora_rank else None, "base": base}
+    if not regression and task != "multiple_choice":
+        spec["labels"] = class_names or label_names(splits["train"], label_field)
+        if len(spec["labels"]) < 2:
+            raise UserError(f"train has {len(spec['labels'])} distinct label(s) in '{label_field}'; a classifier needs two")
+    if task == "multiple_choice":
+        c = splits["train"][0].get(cfields[0])
+        spec["n_choices"] = len(c) if len(cfields) == 1 and isinstance(c, (list, tuple)) else len(cfields)
+    return splits, spec
+
+
+def encode(splits, spec, tok):
+    """{split: examples} (see make_examples); a test split without labels is counted, not kept."""
+    examples = {}
+    for split, rows in splits.items():
+        labelled = split != "test" or any(not missing(r.get(label_field)) for r in rows)
+        exs, n_cut, tokens_cut = make_examples(rows, spec, tok, split, need_labels=labelled)
+        if labelled:
+            examples[split] = exs
+        say(f"{split}: {len(exs):,} examples" + ("" if labelled else " without labels (not scored)") +
+            (f"; {n_cut:,} longer than max_len={spec['max_len']} were cut from the end of their longest text "
+             f"({tokens_cut:,} tokens in all)" if n_cut else ""))
+    return examples
+
+
+def make_optimizer(model, device_type):
+    """AdamW over the parameters that train, weight decay on matrices and embeddings only. Returns
+    (optimizer, [(name, parameter) that train])."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for _, p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), eps=eps,
+                             fused=device_type == "cuda"), trainable
+
+
+def save_finetuned(model, tok, spec, config, trainable, step, m):
+    """Write step's model as out_dir's best.pt (and its one step checkpoint): the trained tensors, the
+    head, the tokenizer with its task tokens, and spec with the val metrics m."""
+    gpt = model.gpt
+    state = {"version": checkpoint.VERSION, "iter_num": step, "model_args": dataclasses.asdict(gpt.config),
+             "tokenizer": tok.dumps(), "head": model.head.state_dict(), "config": config,
+             "finetune": {**spec, "metrics": m}}
+    if spec["lora"]:  # the trained tensors only; the base is named in spec
+        state["adapters"] = {n.removeprefix("gpt."): p.detach() for n, p in trainable if n.startswith("gpt.")}
+    else:
+        state["model"] = gpt.state_dict()
+    return checkpoint.save_step(state, out_dir, is_best=True, keep_last=1)
+
+
 def main(argv=None):
     config = configure(globals(), argv)
     for k in ("batch_size", "micro_batch_size", "eval_interval", "log_interval", "epochs"):
@@ -623,7 +721,7 @@ def main(argv=None):
     ctx = autocast(device_type, ptdtype)
     torch.manual_seed(seed)
 
-    # ---- the jobs that use a fine-tuned model ----------------------------------------------------
+    # ---- the jobs that use a fine-tuned model: merge it, or label new inputs ----------------------
     if merge or predict:
         try:
             path = checkpoint.find(out_dir, ckpt)
@@ -632,12 +730,7 @@ def main(argv=None):
                             f"(and --ckpt) at a finetune.py run") from None
         try:
             if merge:
-                model, _, spec, state = load_finetuned(path)
-                if spec["lora"]:
-                    state = merged_state(model, state)
-                atomic_write(merge, lambda f: torch.save(state, f))
-                print(f"wrote {merge}: {path} as one standalone model "
-                      f"({'LoRA merged into the weights' if spec['lora'] else 'it was already full'})")
+                run_merge(path)
             if predict:
                 run_predict(path, dev, ctx)
         except ValueError as e:
@@ -645,68 +738,22 @@ def main(argv=None):
         return
 
     # ---- setup: processes ------------------------------------------------------------------------
-    ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    distributed, rank, local_rank, world = process.from_env()
     master = rank == 0
-
-    def say(*args):
-        if master:
-            print(*args, flush=True)
-
     if batch_size % world:
         raise UserError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
-    if ddp:
-        import atexit
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
-                                device_id=torch.device(dev) if device_type == "cuda" else None)
-        atexit.register(dist.destroy_process_group)
+    process.start(dev)
     if not data:
         raise UserError("no data: pass --data=a hub dataset name, a folder of train/val/test files, or a file")
     if master and checkpoint.step_checkpoints(out_dir):
         raise UserError(f"{out_dir}/ already holds checkpoints of another run; use a new --out_dir (or delete it)")
 
-    # ---- the pretrained model ----------------------------------------------------------------------
-    try:  # a run's best.pt by its file name: what a LoRA checkpoint points back to
-        run_dir = os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json"))
-        base = os.path.abspath(checkpoint.find(init_from, "best")) if run_dir else \
-            os.path.abspath(init_from) if os.path.exists(init_from) else init_from
-        gpt, tok, where = checkpoint.load_model(base)
-    except ValueError as e:
-        raise UserError(f"init_from={init_from!r}: {e}")
+    # ---- the pretrained model, the task's data, and the model made ready for the task ---------------
+    gpt, tok, where, base = load_base()
     T = max_len or gpt.config.block_size
     if not 8 <= T <= gpt.config.block_size:
         raise UserError(f"max_len={max_len} must be between 8 and the model's block_size {gpt.config.block_size}")
-
-    # ---- data --------------------------------------------------------------------------------------
-    fields, cfields = split_names(text_fields), split_names(choice_fields)
-    if len(fields) != TASKS[task]:
-        raise UserError(f"task={task} reads {TASKS[task]} text field(s), got text_fields={text_fields!r}")
-    if (task == "multiple_choice") != bool(cfields):
-        raise UserError("choice_fields names the answers of a multiple_choice task, and only of one")
-    splits, class_names = load_splits(data, data_config, label_field)
-    if "train" not in splits:
-        raise UserError(f"data={data!r} has no train split (it has {', '.join(splits) or 'none'})")
-    if "val" not in splits:  # carve val off train, with the seed: the same rows every run
-        rows = splits["train"][:]
-        random.Random(seed).shuffle(rows)
-        n_val = max(1, round(val_fraction * len(rows)))
-        if not 0 < val_fraction < 1 or len(rows) - n_val < 1:
-            raise UserError(f"no val split, and val_fraction={val_fraction} of {len(rows)} train rows leaves none "
-                            f"to train or to validate on; add a val file or change val_fraction")
-        splits["val"], splits["train"] = rows[:n_val], rows[n_val:]
-        say(f"no val split: {n_val} of the {len(rows)} train rows carved off as val (seed {seed})")
-    spec = {"task": task, "text_fields": fields, "choice_fields": cfields, "label_field": label_field,
-            "regression": regression, "max_len": T, "labels": None, "n_choices": None,
-            "lora": dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=split_names(lora_targets))
-            if lora_rank else None, "base": base}
-    if not regression and task != "multiple_choice":
-        spec["labels"] = class_names or label_names(splits["train"], label_field)
-        if len(spec["labels"]) < 2:
-            raise UserError(f"train has {len(spec['labels'])} distinct label(s) in '{label_field}'; a classifier needs two")
-    if task == "multiple_choice":
-        first = splits["train"][0]
-        c = first.get(cfields[0])
-        spec["n_choices"] = len(c) if len(cfields) == 1 and isinstance(c, (list, tuple)) else len(cfields)
+    splits, spec = load_task(T, base)
     spec["base_fingerprint"] = fingerprint(gpt) if lora_rank else None
     torch.manual_seed(seed)  # the same head, task tokens and A matrices on every rank
     set_dropout(gpt, dropout)
@@ -714,15 +761,7 @@ def main(argv=None):
         model, tok = build(gpt, tok, spec, head_dropout)
     except ValueError as e:
         raise UserError(str(e))
-    examples = {}
-    for split, rows in splits.items():
-        labelled = split != "test" or any(not missing(r.get(label_field)) for r in rows)
-        exs, n_cut, tokens_cut = make_examples(rows, spec, tok, split, need_labels=labelled)
-        if split != "test" or labelled:
-            examples[split] = exs
-        say(f"{split}: {len(exs):,} examples" + ("" if labelled else " without labels (not scored)") +
-            (f"; {n_cut:,} longer than max_len={T} were cut from the end of their longest text "
-             f"({tokens_cut:,} tokens in all)" if n_cut else ""))
+    examples = encode(splits, spec, tok)
     train_ex = examples["train"]
     steps_per_epoch = len(train_ex) // batch_size
     if steps_per_epoch < 1:
@@ -731,70 +770,45 @@ def main(argv=None):
     goal = main_metric(spec)
     higher = goal != "loss"
 
-    # ---- model, optimizer --------------------------------------------------------------------------
+    # ---- optimizer, and the run directory -----------------------------------------------------------
     model.to(dev)
     torch.manual_seed(seed + rank)  # dropout masks differ between ranks
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer, trainable = make_optimizer(model, device_type)
     n_train = sum(p.numel() for _, p in trainable)
     n_all = sum(p.numel() for p in model.parameters())
-    groups = [{"params": [p for _, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for _, p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), eps=eps,
-                                  fused=device_type == "cuda")
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     # lm_coef = 0 with an untied head leaves lm_head unused, which DDP must be told
     wrapped = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
-                  find_unused_parameters=lm_coef == 0) if ddp else model
+                  find_unused_parameters=lm_coef == 0) if distributed else model
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        log_file = open(os.path.join(out_dir, "log.jsonl"), "w")
+        log = process.Log(os.path.join(out_dir, "log.jsonl"), total)
         print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
         print(f"model: {where}, {tok.name} tokenizer + {', '.join(SPECIAL)} at ids {spec['special']}")
         print(f"{'LoRA rank ' + str(lora_rank) if lora_rank else 'full fine-tuning'}: {n_train:,} of {n_all:,} "
               f"parameters train ({n_train / n_all:.2%})")
         print(f"{total} steps of {batch_size} examples ({steps_per_epoch} per epoch), val metric {goal}")
 
-    def log(record, prefix=""):
-        eta = record.pop("eta", None)
-        parts = [f"{k} {v:{FORMATS.get(k, '.4f' if isinstance(v, float) else '')}}" for k, v in record.items()
-                 if k != "step"]
-        print(" | ".join([f"{prefix}step {record['step']}/{total}", *parts] + ([f"eta {eta}"] if eta else [])),
-              flush=True)
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-
-    def evaluate(split):
-        ex = examples[split]
-        return metrics(outputs(model, ex, spec, micro_batch_size, ctx, dev, rank, world), labels_tensor(ex, spec), spec)
-
-    def save(step, m):
-        state = {"version": checkpoint.VERSION, "iter_num": step, "model_args": dataclasses.asdict(gpt.config),
-                 "tokenizer": tok.dumps(), "head": model.head.state_dict(), "config": config,
-                 "finetune": {**spec, "metrics": m}}
-        if lora_rank:  # the trained tensors only; the base is named in spec
-            state["adapters"] = {n.removeprefix("gpt."): p.detach() for n, p in trainable if n.startswith("gpt.")}
-        else:
-            state["model"] = gpt.state_dict()
-        return checkpoint.save_step(state, out_dir, is_best=True, keep_last=1)
-
     # ---- the loop: shuffled epochs, each rank its share of every batch -----------------------------
     per_rank = batch_size // world
     step, best, evals_since_best, t0, t_start = 0, None, 0, time.time(), time.time()
     sums = torch.zeros(3, device=dev)  # L, task, LM: summed on the device between log lines
-    warm = round(warmup * total)
+    warmup_iters = round(warmup_frac * total)
     model.train()
     while step < total:
         epoch = step // steps_per_epoch
         order = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         at = (step % steps_per_epoch) * batch_size
         batch = [train_ex[i] for i in order[at:at + batch_size][rank::world]]
-        lr = learning_rate * ((step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm)))
+        # linear warmup, then linear decay to 0 at the last step (GPT-1)
+        lr = learning_rate * ((step + 1) / warmup_iters if step < warmup_iters else
+                              max(0.0, (total - step) / max(1, total - warmup_iters)))
         for g in optimizer.param_groups:
             g["lr"] = lr
         chunks = [batch[i:i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
         for j, chunk in enumerate(chunks):
             y = labels_tensor(chunk, spec).to(dev)
-            with wrapped.no_sync() if ddp and j < len(chunks) - 1 else nullcontext():
+            with wrapped.no_sync() if distributed and j < len(chunks) - 1 else nullcontext():
                 with ctx:
                     loss, task_sum, lm_sum = objective(wrapped, collate(chunk, spec["special"], dev), y, spec, lm_coef)
                 scaler.scale(loss / per_rank).backward()  # / per_rank: the batch mean (DDP averages ranks)
@@ -807,49 +821,51 @@ def main(argv=None):
         step += 1
 
         if step % log_interval == 0 or step == total:
-            if ddp:
+            if distributed:
                 dist.all_reduce(sums)
-            n = (step - 1) % log_interval + 1
+            n = (step - 1) % log_interval + 1  # steps since the last log line
             L, tl, ll = (sums / (n * batch_size)).tolist()
             dt = (time.time() - t0) / n
             if master:
                 log({"step": step, "epoch": step // steps_per_epoch + (step % steps_per_epoch > 0),
                      "loss": L, "task_loss": tl, "lm_loss": ll, "lr": lr, "ms_per_step": 1000 * dt,
-                     "examples_per_s": batch_size / dt, "eta": duration((total - step) * (time.time() - t_start) / step)})
+                     "examples_per_s": batch_size / dt,
+                     "eta": process.duration((total - step) * (time.time() - t_start) / step)})
             if not math.isfinite(L):
                 raise UserError(f"the loss is {L} at step {step}; lower learning_rate, or use bfloat16/float32")
             sums.zero_()
             t0 = time.time()
         if step % eval_interval == 0 or step == total:
-            m = evaluate("val")
+            t_eval = time.time()
+            m = score(model, examples["val"], spec, ctx, dev, rank, world)
             value = m[goal]
             improved = best is None or (value > best if higher else value < best)
             best, evals_since_best = (value, 0) if improved else (best, evals_since_best + 1)
             if master:
                 log({"step": step, **{f"val_{k}": v for k, v in m.items()}, "best": best}, prefix="eval ")
                 if improved:
-                    print(f"saved {save(step, m)} (best val {goal} so far)", flush=True)
+                    print(f"saved {save_finetuned(model, tok, spec, config, trainable, step, m)} (best val {goal} "
+                          f"so far)", flush=True)
             model.train()
             if patience and evals_since_best >= patience:
                 say(f"early stop at step {step}: {patience} evaluations without a better val {goal}")
                 break
-            t0 = time.time()
+            t0 += time.time() - t_eval  # evaluating and saving do not count against the step time
 
     # ---- the best model, reloaded from disk: its val and test scores --------------------------------
     opt_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                     if torch.is_tensor(t))
     peak, what = peak_memory(device_type)
-    if ddp:
+    if distributed:
         dist.barrier()  # rank 0 has written best.pt
     best_path = os.path.join(out_dir, "best.pt")
-    best_model, _, best_spec, _ = load_finetuned(best_path)
-    model = best_model.to(dev)
-    results = {"best_step": None, "trainable_params": n_train, "optimizer_state_bytes": opt_bytes,
+    model, _, _, state = load_finetuned(best_path)
+    model.to(dev)
+    results = {"best_step": state["iter_num"], "trainable_params": n_train, "optimizer_state_bytes": opt_bytes,
                "peak_memory_bytes": peak, "train_seconds": time.time() - t_start}
     for split in ("val", "test"):
         if split in examples:
-            results[split] = evaluate(split)
-    results["best_step"] = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)["iter_num"]
+            results[split] = score(model, examples[split], spec, ctx, dev, rank, world)
     if master:
         print(f"best checkpoint {best_path} (step {results['best_step']}): "
               + "; ".join(f"{s} {show(results[s])}" for s in ("val", "test") if s in results))
@@ -857,8 +873,8 @@ def main(argv=None):
             print("test: none with labels, so not scored")
         print(f"memory: {n_train:,} trainable parameters, optimizer state {opt_bytes / 2**20:,.1f} MiB, "
               f"peak {what} {peak / 2**20:,.0f} MiB")
-        log_file.write(json.dumps({"final": results}) + "\n")
-        log_file.close()
+        log.write({"final": results})
+        log.file.close()
     return results
 
 

@@ -2,7 +2,7 @@
 train.py: train a GPT (model.py) on the token shards written by prepare.py, on a laptop CPU, one
 GPU, or many GPUs and nodes through torchrun.
 
-    python train.py config/quickstart.py                                   # 2-core CPU, ~7 minutes
+    python train.py config/quickstart.py                                   # a laptop CPU (2 cores are enough)
     python train.py config/gpt2_124m.py --batch_size=16 --gradient_accumulation_steps=32  # a 40 GB GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py  # one node, 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \
@@ -10,7 +10,8 @@ GPU, or many GPUs and nodes through torchrun.
 
 The settings below are plain variables; config files, then --key=value flags, override them
 (configurator.py; `--help` lists them). main() then reads in the order the run happens: setup, data,
-model, optimizer, and the loop that evaluates, logs and checkpoints.
+model, optimizer, and the loop that evaluates, logs and checkpoints; the steps that are not the loop
+(choosing the start, restoring a run, the distributed save) are the named functions above it.
 
 Design choices
 - Data. shards.TokenStream: the train shards as one endless stream cut into rows, every token an
@@ -34,11 +35,9 @@ Design choices
   resume and all ranks read it; rank 0 writes). data/ may be a copy per node, but every rank checks
   that it holds the same train tokens and tokenizer as rank 0.
 """
-import atexit
 import dataclasses
 import glob
 import hashlib
-import json
 import math
 import os
 import signal
@@ -56,10 +55,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import hf
+import process
 from bpe import Tokenizer
 from configurator import UserError, configure, run
 from device import autocast, compile_problem, peak_flops, pick_device
 from model import GPT, GPTConfig
+from process import say
 from shards import TokenStream
 
 # ----------------------------------------------------------------------------------------------
@@ -153,36 +154,15 @@ def distill_loss(logits, teacher_logits, targets, alpha, temperature):
     return alpha * temperature ** 2 * kl + (1 - alpha) * ce
 
 
-def duration(seconds):
-    """4m10s, 2h05m: an ETA to read at a glance."""
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+# ---- the steps of main that are not the loop ------------------------------------------------------
 
-
-# how each logged number is printed: the same format every line, so columns can be compared
-FORMATS = {"loss": ".4f", "train_loss": ".4f", "val_loss": ".4f", "val_bpb": ".4f", "lr": ".2e",
-           "grad_norm": ".3f", "ms_per_step": ".0f", "tokens_per_s": ",.0f", "mfu": ".1%"}
-
-
-def main(argv=None):
-    config = configure(globals(), argv)
-
-    # ---- setup: processes, device, precision --------------------------------------------------
-    distributed = "RANK" in os.environ  # started by torchrun?
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    master = rank == 0  # only rank 0 prints, logs and writes checkpoints
-
-    def say(*args):
-        if master:
-            print(*args, flush=True)
-
+def check_settings(config, world):
+    """Refuse settings that cannot work together, before anything is loaded."""
     for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if config[k] < 1:
             raise UserError(f"{k}={config[k]} must be at least 1")
     if parallel not in ("ddp", "fsdp"):
         raise UserError(f"parallel={parallel!r} is not one of 'ddp', 'fsdp'")
-    fsdp = distributed and parallel == "fsdp"
-    ddp = distributed and not fsdp
     if parallel == "fsdp" and optimizer == "muon":  # Muon needs whole matrices; FSDP holds slices
         raise UserError("optimizer='muon' works with parallel='ddp' only: Muon needs each matrix whole")
     if not 0 <= distill_alpha <= 1 or distill_temperature <= 0:
@@ -191,55 +171,37 @@ def main(argv=None):
     if gradient_accumulation_steps % world:
         raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible "
                         f"by the number of processes ({world}); use a multiple of {world}")
-    accum = gradient_accumulation_steps // world  # micro-steps per process per optimizer step
-    dev, device_type, ptdtype = pick_device(device, dtype)  # under torchrun, cuda:LOCAL_RANK
-    dtype_name = str(ptdtype).removeprefix("torch.")
-    if fsdp and dtype_name == "float16":  # the GradScaler does not take sharded gradients
-        raise UserError("parallel='fsdp' trains in bfloat16 or float32; use --dtype=bfloat16")
-    vote_group = None
-    if distributed:
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
-                                device_id=torch.device(dev) if device_type == "cuda" else None)
-        atexit.register(dist.destroy_process_group)  # on every exit, errors included
-        # the stop vote is a CPU flag: over gloo it is summed without waiting for the GPU
-        vote_group = dist.new_group(backend="gloo") if device_type == "cuda" else None
-    ctx = autocast(device_type, ptdtype)
-    torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls on Ampere+
-    torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
-    use_compile = compile
-    if use_compile is None:
-        # CUDA: fused kernels, the usual large speedup. CPU: measured slower for the quickstart model,
-        # and the first compile costs a minute (README), so off unless asked for.
-        use_compile = device_type == "cuda"
-    if use_compile and compile_problem(device_type):
-        say(f"warning: {compile_problem(device_type)}; running without torch.compile")
-        use_compile = False
 
-    # ---- data -----------------------------------------------------------------------------------
-    data_dir = os.path.join("data", dataset)
-    tok_path = os.path.join(data_dir, "tokenizer.bpe")
+
+def find_data(data_dir):
+    """(tokenizer, train shards, val shards) of data_dir, or a UserError with the command that makes them."""
     command_file = os.path.join(data_dir, "command.txt")  # prepare.py records how it made the folder
     remake = open(command_file).read().strip() if os.path.exists(command_file) else \
         f"python prepare.py --dataset={dataset}"
+    tok_path = os.path.join(data_dir, "tokenizer.bpe")
     train_files = sorted(glob.glob(os.path.join(data_dir, "*_train_*.bin")))
     val_files = sorted(glob.glob(os.path.join(data_dir, "*_val_*.bin")))
     if not (train_files and val_files and os.path.exists(tok_path)):
         raise UserError(f"{data_dir}/ lacks train shards, val shards or tokenizer.bpe; run: {remake}")
     try:
-        tokenizer = Tokenizer.load(tok_path)
+        return Tokenizer.load(tok_path), train_files, val_files
     except ValueError as e:
         raise UserError(f"{e}; re-run: {remake}")
 
-    # ---- model ----------------------------------------------------------------------------------
+
+def choose_start(config, tokenizer, tok_path, distributed, rank):
+    """The model the run starts from, per init_from: 'scratch' builds the preset with the overrides,
+    'resume' reads out_dir's newest checkpoint, 'auto' resumes if there is one and else starts from
+    scratch, anything else names GPT-2 weights (a hub name or a local Hugging Face directory).
+    Returns (model on the CPU, the checkpoint dict or None, its path or None); the model is None when
+    the run to resume has already reached max_iters."""
     # rank 0 alone looks for the checkpoint and tells the others which file it is, so all ranks
     # resume the same step (on a shared filesystem, see the docstring)
-    found = [checkpoint.step_checkpoints(out_dir)[-1:] if master else None]
+    found = [checkpoint.step_checkpoints(out_dir)[-1:] if rank == 0 else None]
     if distributed:
         dist.broadcast_object_list(found, src=0)
     found = found[0][0] if found[0] else None
     overrides = {k: config[k] for k in SHAPE_KEYS if config[k] is not None}
-    ckpt = None
     if init_from == "resume" and not found:
         raise UserError(f"init_from='resume' but {out_dir}/ has no ckpt_*.pt; start with "
                         f"--init_from=scratch (or auto) or point --out_dir at a run")
@@ -259,26 +221,218 @@ def main(argv=None):
         if ckpt["iter_num"] >= max_iters:  # nothing to do; not an error (a re-run of the quick start)
             say(f"{out_dir}/ is already at step {ckpt['iter_num']}, max_iters={max_iters}: nothing to "
                 f"train; raise --max_iters to continue the run")
-            return
-        model = checkpoint.build_model(ckpt)
-    elif found:  # a new run would interleave its checkpoints with the old run's
+            return None, None, found
+        return checkpoint.build_model(ckpt), ckpt, found
+    if found:  # a new run would interleave its checkpoints with the old run's
         raise UserError(f"{out_dir}/ already holds checkpoints of another run; continue it with "
                         f"--init_from=resume, or use a new --out_dir (or delete the old one)")
-    elif init_from in ("scratch", "auto"):
+    if init_from in ("scratch", "auto"):
         base = GPTConfig.preset(preset)
         for k, v in overrides.items():  # None defaults accept any type, so check against the preset's
             want = type(getattr(base, k))
             if not (isinstance(v, want) or want is float and type(v) is int):
                 raise UserError(f"config key '{k}' expects {want.__name__}, got {v!r}")
-        model = GPT(GPTConfig.preset(preset, vocab_size=tokenizer.vocab_size, **overrides))
-    else:  # OpenAI's GPT-2 weights (a name, or a local Hugging Face directory) to fine-tune
-        try:
-            model = hf.from_pretrained(init_from, dropout=dropout)
-        except ValueError as e:
-            raise UserError(f"init_from={init_from!r}: {e}")
-        if model.config.vocab_size != tokenizer.vocab_size:
-            raise UserError(f"GPT-2 weights need the gpt2 tokenizer, but {tok_path} has "
-                            f"{tokenizer.vocab_size} tokens; prepare the data with --tokenizer=gpt2")
+        return GPT(GPTConfig.preset(preset, vocab_size=tokenizer.vocab_size, **overrides)), None, None
+    try:  # OpenAI's GPT-2 weights (a name, or a local Hugging Face directory) to fine-tune
+        model = hf.from_pretrained(init_from, dropout=dropout)
+    except ValueError as e:
+        raise UserError(f"init_from={init_from!r}: {e}")
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"GPT-2 weights need the gpt2 tokenizer, but {tok_path} has "
+                        f"{tokenizer.vocab_size} tokens; prepare the data with --tokenizer=gpt2")
+    return model, None, None
+
+
+def load_teacher(tokenizer, tok_path, T, dev):
+    """The model to distil from, checked against this run (the same tokenizer, a context of at least
+    T) and frozen: eval mode (no dropout), no gradients, on dev. Returns (model, where it came from)."""
+    try:
+        model, tok, where = checkpoint.load_model(teacher)
+    except ValueError as e:
+        raise UserError(f"teacher={teacher!r}: {e}")
+    if tok.dumps() != tokenizer.dumps():  # the two distributions must be over the same ids
+        raise UserError(f"teacher {where} uses the {tok.name} tokenizer, not this run's {tok_path}; "
+                        f"distil from a teacher trained on data with the same tokenizer")
+    if model.config.block_size < T:
+        raise UserError(f"teacher {where} has a context of {model.config.block_size}, shorter than block_size={T}")
+    return model.requires_grad_(False).to(dev), where
+
+
+def check_same_data(train_data, tokenizer, data_dir, world):
+    """Multi-node: data/ may be a copy per node, but it must be the same copy on every rank."""
+    mine = (train_data.total, hashlib.sha256(tokenizer.dumps().encode()).hexdigest()[:16])
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    if any(other != every[0] for other in every):
+        bad = next(r for r, other in enumerate(every) if other != every[0])
+        raise UserError(f"rank {bad} has {every[bad][0]:,} train tokens and tokenizer {every[bad][1]}, rank 0 "
+                        f"{every[0][0]:,} and {every[0][1]}: every node needs the same {data_dir}/")
+
+
+def restore(ckpt, found, raw_model, optimizers, scaler, train_data, rank, world, device_type):
+    """Continue a run where its checkpoint stopped: optimizer state, GradScaler, data position and this
+    rank's RNG states. Returns (iter_num, best_val_loss, evals_since_best).
+    The saved groups carry the old run's settings (fused=False from a CPU run, old betas, eps,
+    weight_decay): the config's win, and what changed is said. The optimizer state is keyed by
+    parameter name (torch.distributed.checkpoint's full state dict), the same under DDP, FSDP or one
+    process, so a run can resume in another of them."""
+    saved, changed = ckpt["optimizer"], set()
+    for g_saved, g_now in zip(saved["param_groups"], [g for opt in optimizers for g in opt.param_groups]):
+        for k, v in g_now.items():
+            was = g_saved.get(k)
+            was = tuple(was) if isinstance(v, tuple) and was is not None else was  # betas: saved as a list
+            if k not in ("params", "lr", "initial_lr") and was != v:
+                changed.add(f"{k} {was} -> {v}")
+                g_saved[k] = v
+    if saved["state"]:  # a step-0 checkpoint has none, and the fresh optimizer already matches it
+        set_optimizer_state_dict(raw_model, optimizers, saved, options=StateDictOptions(full_state_dict=True))
+    if changed:
+        say(f"optimizer settings from the config, not the checkpoint: {', '.join(sorted(changed))}")
+    if scaler.is_enabled() and ckpt["scaler"]:  # a float32/bfloat16 run saved an empty scaler
+        scaler.load_state_dict(ckpt["scaler"])
+    if not train_data.load_state(ckpt["data"]):
+        say(f"warning: the train shards changed since the checkpoint ({ckpt['data']['rows_per_epoch']} -> "
+            f"{train_data.rows} rows per epoch); reading them from the start")
+    rngs = ckpt["rng"]
+    if len(rngs) == world:  # restored after the model was built, since init drew from the RNG
+        checkpoint.set_rng_state(rngs[rank], device_type)
+    else:
+        say(f"warning: checkpoint has RNG states of {len(rngs)} processes, this run has {world}; "
+            f"dropout masks will differ from an uninterrupted run")
+    say(f"resumed from {found} at step {ckpt['iter_num']}")
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["evals_since_best"]
+
+
+@torch.no_grad()
+def evaluate(model, train_data, val_data, token_bytes, ctx, fsdp, rank, world):
+    """Mean loss over eval_iters fixed batches of each split (rows spread over the whole split, the
+    same rows every time, so evaluations compare), and val bits per byte. Ranks split the batches.
+    Under FSDP every forward is a collective (it gathers the weights), so every rank runs the same
+    number of them: a rank short of a batch runs one that is not counted."""
+    net = model.module if isinstance(model, DDP) else model  # no DDP hooks for forward-only passes
+    model.eval()
+    out = {}
+    rounds = -(-eval_iters // world) * world if fsdp else eval_iters
+    for split, stream in (("train", train_data), ("val", val_data)):
+        stats = torch.zeros(3, device=token_bytes.device)  # sum of mean batch losses, batches, bytes
+        for k in range(rank, rounds, world):
+            x, y = stream.eval_batch(k % eval_iters, eval_iters)
+            with ctx:
+                _, loss = net(x, y)
+            if k < eval_iters:
+                stats += torch.stack([loss.float(), torch.ones((), device=stats.device), token_bytes[y].sum().float()])
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        loss_sum, n, nbytes = stats.tolist()
+        out[split] = loss_sum / n
+        if split == "val":  # nats -> bits, per token -> per byte of the text those tokens spell
+            out["val_bpb"] = loss_sum * stream.B * stream.T / math.log(2) / nbytes
+    model.train()
+    return out
+
+
+def save_checkpoint(raw_model, optimizers, fsdp, device_type, is_best, **entries):
+    """Write a checkpoint of the weights, the optimizer state, every rank's RNG states and `entries`
+    (the step, the losses, the data position...). Every rank contributes its RNG state (and, under
+    FSDP, its shards); rank 0 writes. FSDP's shards are gathered into one full state dict on rank 0's
+    CPU, so every checkpoint has one format, which sample.py, eval.py and export.py read without
+    knowing how it was trained (at 1.5B parameters the gather costs seconds per save; sharded files
+    through torch.distributed.checkpoint would save faster but need a converter for every reader)."""
+    distributed = dist.is_initialized()
+    master = not distributed or dist.get_rank() == 0
+    rngs = [checkpoint.rng_state(device_type)]
+    if distributed:
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, checkpoint.rng_state(device_type))
+    if not (master or fsdp):  # under DDP the other ranks hold copies of rank 0's state: done
+        return
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: every rank sends its shards
+    weights = get_model_state_dict(raw_model, options=full) if fsdp else raw_model.state_dict()
+    # a fresh optimizer (the save at step 0) has no state; DCP would create it by taking a step with
+    # zero gradients, which leaves AdamW's step count at 1 and so changes the run that saved
+    moments = get_optimizer_state_dict(raw_model, optimizers, options=full) \
+        if all(opt.state for opt in optimizers) else {"state": {}, "param_groups": []}
+    if not master:
+        return
+    path = checkpoint.save_step({"version": checkpoint.VERSION, "model": weights,
+                                 "model_args": dataclasses.asdict(raw_model.config), "optimizer": moments,
+                                 "rng": rngs, **entries}, out_dir, is_best, keep_last)
+    print(f"saved {path}" + (" (best so far)" if is_best else ""), flush=True)
+
+
+def catch_stop_signals():
+    """SIGTERM (a preempted machine) and Ctrl-C ask the loop to finish its step, save and exit: the
+    handler records the signal in the returned dict, which the loop reads. A second Ctrl-C stops at once."""
+    stop = {"signal": None, "sigints": 0}
+
+    def on_signal(signum, frame):
+        stop["sigints"] += signum == signal.SIGINT
+        if stop["sigints"] >= 2:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop at once, without saving
+        stop["signal"] = stop["signal"] or signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def open_wandb(config):
+    try:
+        import wandb  # imported only when asked for: never a requirement
+    except ImportError:
+        raise UserError("wandb_log=True needs the wandb package: pip install wandb") from None
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    return wandb
+
+
+def stop_if_not_finite(value, what, step):
+    if not math.isfinite(value):
+        kept = checkpoint.step_checkpoints(out_dir)
+        raise UserError(f"{what} is {value} at step {step}; stopped without saving (last good checkpoint: "
+                        f"{kept[-1] if kept else 'none'}). Lower learning_rate, keep grad_clip on, or use "
+                        f"bfloat16/float32 instead of float16")
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def main(argv=None):
+    config = configure(globals(), argv)
+
+    # ---- setup: processes, device, precision --------------------------------------------------
+    distributed, rank, local_rank, world = process.from_env()  # under torchrun, or one process
+    master = rank == 0  # only rank 0 prints, logs and writes checkpoints
+    check_settings(config, world)
+    fsdp = distributed and parallel == "fsdp"
+    ddp = distributed and not fsdp
+    accum = gradient_accumulation_steps // world  # micro-steps per process per optimizer step
+    dev, device_type, ptdtype = pick_device(device, dtype)  # under torchrun, cuda:LOCAL_RANK
+    dtype_name = str(ptdtype).removeprefix("torch.")
+    if fsdp and dtype_name == "float16":  # the GradScaler does not take sharded gradients
+        raise UserError("parallel='fsdp' trains in bfloat16 or float32; use --dtype=bfloat16")
+    process.start(dev)
+    # the stop vote is a CPU flag: over gloo it is summed without waiting for the GPU
+    vote_group = dist.new_group(backend="gloo", timeout=process.TIMEOUT) if distributed and device_type == "cuda" \
+        else None
+    ctx = autocast(device_type, ptdtype)
+    torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls on Ampere+
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
+    use_compile = compile
+    if use_compile is None:
+        # CUDA: fused kernels, the usual large speedup. CPU: measured slower for the quickstart model,
+        # compile time included (README), so off unless asked for.
+        use_compile = device_type == "cuda"
+    if use_compile and compile_problem(device_type):
+        say(f"warning: {compile_problem(device_type)}; running without torch.compile")
+        use_compile = False
+
+    # ---- data and model -------------------------------------------------------------------------
+    data_dir = os.path.join("data", dataset)
+    tok_path = os.path.join(data_dir, "tokenizer.bpe")
+    tokenizer, train_files, val_files = find_data(data_dir)
+    model, ckpt, found = choose_start(config, tokenizer, tok_path, distributed, rank)
+    if model is None:  # the run is already at max_iters
+        return
     if rank:  # from here on ranks draw different dropout masks
         torch.manual_seed(seed + rank)
     T = block_size if (block_size and init_from not in ("scratch", "resume", "auto")) else model.config.block_size
@@ -290,34 +444,17 @@ def main(argv=None):
     tokens_per_step = gradient_accumulation_steps * batch_size * T
     train_data = TokenStream(train_files, batch_size, T, rank, world, dev, seed if shuffle else None)
     val_data = TokenStream(val_files, batch_size, T, device=dev)
-    if distributed:  # data/ may be a copy per node: it must be the same copy
-        mine = (train_data.total, hashlib.sha256(tokenizer.dumps().encode()).hexdigest()[:16])
-        every = [None] * world
-        dist.all_gather_object(every, mine)
-        if any(other != every[0] for other in every):
-            bad = next(r for r, other in enumerate(every) if other != every[0])
-            raise UserError(f"rank {bad} has {every[bad][0]:,} train tokens and tokenizer {every[bad][1]}, rank 0 "
-                            f"{every[0][0]:,} and {every[0][1]}: every node needs the same {data_dir}/")
+    if distributed:
+        check_same_data(train_data, tokenizer, data_dir, world)
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=dev)  # for bits per byte
     peak = peak_flops(torch.cuda.get_device_name(dev), dtype_name) if device_type == "cuda" else None
-    teacher_model = None
-    if teacher:  # frozen: eval mode (no dropout), no gradients, run in the same autocast as the student
-        try:
-            teacher_model, teacher_tok, teacher_where = checkpoint.load_model(teacher)
-        except ValueError as e:
-            raise UserError(f"teacher={teacher!r}: {e}")
-        if teacher_tok.dumps() != tokenizer.dumps():  # the two distributions must be over the same ids
-            raise UserError(f"teacher {teacher_where} uses the {teacher_tok.name} tokenizer, not this run's "
-                            f"{tok_path}; distil from a teacher trained on data with the same tokenizer")
-        if teacher_model.config.block_size < T:
-            raise UserError(f"teacher {teacher_where} has a context of {teacher_model.config.block_size}, "
-                            f"shorter than block_size={T}")
-        teacher_model.requires_grad_(False).to(dev)
+    teacher_model, teacher_where = load_teacher(tokenizer, tok_path, T, dev) if teacher else (None, None)
 
     # everything is checked: now the run directory may be written (by rank 0 only)
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if ckpt else "w")
+        log = process.Log(os.path.join(out_dir, "log.jsonl"), max_iters, append=ckpt is not None,
+                          wandb=open_wandb(config) if wandb_log else None)
         print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
         print(f"model: {raw_model.num_params(non_embedding=False):,} parameters "
               f"({raw_model.num_params():,} non-embedding), {model.config}")
@@ -347,35 +484,8 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     iter_num, best_val_loss, evals_since_best = 0, float("inf"), 0
     if ckpt is not None:
-        # The saved groups carry the old run's settings (fused=False from a CPU run, old betas, eps,
-        # weight_decay): the config's win, and what changed is said. The optimizer state is keyed by
-        # parameter name (torch.distributed.checkpoint's full state dict), the same under DDP, FSDP
-        # or one process, so a run can resume in another of them.
-        saved, changed = ckpt["optimizer"], set()
-        for g_saved, g_now in zip(saved["param_groups"], [g for opt in optimizers for g in opt.param_groups]):
-            for k, v in g_now.items():
-                was = g_saved.get(k)
-                was = tuple(was) if isinstance(v, tuple) and was is not None else was  # betas: saved as a list
-                if k not in ("params", "lr", "initial_lr") and was != v:
-                    changed.add(f"{k} {was} -> {v}")
-                    g_saved[k] = v
-        if saved["state"]:  # a step-0 checkpoint has none, and the fresh optimizer already matches it
-            set_optimizer_state_dict(raw_model, optimizers, saved, options=StateDictOptions(full_state_dict=True))
-        if changed:
-            say(f"optimizer settings from the config, not the checkpoint: {', '.join(sorted(changed))}")
-        if scaler.is_enabled() and ckpt["scaler"]:  # a float32/bfloat16 run saved an empty scaler
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss, evals_since_best = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["evals_since_best"]
-        if not train_data.load_state(ckpt["data"]):
-            say(f"warning: the train shards changed since the checkpoint ({ckpt['data']['rows_per_epoch']} -> "
-                f"{train_data.rows} rows per epoch); reading them from the start")
-        rngs = ckpt["rng"]
-        if len(rngs) == world:  # restore after the model was built, since init drew from the RNG
-            checkpoint.set_rng_state(rngs[rank], device_type)
-        else:
-            say(f"warning: checkpoint has RNG states of {len(rngs)} processes, this run has {world}; "
-                f"dropout masks will differ from an uninterrupted run")
-        say(f"resumed from {found} at step {iter_num}")
+        iter_num, best_val_loss, evals_since_best = restore(ckpt, found, raw_model, optimizers, scaler, train_data,
+                                                            rank, world, device_type)
         ckpt = None  # free the memory
     if use_compile:
         model = torch.compile(model)
@@ -384,99 +494,15 @@ def main(argv=None):
         # rank, so broadcasting them each forward is wasted work, and a collective inside forward
         # would hang an evaluation in which some ranks have no batch
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
-    eval_model = model.module if ddp else model  # no DDP hooks for forward-only passes
     decay_iters = lr_decay_iters or max_iters
 
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss over eval_iters fixed batches of each split (rows spread over the whole split, the
-        same rows every time, so evaluations compare), and val bits per byte. Ranks split the batches.
-        Under FSDP every forward is a collective (it gathers the weights), so every rank runs the same
-        number of them: a rank short of a batch runs one that is not counted."""
-        model.eval()
-        out = {}
-        rounds = -(-eval_iters // world) * world if fsdp else eval_iters
-        for split, stream in (("train", train_data), ("val", val_data)):
-            stats = torch.zeros(3, device=dev)  # sum of mean batch losses, batches, bytes
-            for k in range(rank, rounds, world):
-                x, y = stream.eval_batch(k % eval_iters, eval_iters)
-                with ctx:
-                    _, loss = eval_model(x, y)
-                if k < eval_iters:
-                    stats += torch.stack([loss.float(), torch.ones((), device=dev), token_bytes[y].sum().float()])
-            if distributed:
-                dist.all_reduce(stats)
-            loss_sum, n, nbytes = stats.tolist()
-            out[split] = loss_sum / n
-            if split == "val":  # nats -> bits, per token -> per byte of the text those tokens spell
-                out["val_bpb"] = loss_sum * batch_size * T / math.log(2) / nbytes
-        model.train()
-        return out
-
-    def save_checkpoint(is_best):
-        """Every rank contributes its RNG state (and, under FSDP, its shards); rank 0 writes the
-        checkpoint. FSDP's shards are gathered into one full state dict on rank 0's CPU, so every
-        checkpoint has one format, which sample.py, eval.py and export.py read without knowing how it
-        was trained (at 1.5B parameters the gather costs seconds per save; sharded files through
-        torch.distributed.checkpoint would save faster but need a converter for every reader)."""
-        rngs = [checkpoint.rng_state(device_type)]
-        if distributed:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, checkpoint.rng_state(device_type))
-        if not (master or fsdp):  # under DDP the other ranks hold copies of rank 0's state: done
-            return
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: every rank sends its shards
-        weights = get_model_state_dict(raw_model, options=full) if fsdp else raw_model.state_dict()
-        # a fresh optimizer (the save at step 0) has no state; DCP would create it by taking a step with
-        # zero gradients, which leaves AdamW's step count at 1 and so changes the run that saved
-        moments = get_optimizer_state_dict(raw_model, optimizers, options=full) \
-            if all(opt.state for opt in optimizers) else {"state": {}, "param_groups": []}
-        if not master:
-            return
-        path = checkpoint.save_step(
-            {"version": checkpoint.VERSION, "model": weights,
-             "model_args": dataclasses.asdict(raw_model.config), "optimizer": moments,
-             "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
-             "evals_since_best": evals_since_best, "config": config, "tokenizer": tokenizer.dumps(),
-             "rng": rngs, "data": train_data.state()}, out_dir, is_best, keep_last)
-        print(f"saved {path}" + (" (best so far)" if is_best else ""), flush=True)
+    def save(is_best):  # the checkpoint's plain entries, as they stand now
+        save_checkpoint(raw_model, optimizers, fsdp, device_type, is_best, scaler=scaler.state_dict(),
+                        iter_num=iter_num, best_val_loss=best_val_loss, evals_since_best=evals_since_best,
+                        config=config, tokenizer=tokenizer.dumps(), data=train_data.state())
 
     # ---- the loop -----------------------------------------------------------------------------
-    stop = {"signal": None, "sigints": 0}
-
-    def on_signal(signum, frame):  # finish the step in flight, then save and exit (see the loop)
-        stop["sigints"] += signum == signal.SIGINT
-        if stop["sigints"] >= 2:
-            raise KeyboardInterrupt  # Ctrl-C twice: stop at once, without saving
-        stop["signal"] = stop["signal"] or signum
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    if wandb_log and master:
-        try:
-            import wandb  # imported only when asked for: never a requirement
-        except ImportError:
-            raise UserError("wandb_log=True needs the wandb package: pip install wandb") from None
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-
-    def log(record, prefix=""):
-        """One line for people (stdout), one JSON line for programs (out_dir/log.jsonl), and wandb."""
-        extra = record.pop("eta", None)
-        parts = [f"{k} {v:{FORMATS[k]}}" if k in FORMATS else f"{k} {v}" for k, v in record.items() if k != "step"]
-        print(" | ".join([f"{prefix}step {record['step']}/{max_iters}", *parts] + ([f"eta {extra}"] if extra else [])),
-              flush=True)
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-        if wandb_log:
-            wandb.log(record, step=record["step"])
-
-    def stop_if_not_finite(value, what):
-        if not math.isfinite(value):
-            kept = checkpoint.step_checkpoints(out_dir)
-            raise UserError(f"{what} is {value} at step {iter_num}; stopped without saving (last good "
-                            f"checkpoint: {kept[-1] if kept else 'none'}). Lower learning_rate, keep grad_clip "
-                            f"on, or use bfloat16/float32 instead of float16")
-
+    stop = catch_stop_signals()
     start_iter = iter_num
     resumed = start_iter > 0
     loss_sum = torch.zeros((), device=dev)  # summed on the device between log lines: no sync
@@ -485,23 +511,24 @@ def main(argv=None):
         if stopping:  # a signal arrived: the step in flight has finished
             say(f"received {signal.Signals(stop['signal'] or signal.SIGTERM).name} at step {iter_num}: "
                 f"saving and exiting")
-            save_checkpoint(False)
+            save(False)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # saved: a repeated SIGTERM must not kill
             break                                          # the exit (Python resets handlers at exit)
         # evaluate and checkpoint every eval_interval steps and at the end (not again right after a resume)
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (resumed and iter_num == start_iter):
-            losses = evaluate()
-            stop_if_not_finite(losses["val"], "the val loss")
+            t_eval = time.time()
+            losses = evaluate(model, train_data, val_data, token_bytes, ctx, fsdp, rank, world)
+            stop_if_not_finite(losses["val"], "the val loss", iter_num)
             is_best = losses["val"] < best_val_loss
             best_val_loss, evals_since_best = (losses["val"], 0) if is_best else (best_val_loss, evals_since_best + 1)
             if master:
                 log({"step": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                      "val_bpb": losses["val_bpb"]}, prefix="eval ")
-            save_checkpoint(is_best)
+            save(is_best)
             if patience and evals_since_best >= patience:
                 say(f"early stop: {patience} evaluations without a better val loss; best is {out_dir}/best.pt")
                 break
-            t0 = time.time()  # evaluation time does not count against tokens/s
+            t0 += time.time() - t_eval  # evaluating and saving do not count against tokens/s
         if iter_num >= max_iters:
             break
 
@@ -548,7 +575,7 @@ def main(argv=None):
             if distributed:
                 dist.all_reduce(loss_sum)
             train_loss = loss_sum.item() / (steps_since_log * gradient_accumulation_steps)
-            stop_if_not_finite(train_loss, "the training loss")
+            stop_if_not_finite(train_loss, "the training loss", iter_num)
             dt = (time.time() - t0) / steps_since_log
             train_time += dt * steps_since_log
             if master:
@@ -559,7 +586,7 @@ def main(argv=None):
                 if peak:  # model FLOPs per second per GPU over the GPU's peak
                     record["mfu"] = raw_model.estimate_mfu(tokens_per_step / dt / world, peak, T)
                 # the remaining steps at the mean step time so far (evaluations not counted)
-                record["eta"] = duration((max_iters - iter_num) * train_time / (iter_num - start_iter))
+                record["eta"] = process.duration((max_iters - iter_num) * train_time / (iter_num - start_iter))
                 log(record)
             loss_sum.zero_()
             steps_since_log, t0 = 0, time.time()

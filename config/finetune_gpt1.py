@@ -13,7 +13,7 @@ out_dir = "out-finetune-gpt1"
 learning_rate = 6.25e-5
 batch_size = 32
 epochs = 3
-warmup = 0.002                  # then linear decay to 0
+warmup_frac = 0.002             # then linear decay to 0
 # "We add dropout to the classifier with a rate of 0.1."
 head_dropout = 0.1
 # "Unless specified, we reuse the hyperparameter settings from unsupervised pre-training": residual,

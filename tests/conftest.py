@@ -4,6 +4,7 @@ prepared dataset, and helpers to run the scripts as a user does."""
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -50,3 +51,19 @@ def error_line(p):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
     return lines[0]
+
+
+def fake_clock(module, seconds, set=setattr):
+    """Give module (a script) a clock, module.time.time(), that stands still except when one of the
+    script's functions named in seconds runs: then it moves on by that many seconds. set: how to
+    replace them (pytest's monkeypatch.setattr undoes it after the test)."""
+    now = [0.0]
+
+    def taking(s, f):
+        def timed(*args, **kwargs):
+            now[0] += s
+            return f(*args, **kwargs)
+        return timed
+    set(module, "time", types.SimpleNamespace(time=lambda: now[0]))
+    for name, s in seconds.items():
+        set(module, name, taking(s, getattr(module, name)))

@@ -15,6 +15,7 @@ import finetune
 import lora
 from bpe import Tokenizer
 from configurator import run
+from conftest import fake_clock
 from model import GPT, GPTConfig
 
 LETTERS = "abcdefgh"
@@ -105,7 +106,7 @@ TASKS = {
     "multiple_choice": (multiple_choice, "jsonl", ["--text_fields=context", "--choice_fields=choices", "--epochs=10"]),
 }
 FAST = ["--device=cpu", "--dtype=float32", "--dropout=0.0", "--head_dropout=0.0", "--learning_rate=3e-3",
-        "--warmup=0.05", "--log_interval=50", "--seed=1"]
+        "--warmup_frac=0.05", "--log_interval=50", "--seed=1"]
 
 
 def make_task(d, task, n_train=640, n_val=200, seed=0):
@@ -318,6 +319,18 @@ def test_early_stopping_keeps_the_best_and_prediction_writes_the_labels(tmp_path
     for p in preds:
         assert set(p["probabilities"]) == {"no", "yes"} and p["probabilities"][p["prediction"]] > 0.5
         assert sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_step_time_leaves_out_evaluations_between_log_lines(tmp_path, monkeypatch):
+    """On a clock where a step takes 1 s and an evaluation 100 s, every log line says 1000 ms per step,
+    also when an evaluation falls between two log lines (eval_interval 3, log_interval 2)."""
+    # objective runs once per micro-batch, and here a step is one micro-batch
+    fake_clock(finetune, {"objective": 1.0, "score": 100.0}, set=monkeypatch.setattr)
+    out = tmp_path / "out"
+    finetune_main(f"--init_from={write_base(tmp_path / 'base.pt')}", f"--out_dir={out}", "--max_iters=8",
+                  "--eval_interval=3", "--log_interval=2", *make_task(tmp_path / "data", "classification", 64, 16))
+    steps = [json.loads(line) for line in open(out / "log.jsonl") if "ms_per_step" in line]
+    assert [r["step"] for r in steps] == [2, 4, 6, 8] and [r["ms_per_step"] for r in steps] == [1000.0] * 4
 
 
 def test_lora_run_saves_only_adapters_and_merges_into_a_standalone_model(tmp_path):

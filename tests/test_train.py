@@ -206,6 +206,33 @@ def test_sigkill_during_save_keeps_previous_checkpoint(workdir, tmp_path):
     assert "resumed from" in p.stdout and load(out / "ckpt_000006.pt")["iter_num"] == 6
 
 
+FAKE_CLOCK = """
+import os, sys
+root = os.path.dirname(sys.argv[1])
+sys.path[:0] = [root, os.path.join(root, "tests")]
+import train
+from conftest import fake_clock
+fake_clock(train, {"get_lr": 1.0, "evaluate": 100.0})  # get_lr runs once a step: a step takes 1 s
+sys.argv = sys.argv[1:]
+train.run(train.main)
+"""
+
+
+def test_step_time_leaves_out_evaluations_between_log_lines(workdir, tmp_path):
+    """On a clock where a step takes 1 s and an evaluation 100 s, every log line says 1000 ms per step,
+    also when an evaluation falls between two log lines (eval_interval 3, log_interval 2), and the ETA
+    is the remaining steps at 1 s each."""
+    hook = tmp_path / "fake_clock.py"
+    hook.write_text(FAKE_CLOCK)
+    p = train(workdir, "--out_dir=out-clock", "--max_iters=8", "--eval_interval=3", "--log_interval=2",
+              cmd=(sys.executable, str(hook), TRAIN))
+    steps = [r for r in records(workdir / "out-clock") if "ms_per_step" in r]
+    assert [r["step"] for r in steps] == [2, 4, 6, 8]
+    assert [r["ms_per_step"] for r in steps] == [1000.0] * 4
+    etas = [line.split(" | eta ")[1] for line in p.stdout.splitlines() if line.startswith("step ")]
+    assert etas == ["0m06s", "0m04s", "0m02s", "0m00s"]
+
+
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(workdir):
     p = train(workdir, "--out_dir=out-nan", "--max_iters=50", "--eval_interval=25", "--learning_rate=1e30",
               "--warmup_iters=0", check=False)
