@@ -104,11 +104,10 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, so each new token attends to them
-    without recomputing. k, v: (n_layer, B, nh, capacity, hd). Each row b has its own length pos[b]
-    (a CPU tensor, so deciding how to attend needs no device sync): a batch of generations at
-    different points, as serve.py decodes, is one forward. Allocated at the first write, k and v each
-    in the dtype the layer gave them (under autocast a QK-normed key is float32, a value bf16)."""
+    """Every layer's keys and values so far, k, v: (n_layer, B, nh, capacity, hd). Row b has its own length
+    pos[b] (on the CPU: no device sync to read), so generations at different points (serve.py) decode in
+    one forward. Allocated at the first write, k and v each in the dtype the layer gave (under autocast
+    a QK-normed key is float32, a value bf16)."""
 
     def __init__(self, n_layer, batch, capacity):
         self.n_layer, self.capacity = n_layer, capacity
@@ -121,9 +120,8 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
 
     def update(self, layer, k, v, where):
-        """Write k, v (B, nh, T, hd) at `where` (a column slice shared by every row, or the (B, T)
-        column of each row's each new token) and return this layer's (B, nh, L, hd) keys and values
-        up to L, the longest row's new length. Columns past a row's own length are masked off."""
+        """Write k, v (B, nh, T, hd) at `where` (one column slice, or each row's (B, T) columns); return this
+        layer's (B, nh, L, hd) up to L, the longest row's new length (the attention mask hides the rest)."""
         if self.k is None:
             self.allocate(k, v)
         B, L = k.size(0), int(self.pos[:k.size(0)].max()) + k.size(2)
@@ -159,10 +157,8 @@ class CausalSelfAttention(nn.Module):
             self.q_norm, self.k_norm = nn.RMSNorm(hd, eps=1e-6), nn.RMSNorm(hd, eps=1e-6)
 
     def forward(self, x, rope=None, cache=None, layer=0, mask=None, where=None):
-        """x (B, T, C). rope: cos, sin at each new position. With a cache, the new keys and values go
-        in at `where` and the queries attend to every cached column that `mask` (B, 1, T, L) allows;
-        mask None means plain causal attention over T x T (training, a prefill) or, for T = 1 after a
-        prefix, attention to every cached column."""
+        """x (B, T, C). With a cache, k and v go in at `where` and queries see the columns `mask` allows;
+        mask None: causal over T x T (training, a prefill), or every cached column for T = 1."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hd): each head attends independently over its hd = C/nh channels
@@ -270,8 +266,7 @@ class GPT(nn.Module):
         return n
 
     def _check_input(self, idx, start, cache=None):
-        """Raise ValueError on bad input before any tensor math (an out-of-range id would otherwise be
-        a CUDA device-side assert or an index error deep inside torch)."""
+        """ValueError before any tensor math: a bad id would be a CUDA device-side assert deep in torch."""
         if idx.dim() != 2 or idx.size(1) == 0 or idx.dtype not in (torch.long, torch.int32):
             raise ValueError(f"idx must be a (B, T) integer tensor with T >= 1, got {tuple(idx.shape)} {idx.dtype}")
         if start + idx.size(1) > self.config.block_size:
@@ -339,20 +334,16 @@ class GPT(nn.Module):
         return logits
 
     def log_probs(self, h):
-        """Hidden states (..., C) -> float32 log-probabilities (..., vocab_size) with autocast off, for
-        scoring (eval.py, serve.py's logprobs). Logits of a trained model sit around -60 to -75, where
-        bf16 steps are 0.5 apart: up to 0.25 nats off per token. Only scored positions come here."""
+        """(..., C) -> float32 log-probabilities (..., vocab_size), autocast off, for scoring: logits sit
+        around -60 to -75, where bf16's steps are 0.5 (up to 0.25 nats off a token)."""
         with torch.autocast(h.device.type, enabled=False):
             return self.head(h.float(), float32=True).log_softmax(-1)
 
     def forward(self, idx, targets=None, cache=None, reduction="mean"):
-        """idx (B, T) ids -> (logits, loss).
-        Without targets: logits (B, T, vocab_size) at every position, and loss None. With a cache
-        (generation): logits (B, 1, vocab_size) at the last position only, as the head is the
-        largest matmul and only the last position is sampled.
-        With targets (B, T) (-1 = ignore): logits None, so they are not kept alive through backward
-        (at batch 32 with a 50k vocabulary they are 3 GB in bf16), and the cross-entropy: the mean
-        over scored tokens, or with reduction="none" one loss per token, (B, T), 0 where ignored."""
+        """idx (B, T) -> (logits, None): (B, T, vocab_size), or with a cache (B, 1, vocab_size) at the last
+        position only (the head is the largest matmul). With targets (B, T) (-1 = ignore) -> (None, loss):
+        no logits kept alive through backward (3 GB in bf16 at batch 32, 50k vocabulary); the mean over
+        scored tokens, or with reduction="none" one loss per token, (B, T), 0 where ignored."""
         h = self.hidden_states(idx, cache)
         if targets is None:
             return self.head(h[:, -1:] if cache is not None else h), None
@@ -362,14 +353,11 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, optimizer="adamw",
                              embedding_lr_scale=1.0):
-        """Optimizers covering every trainable parameter once; each group's "lr_scale" is what train.py's
-        schedule multiplies. AdamW decays matrices and embeddings only: decaying a norm gain or a bias
-        shrinks a scale, not a feature (GPT-1: "all non bias or gain weights"). fused=True on CUDA: one
-        kernel per group. optimizer="muon" (Jordan et al. 2024) orthogonalises the updates of the blocks'
-        matrices, so every direction learns at a similar rate; match_rms_adamw (Liu et al. 2025) sizes
-        them as AdamW's, so one lr serves both. An untied input embedding is a table whose rows move only
-        when their token occurs, read through a norm: an lr sized for matrices turns them slowly
-        (modded-nanogpt runs it at 75x), so it gets lr * embedding_lr_scale and no decay."""
+        """Optimizers covering every trainable parameter once; train.py's schedule multiplies each group's
+        "lr_scale". AdamW decays matrices only: decaying a norm gain or bias shrinks a scale, not a feature
+        (GPT-1). optimizer="muon" (Jordan et al. 2024) orthogonalises the blocks' matrix updates so every
+        direction learns alike, sized as AdamW's (match_rms_adamw, Liu et al. 2025). An untied input
+        embedding's rows move only when their token occurs: lr * embedding_lr_scale, no decay (modded-nanogpt)."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is not one of 'adamw', 'muon'")
         if embedding_lr_scale != 1.0 and self.config.tie_weights:
@@ -391,10 +379,8 @@ class GPT(nn.Module):
         return optimizers
 
     def flops_per_token(self, T=None):
-        """Training FLOPs per token, PaLM appendix B (Chowdhery et al. 2022): 6N for the weight matmuls
-        (2 forward + 4 backward per parameter) plus 12*L*H*Q*T for attention scores and their use on
-        the values (L layers, H heads, head size Q, sequence length T, default block_size; the
-        causally masked half is counted too, as PaLM does)."""
+        """Training FLOPs per token, PaLM appendix B (Chowdhery et al. 2022): 6N for the weight matmuls plus
+        12*L*H*Q*T for attention (L layers, H heads, head size Q, length T; the masked half counted too)."""
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * (T or c.block_size)
 
@@ -404,13 +390,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
-        """Continue idx (B, T) one token at a time, yielding each new (B, 1) token so a caller can print
-        as it goes; sampling as sample_next. With eos_token, a row that emits it keeps emitting it, and
-        the stream stops once every row has. Call model.eval() first, or dropout stays on.
-        KV cache: one forward over the prompt, then one token per step. The model conditions on the last
-        block_size tokens (later positions were never trained); past that, every step re-runs the
-        cropped window, as dropping the oldest token changes every hidden state after it. So greedy
-        output equals recomputing the cropped sequence at every step, token for token."""
+        """Continue idx (B, T), yielding each new (B, 1) token; sampling as sample_next. A row that emits
+        eos_token keeps emitting it; the stream stops once every row has. Call model.eval() first. The
+        model sees the last block_size tokens; past that every step re-runs the cropped window (dropping
+        the oldest token changes every hidden state after it), so greedy output equals recomputing."""
         if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
             raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got temperature="
                              f"{temperature}, top_k={top_k}, top_p={top_p}")
