@@ -35,6 +35,7 @@ import torch
 
 import hf
 from atomic import atomic_write
+from bpe import PATTERNS
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
 
@@ -53,6 +54,8 @@ push_to_hub = ""           # 'owner/name': upload the directory to the Hugging F
 dry_run = False            # with push_to_hub: list what would be uploaded, upload nothing (works offline)
 private = True             # a repo created by the push is private until you make it public
 check = True               # load the export with transformers and compare its logits with ours
+format = "hf"              # 'hf': a Hugging Face directory | 'gguf': one .gguf file for llama.cpp, in hf_dir
+gguf_type = "f16"          # format=gguf: the weights' storage, 'f32' | 'f16' | 'q8_0' | 'q4_0' (blocks of 32)
 # --------------------------------------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -266,6 +269,8 @@ def main(argv=None):
     # ---- the model and everything the run wrote about it --------------------------------------------
     opened = open_model(model, ckpt)
     gpt, tok, state, source, run_dir, where = opened
+    if format != "hf":  # llama.cpp's one-file format instead of the directory (the functions at the end)
+        return export_gguf(gpt, tok, state, where)
     try:
         kind = hf.architecture(gpt.config)
     except ValueError as e:
@@ -396,6 +401,250 @@ def push(dest, repo, names, where):
         raise UserError(f"could not push {dest}/ to {repo} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                         f"check the network and your token (huggingface-cli login, or HF_TOKEN)") from None
     print(f"pushed {len(names)} files ({total:,} bytes) to https://huggingface.co/{repo} ({info})")
+
+
+
+# ---- GGUF, for llama.cpp ---------------------------------------------------------------------------
+# GGUF is llama.cpp's one-file format: metadata (the architecture's sizes, the tokenizer) as typed
+# key-value pairs, then the tensors, each in its own storage type. llama.cpp has no class per model:
+# an architecture name says which graph to build and which tensor names it reads. Ours map onto two:
+#   modern -> llama  token_embd, blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
+#                    ffn_gate, ffn_up, ffn_down}, output_norm, output (left out when tied)
+#   gpt2   -> gpt2   token_embd, position_embd, blk.N.{attn_norm, attn_qkv, attn_output, ffn_norm,
+#                    ffn_up, ffn_down} with their biases, output_norm (the head is always tied)
+# The tensors are hf.py's (tested against transformers), renamed by the gguf package's own name table
+# and laid out as llama.cpp's converter lays out a Hugging Face checkpoint; the file is written by the
+# gguf package (gguf.GGUFWriter, gguf.quants), the Python half of llama.cpp, not by hand.
+
+GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"),  # gguf_type -> (tensor type, file type)
+              "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
+# our split regexes -> the tokenizer.ggml.pre under which llama.cpp splits text the same way:
+#   gpt-2      GPT-2's own pattern (llama.cpp runs it as hand-written code, unicode.cpp); ours is
+#              tiktoken's possessive spelling of it, which matches the same pieces
+#   llama-bpe  Llama 3's pattern, which is cl100k's: \s*[\r\n]+ and cl100k's \s*[\r\n] match the same
+#              text, and the possessive quantifiers change nothing there. It also looks a whole piece
+#              up before merging (ignore_merges), as tiktoken does; "dbrx" (cl100k itself) does not
+GGUF_PRE = {PATTERNS["gpt2"]: "gpt-2", PATTERNS["cl100k"]: "llama-bpe"}
+
+
+def gguf_architecture(config):
+    """'llama' or 'gpt2': the llama.cpp architecture that computes what our GPT computes; a ValueError
+    naming the switch that has no counterpart there, or that the check (transformers) cannot read."""
+    c = config
+    for switch, value in (("qk_norm", c.qk_norm), ("logit_softcap", c.logit_softcap)):
+        if value:
+            raise ValueError(f"{switch}={value}: llama.cpp's llama and gpt2 architectures have no {switch}")
+    if c.mlp == "relu2":
+        raise ValueError("mlp=relu2: llama.cpp's llama architecture gates with SiLU (SwiGLU) and gpt2's MLP is "
+                         "GELU; neither squares a ReLU")
+    if not c.prenorm:
+        raise ValueError("prenorm=False (the gpt1 preset): llama.cpp has no post-norm GPT-1 architecture")
+    form = (c.norm, c.pos, c.mlp)
+    if form == ("rmsnorm", "rope", "swiglu"):
+        if c.bias:  # llama.cpp reads optional Llama biases, transformers' GGUF loader drops them
+            raise ValueError("bias=True on the modern preset: transformers' GGUF loader (the check) drops Llama "
+                             "biases; train with bias=False")
+        return "llama"
+    if form == ("layernorm", "learned", "gelu"):
+        if not c.tie_weights:
+            raise ValueError("tie_weights=False on the gpt2 preset: export supports GPT-2's tied head only")
+        if c.mlp_hidden != 4 * c.n_embd:  # transformers' GGUF loader takes GPT-2's MLP width as 4 * n_embd
+            raise ValueError(f"ffn_hidden={c.mlp_hidden} on the gpt2 preset: transformers' GGUF loader (the check) "
+                             f"reads GPT-2's MLP as 4*n_embd={4 * c.n_embd} wide")
+        return "gpt2"
+    raise ValueError(f"norm={c.norm}, pos={c.pos}, mlp={c.mlp}: llama.cpp's llama architecture is rmsnorm, rope, "
+                     f"swiglu and its gpt2 one layernorm, learned, gelu")
+
+
+def rope_rows_interleaved(w, n_head):
+    """Reorder the rows of a query or key projection (out, in) for llama.cpp's llama architecture.
+    Our apply_rope (as Hugging Face's Llama) rotates each head's pair (i, i + hd/2); llama.cpp's
+    rotates adjacent pairs (2i, 2i + 1), with the same angle for pair i. Within each head, rows
+    [0 .. hd/2-1 | hd/2 .. hd-1] become [0, hd/2, 1, hd/2+1, ...]: each of its pairs is one of ours,
+    so every head's q.k scores are unchanged (llama.cpp's converter does the same to Llama
+    checkpoints, and transformers' GGUF loader undoes it)."""
+    hd = w.shape[0] // n_head
+    return w.reshape(n_head, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(gpt, arch):
+    """[(GGUF name, float32 array)] of every tensor the architecture reads, matrices (out, in) as
+    nn.Linear holds them, the padded vocabulary rows dropped (hf.hf_state_dict drops them)."""
+    import gguf
+    c = gpt.config
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2, c.n_layer)
+    out = []
+    for key, w in hf.hf_state_dict(gpt).items():
+        w = w.detach().float()
+        if arch == "gpt2" and key.endswith(hf._CONV1D):
+            w = w.t()  # Hugging Face's Conv1D (in, out) back to (out, in): ggml's row is an output's weights
+        if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            w = rope_rows_interleaved(w, c.n_head)
+        module, part = key.rsplit(".", 1)
+        out.append((f"{table.get_name(module)}.{part}", w.contiguous().numpy()))
+    return out
+
+
+def gguf_storage(w, kind, keep_f32=False):
+    """How one float32 tensor goes into the file: (data for GGUFWriter, ggml type, the float32 values
+    llama.cpp reads back). Vectors (norm gains, biases) and keep_f32 tensors stay F32, as llama.cpp's
+    converter keeps them. Q8_0 and Q4_0 cut each row into blocks of 32 values with one float16 scale
+    (8 and 4 bits a value); a matrix whose rows are not a multiple of 32 falls back to F16."""
+    import gguf
+    import numpy as np
+    Q = gguf.GGMLQuantizationType
+    qtype = Q.F32 if w.ndim == 1 or keep_f32 else Q[GGUF_TYPES[kind][0]]
+    if qtype in (Q.Q8_0, Q.Q4_0) and w.shape[-1] % 32:
+        qtype = Q.F16
+    if qtype == Q.F32:
+        return w, qtype, w
+    if qtype == Q.F16:
+        half = w.astype(np.float16)
+        return half, qtype, half.astype(np.float32)
+    blocks = gguf.quants.quantize(w, qtype)
+    return blocks, qtype, gguf.quants.dequantize(blocks, qtype)
+
+
+def gguf_vocab(tok, block_size):
+    """(tokens, token types, merges) for tokenizer.ggml.*: the very vocabulary and merges hf.py writes
+    into tokenizer.json, each token spelled in GPT-2's byte-to-character alphabet, the special tokens
+    as themselves (type CONTROL, matched whole; the others NORMAL), merges as 'left right' in order."""
+    import gguf
+    spec = json.loads(hf.tokenizer_files(tok, block_size)["tokenizer.json"])
+    tokens, types = [None] * tok.vocab_size, [gguf.TokenType.NORMAL] * tok.vocab_size
+    for text, i in spec["model"]["vocab"].items():
+        tokens[i] = text
+    for added in spec["added_tokens"]:
+        tokens[added["id"]], types[added["id"]] = added["content"], gguf.TokenType.CONTROL
+    if None in tokens:
+        raise ValueError(f"the tokenizer {tok.name} has no token with id {tokens.index(None)}")
+    return tokens, types, [f"{a} {b}" for a, b in spec["model"]["merges"]]  # no token holds a space: Ġ is one
+
+
+def export_gguf(gpt, tok, state, where):
+    """format=gguf: write <hf_dir>/model-<gguf_type>.gguf, check it with transformers, push it."""
+    if format != "gguf":
+        raise UserError(f"format={format!r} is not 'hf' (a Hugging Face directory) or 'gguf' (llama.cpp)")
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"gguf_type={gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("format=gguf needs llama.cpp's gguf package: pip install gguf==0.19.0") from None
+    c = gpt.config
+    try:
+        arch = gguf_architecture(c)
+        if tok.pattern not in GGUF_PRE:
+            raise ValueError(f"the tokenizer {tok.name} splits text with its own regex, which no llama.cpp "
+                             f"pre-tokenizer runs (it knows bpe.py's 'gpt2' and 'cl100k'); llama.cpp would "
+                             f"tokenize differently")
+        if "<|endoftext|>" not in tok.special_tokens:
+            raise ValueError(f"the tokenizer {tok.name} has no <|endoftext|>, which the export uses as bos and eos")
+        tokens, types, merges = gguf_vocab(tok, c.block_size)
+    except ValueError as e:
+        raise UserError(f"{where} cannot be exported to GGUF: {e}")
+    dest = hf_dir or (os.path.normpath(model) if os.path.isdir(model) and state is not None else
+                      os.path.splitext(os.path.basename(os.path.normpath(model)))[0]) + "-hf"  # as for format=hf
+    if glob.glob(os.path.join(glob.escape(dest), "*.pt")):
+        raise UserError(f"{dest}/ holds checkpoints: export to another --hf_dir, not into a run directory")
+    path = os.path.join(dest, f"model-{gguf_type}.gguf")
+
+    w = gguf.GGUFWriter(None, arch)  # the metadata, in the key names llama.cpp reads
+    w.add_name(name or push_to_hub or os.path.basename(os.path.normpath(dest)))
+    w.add_file_type(gguf.LlamaFileType[GGUF_TYPES[gguf_type][1]])
+    if gguf_type.startswith("q"):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(c.block_size)
+    w.add_embedding_length(c.n_embd)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.mlp_hidden)
+    w.add_head_count(c.n_head)
+    if arch == "llama":
+        w.add_head_count_kv(c.n_head)  # no grouped-query attention: a key and value head per query head
+        w.add_layer_norm_rms_eps(1e-6)  # model.make_norm's RMSNorm
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_rope_dimension_count(c.n_embd // c.n_head)  # every channel of a head is rotated
+        w.add_vocab_size(tok.vocab_size)
+    else:
+        w.add_layer_norm_eps(1e-5)  # nn.LayerNorm's default, GPT-2's
+    w.add_tokenizer_model("gpt2")  # byte-level BPE with merges, whatever the architecture
+    w.add_tokenizer_pre(GGUF_PRE[tok.pattern])
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.eot_token)
+    w.add_eos_token_id(tok.eot_token)
+    w.add_add_bos_token(False)  # we train and sample without a BOS; llama-bpe would add one unless told
+    w.add_add_eos_token(False)
+    counts = {}
+    for tname, array in gguf_tensors(gpt, arch):
+        data, qtype, _ = gguf_storage(array, gguf_type, keep_f32=tname == "position_embd.weight")
+        w.add_tensor(tname, data, raw_dtype=qtype if data.dtype == "uint8" else None)
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+
+    os.makedirs(dest, exist_ok=True)
+    tmp = path + ".tmp"  # as atomic.atomic_write: a reader sees the old file or the new one
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    print(f"exported {where} as llama.cpp's {arch} architecture, {gguf_type}, to {path} "
+          f"({os.path.getsize(path):,} bytes; tensors: {', '.join(f'{n} {t}' for t, n in sorted(counts.items()))})")
+    if check:
+        verify_gguf(path, gpt, tok)
+    if push_to_hub:
+        push(dest, push_to_hub, [os.path.basename(path)], where)
+
+
+def gguf_reference(gpt, kind):
+    """A copy of our model holding each weight as a gguf_type file stores it (what llama.cpp reads): a
+    row's quantization blocks lie within the row, so quantizing our matrices whole gives the same
+    values as quantizing the row slices and row reorderings the file holds."""
+    ref = copy.deepcopy(gpt)
+    with torch.no_grad():
+        for key, p in ref.state_dict().items():
+            if p.dim() == 2:
+                _, _, back = gguf_storage(p.float().numpy(), kind, keep_f32=key == "transformer.wpe.weight")
+                p.copy_(torch.from_numpy(back))
+    return ref
+
+
+def verify_gguf(path, gpt, tok):
+    """Load the file with transformers' GGUF loader (which reads it with the gguf package and
+    dequantizes it) and compare its tokenizer and logits with ours."""
+    try:
+        import transformers
+    except ImportError:
+        print("check: transformers is not installed; the GGUF was not loaded back (pip install transformers)")
+        return
+    transformers.logging.set_verbosity_error()
+    folder, fname = os.path.split(path)
+    # transformers' loader reads gpt2.context_length as n_ctx, not as n_positions, the rows of the position
+    # table, which it would leave at GPT-2's 1024: it needs telling (llama.cpp takes the table's size from it)
+    sizes = {"n_positions": gpt.config.block_size} if gpt.config.pos == "learned" else {}
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32,
+                                                               **sizes).eval()
+    their_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    text = "def main(argv=None):\n    config = configure(globals(), argv)  # Ünïcödé, 漢字 and 🙂\n"
+    ids = tok.encode(text)[:gpt.config.block_size]
+    if their_tok.encode(text, add_special_tokens=False)[:len(ids)] != ids:
+        raise UserError(f"check failed: the tokenizer in {path} encodes the sample text differently from {tok.name}")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = theirs(x).logits.float()
+        diff = (logits - gguf_reference(gpt, gguf_type)(x)[0]).abs().max().item()
+        moved = (logits - gpt(x)[0]).abs().max().item()
+    print(f"check: transformers loads {path}; the same {len(ids)} token ids, logits within {diff:.1e} of ours with "
+          f"the weights as stored ({gguf_type} moved them by up to {moved:.1e})")
+    if diff > 1e-3:
+        raise UserError(f"check failed: the GGUF model's logits differ from ours by {diff:.3g}")
 
 
 if __name__ == "__main__":
