@@ -69,7 +69,7 @@ CASES = [
     ("sample.py", ["--model=gpt2"], {"HF_HUB_OFFLINE": "1"}, "could not download gpt2"),
     ("sample.py", ["--model=gpt2"], REFUSING_HUB, "could not download gpt2"),
     ("finetune.py", ["--data=a_file", "--device=cpu"], REFUSING_HUB, "init_from='gpt2': could not download gpt2"),
-    ("sample.py", ["--model=a_file"], {}, "a_file is not a checkpoint: not a file torch.save wrote"),
+    ("sample.py", ["--model=a_file"], {}, "cannot read checkpoint a_file: it is not a checkpoint, not a file torch.save wrote"),
     ("sample.py", ["--model=llama_dir"], {}, "holds a llama model; only GPT-2"),
     ("sample.py", ["--model=nohf"], {}, "no model.safetensors or pytorch_model.bin in nohf"),
     ("sample.py", ["--model=out-base", "--ckpt=ckpt_999999.pt"], {}, "checkpoint ckpt_999999.pt is neither in out-base/"),
