@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import shutil
+import zipfile
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -118,6 +119,10 @@ def load(path):
                          f"values, and unpickling them could run code ({str(e).splitlines()[0][:120]}); "
                          f"load only checkpoints written by train.py") from None
     except Exception as e:  # missing, truncated, not a torch file
+        if os.path.isfile(path) and not zipfile.is_zipfile(path):  # torch.save has written zip files since 1.6
+            raise ValueError(f"cannot read checkpoint {path}: it is not a checkpoint, not a file torch.save wrote "
+                             f"(train.py and finetune.py write .pt checkpoints); point --model at a run directory "
+                             f"or one of its .pt files") from None
         raise ValueError(f"cannot read checkpoint {path}: {' '.join(str(e).split())[:300]}") from None
     if not isinstance(state, dict) or state.get("version") != VERSION:
         got = state.get("version") if isinstance(state, dict) else type(state).__name__

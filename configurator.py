@@ -31,8 +31,13 @@ with exit status 1, and Ctrl-C into one line and status 130. TRACEBACK=1 shows t
 """
 import ast
 import difflib
+import io
 import os
+import socket
 import sys
+import threading
+import tokenize
+from urllib.parse import urlparse
 
 _TYPES = (bool, int, float, str, tuple, list, type(None))
 
@@ -42,7 +47,8 @@ class UserError(SystemExit):
     status 1) even outside run(); `except Exception` in library code does not swallow it."""
 
     def __init__(self, message):
-        super().__init__(f"error: {message}")
+        # one line, whatever the library underneath put in its message (a hub error's embedded newline)
+        super().__init__("error: " + " ".join(str(message).split()))
 
 
 def run(main, argv=None):
@@ -64,6 +70,57 @@ def run(main, argv=None):
                     }.get(type(e), "")
             raise UserError(what + hint) from None
         raise UserError(" ".join(str(e).split()) or type(e).__name__) from None
+
+
+def check_hub(hint, timeout=5.0):
+    """Fail within `timeout` seconds, naming hint (the offline way round), when the Hugging Face hub
+    cannot be reached: datasets and huggingface_hub retry for half a minute, printing a line per try.
+    The probe runs in a thread because a DNS lookup can block far longer than any socket timeout."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded from the hub; {hint}")
+    outcome = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome or outcome[0] is not None:
+        why = f"{outcome[0]}" if outcome else f"no answer in {timeout:.0f} s"
+        raise UserError(f"cannot reach the Hugging Face hub at {host}:{port} ({why}); {hint}")
+
+
+def descriptions(path):
+    """{setting: its description} from a script's source: the comment after each module-level
+    assignment, and the indented comment lines right below it (a long description's continuation)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
+                    for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+        tree = ast.parse(source)
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return {}
+    lines, out = source.splitlines(), {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            continue
+        end = node.end_lineno
+        if end not in comments:
+            continue
+        parts, n = [comments[end][1]], end + 1
+        while n in comments and lines[n - 1][:comments[n][0]].strip() == "" and comments[n][0] > 0:
+            parts.append(comments[n][1])  # an indented comment line alone: the description goes on
+            n += 1
+        out[node.targets[0].id] = " ".join(p for p in parts if p)
+    return out
 
 
 def _known_keys(defaults):
@@ -135,8 +192,11 @@ def configure(defaults, argv=None, renamed=None):
     if any(a in ("-h", "--help") for a in argv):
         doc = (defaults.get("__doc__") or "").strip()
         print(doc + "\n\nsettings (override with a config file and/or --key=value):" if doc else "settings:")
+        said = descriptions(defaults["__file__"]) if defaults.get("__file__") else {}
         for k, v in known.items():
-            print(f"  --{k}={v!r}")
+            flag = f"--{k}={v!r}"
+            print(f"  {flag:<30} {said[k]}" if k in said and len(flag) <= 30 else
+                  f"  {flag}\n  {'':<30} {said[k]}" if k in said else f"  {flag}")
         raise SystemExit(0)
     for arg in argv:
         if not arg.startswith("--"):

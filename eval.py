@@ -54,7 +54,7 @@ import torch
 from atomic import atomic_write
 from bpe import Tokenizer
 from checkpoint import OLD_MODEL_FLAGS, open_model
-from configurator import UserError, configure, run
+from configurator import UserError, check_hub, configure, run
 from device import autocast, for_inference, pick_device
 from quantize import MODES
 from shards import read_shard
@@ -76,10 +76,10 @@ stride = 0                 # ppl: tokens the window moves per step; 0 = window /
 batch_size = 8             # sequences per forward pass
 target_delimiter = " "     # mc/hellaswag: between query and choice (lm-evaluation-harness's default)
 prompts = ""               # a file of prompts to complete (one per line, or .jsonl {"prompt"}); any task
-max_new_tokens = 64
+max_new_tokens = 64        # prompts: tokens to generate for each
 temperature = 0.0          # 0 = greedy: the same completions every run
-top_k = None
-seed = 1337
+top_k = None               # prompts: sample from the k likeliest tokens only; None = all
+seed = 1337                # prompts: the sampling seed (with temperature > 0)
 quantize = "none"          # 'none' | 'int8': also score the int8 model (quantize.py, CPU) and report what it costs
 out = ""                   # results JSON; "" = eval_<task>.json in the run directory (here for other models)
 device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
@@ -288,6 +288,11 @@ def read_items(path, what):
 
 def hub_rows(name, config, split):
     """A hub dataset split's rows, through datasets (the one place eval.py needs the network)."""
+    if not any(os.environ.get(v, "0").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
+                                                                                        "HF_DATASETS_OFFLINE")):
+        # datasets retries for half a minute, a line per try: a 5 s probe fails fast instead
+        check_hub(f"pass --data=FILE.jsonl in {name}'s format, or set HF_HUB_OFFLINE=1 to read a copy datasets "
+                  f"has cached")
     try:
         import datasets
         return list(datasets.load_dataset(name, config, split=split))
@@ -421,13 +426,14 @@ def task_items():
             if not ok:
                 raise UserError(f"{data} line {i + 1}: an item is {{\"query\": str, \"choices\": [2+ str], "
                                 f"\"gold\": index of the right choice}}")
-        return items, data, {"type": _stem(data), "name": os.path.basename(data), "split": "local file"}
+        return items, data, {"type": "local", "name": os.path.basename(data), "split": "local file"}
     hub, hub_config, split = HUB[task]
     rows = read_items(data, task) if data else hub_rows(hub, hub_config, split)
     rows = rows[:limit] if limit else rows
     label = data or f"{hub} ({split})"
     name = {"hellaswag": "HellaSwag", "lambada": "LAMBADA (OpenAI)"}[task]
-    dataset = {"type": _stem(data), "name": name, "split": "local file"} if data else \
+    # a local file is named as itself, not as the benchmark whose format it has
+    dataset = {"type": "local", "name": os.path.basename(data), "split": "local file"} if data else \
         {"type": hub, "name": name, **({"config": hub_config} if hub_config else {}), "split": split}
     try:
         items = [hellaswag_item(r) for r in rows] if task == "hellaswag" else [r["text"] for r in rows]
@@ -464,8 +470,11 @@ def ppl_data(tok, state):
             raise UserError(f"{files[0]} holds token ids outside this model's vocabulary ({tok.vocab_size})")
         name = os.path.basename(os.path.dirname(os.path.abspath(files[0])))
         return docs, f"{src} (val shards)", {"type": name, "name": f"{name} val shards", "split": "val"}
+    if src.lower().endswith((".csv", ".tsv")):  # read as text it would score its commas and header
+        raise UserError(f"task=ppl scores documents from .txt, .jsonl or .parquet files, not a table ({src}); "
+                        f"write its text column as .jsonl ({{\"text\": ...}} per line) and pass that")
     docs = tok.encode_batch(list(text_documents(src, text_field)))
-    return docs, src, {"type": _stem(src), "name": os.path.basename(src), "split": "local file"}
+    return docs, src, {"type": "local", "name": os.path.basename(src), "split": "local file"}
 
 
 def read_prompts(path):

@@ -30,6 +30,8 @@ import math
 import os
 import re
 import sys
+import tempfile
+from datetime import datetime, timezone
 
 import torch
 
@@ -100,11 +102,14 @@ def training_record(state, run_dir):
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
         return None
-    lines = {}
+    lines, final = {}, None
     with open(path) as f:
         for line in f:
             if line.strip():
                 r = json.loads(line)
+                if "step" not in r:  # finetune.py ends its log with {"final": the best model's scores}
+                    final = r.get("final", final)
+                    continue
                 lines[(r["step"], "val_loss" in r)] = r
     step = state["iter_num"]
     train = sorted((s, r) for (s, ev), r in lines.items() if not ev and s <= step and "ms_per_step" in r)
@@ -115,15 +120,20 @@ def training_record(state, run_dir):
         prev = s
     tps = [r["tokens_per_s"] for _, r in train if "tokens_per_s" in r]
     return {"log": path, "seconds": seconds, "logged_steps": prev, "tokens_per_s": sum(tps) / len(tps) if tps else None,
-            "last_eval": evals[-1][1] if evals else None}
+            "last_eval": evals[-1][1] if evals else None,
+            "final": final if final and final.get("best_step") == step else None}
 
 
 def front_matter(name, kind, results, data_card, license_id, language_code):
     """The hub's metadata: license, language, datasets, tags and a model-index of eval.py's results (the
     layout the hub validates: name, results: task {type}, dataset {type, name, config, split}, metrics)."""
     src = (data_card or {}).get("source", {})
+    # the hub's metadata claims benchmark results: only whole runs on named data (a hub split, or the run's
+    # own val shards), never a local file or a --limit run, which the card's table still shows as they are
+    results = [r for r in results if (r.get("dataset") or {}).get("split") not in (None, "local file")
+               and not (r.get("settings") or {}).get("limit")]
     index = [{"task": {"type": "text-generation" if r["task"] in ("ppl", "lambada") else "multiple-choice"},
-              "dataset": {k: str(v) for k, v in (r.get("dataset") or {"type": r["task"], "name": r["task"]}).items()},
+              "dataset": {k: str(v) for k, v in r["dataset"].items()},
               "metrics": [{"type": m["metric"], "value": m["value"], "name": f"{m['metric']} ({r['task']})"}
                           for m in r["results"]]} for r in results]
     front = {"license": license_id or "other", "language": [language_code], "library_name": "transformers",
@@ -135,7 +145,26 @@ def front_matter(name, kind, results, data_card, license_id, language_code):
     return "---\n" + to_yaml(front) + "\n---\n"
 
 
-def data_section(data_card, path, cfg):
+def finetune_data_section(spec, cfg, rec):
+    """What a finetune.py run read: its task data and fields, and its scores (the checkpoint's val
+    metrics, and log.jsonl's final record for the test split)."""
+    what = f"`{cfg.get('data')}`" + (f" (config `{cfg['data_config']}`)" if cfg.get("data_config") else "")
+    L = [f"Fine-tuned for `{spec['task']}` on {what}, reading the field(s) "
+         f"{', '.join(map(str, spec.get('text_fields') or ['(not recorded)']))}"
+         + (f" with the choices {', '.join(map(str, spec['choice_fields']))}" if spec.get("choice_fields") else "")
+         + f" and the label field `{spec.get('label_field')}`" + (" as a real number (regression)"
+                                                                  if spec.get("regression") else "") + "."]
+    if spec.get("metrics"):
+        L += ["", f"- val (the checkpoint's own record): {', '.join(f'{k} {v:.4f}' for k, v in spec['metrics'].items())}"]
+    final = (rec or {}).get("final") or {}
+    if final.get("test"):
+        L += [f"- test (log.jsonl): {', '.join(f'{k} {v:.4f}' for k, v in final['test'].items())}"]
+    elif spec.get("metrics"):
+        L += ["- test: not scored (no test split with labels in the run's log)"]
+    return L
+
+
+def data_section(data_card, path, cfg, card_note=""):
     """What the data card prepare.py wrote says about the training data."""
     if not data_card:
         return [f"The run read data/{cfg['dataset']}/, whose data card ({path}) was not found when exporting, so "
@@ -148,8 +177,8 @@ def data_section(data_card, path, cfg):
             "python standard library": lambda: f"the Python {src['python']} standard library ({src['num_files']:,} "
                                                f"files)"}.get(src.get("kind"), lambda: str(src.get("kind")))()
     drop = d["dropped"]
-    return [f"From the data card `{path}` that prepare.py wrote beside the shards: {what}, prepared "
-            f"{data_card['created']} with:", "", "```bash", data_card["command"], "```", "",
+    return [f"From the data card `{path}` that prepare.py wrote beside the shards: {what}, data card written "
+            f"{data_card['created']}{card_note} by:", "", "```bash", data_card["command"], "```", "",
             f"- Licence of the data: {src.get('license')}",
             f"- Documents: {d['read']:,} read; dropped {drop['missing_text']:,} without text, {drop['garbage']:,} "
             f"mostly garbage, {drop['shorter_than_min_chars']:,} shorter than {data_card['settings']['min_chars']:,} "
@@ -182,7 +211,10 @@ def training_section(state, run_dir, block_size, data_card):
               f"(log.jsonl; evaluations not counted)"
               + (f", {rec['tokens_per_s']:,.0f} tokens/s on average" if rec["tokens_per_s"] else "")]
         ev = rec["last_eval"]
-        if ev:
+        if ev and "val_bpb" not in ev:  # finetune.py's evaluations: its task metrics on val
+            L += [f"- Last evaluation (step {ev['step']:,}): " + ", ".join(
+                f"{k} {v:.4f}" for k, v in ev.items() if k.startswith("val_") and isinstance(v, (int, float)))]
+        elif ev:
             L += [f"- Last evaluation (step {ev['step']:,}): train loss {ev['train_loss']:.4f}, val loss "
                   f"{ev['val_loss']:.4f} nats/token, val {ev['val_bpb']:.4f} bits/byte"]
     if "best_val_loss" in state and math.isfinite(state["best_val_loss"]):
@@ -192,7 +224,7 @@ def training_section(state, run_dir, block_size, data_card):
 
 
 def model_card(name, kind, model, tok, n_params, state, source, run_dir, data_card, data_card_path, results,
-               license_id, language_code, head):
+               license_id, language_code, head, card_note=""):
     """README.md: the front matter, then the card, every figure taken from the run's files."""
     c = model.config
     cfg = (state or {}).get("config") or {}
@@ -207,12 +239,17 @@ def model_card(name, kind, model, tok, n_params, state, source, run_dir, data_ca
          'inputs = tok("def ", return_tensors="pt")',
          "print(tok.decode(model.generate(**inputs, max_new_tokens=64, do_sample=True, top_k=200)[0]))", "```", "",
          "## Architecture", "", "| | |", "|---|---|", f"| transformers class | `{hf.ARCHITECTURES[kind]}` |",
-         f"| parameters | {n_params:,} (the exported tensors; the tied embedding once) |",
+         f"| parameters | {n_params:,} (the exported tensors; " + ("the tied embedding and head once) |" if c.tie_weights
+                                                                    else "the embedding and the untied head each) |"),
          f"| layers, heads, width | {c.n_layer}, {c.n_head}, {c.n_embd} |",
          f"| MLP | {dict(swiglu='SwiGLU', relu2='ReLU squared', gelu='GELU (tanh form)')[c.mlp]}, hidden width {c.mlp_hidden:,} |",
          f"| context | {c.block_size:,} tokens" + (f"; RoPE, theta {c.rope_theta:g}" if c.pos == "rope" else "") + " |",
          f"| vocabulary | {c.vocab_size:,} tokens (`{tok.name}`; special: {specials}) |", "",
-         "## Training data", "", *data_section(data_card, data_card_path, cfg), "",
+         "## Training data", "",
+         *(finetune_data_section(head["finetune"], cfg, training_record(state, run_dir) if run_dir else None)
+           + ["", "The pretrained model it started from: " + (f"`{cfg.get('init_from')}`." if cfg.get("init_from")
+                                                              else "not recorded.")]
+           if head else data_section(data_card, data_card_path, cfg, card_note)), "",
          "## Training", "", *training_section(state, run_dir, c.block_size, data_card), ""]
     if head:
         spec = head["finetune"]
@@ -223,9 +260,14 @@ def model_card(name, kind, model, tok, n_params, state, source, run_dir, data_ca
               f"tokens: {', '.join(f'{s} = {i}' for s, i in head['special'].items())}.", ""]
     L += ["## Evaluation", ""]
     if results:
+        def data_of(r):
+            limit = (r.get("settings") or {}).get("limit")
+            local = (r.get("dataset") or {}).get("split") == "local file"
+            return (f"local file {os.path.basename(str(r.get('data')))}" if local else str(r.get("data"))) + \
+                (f" (first {limit:,} items only)" if limit else "")
         L += ["With eval.py (lm-evaluation-harness's scoring for multiple choice):", "",
               "| task | data | metric | value | count |", "|---|---|---|---|---|",
-              *[f"| {r['task']} | {r.get('data')} | {m['metric']} | {m['value']:.4f} | {m['count']:,} |"
+              *[f"| {r['task']} | {data_of(r)} | {m['metric']} | {m['value']:.4f} | {m['count']:,} |"
                 for r in results for m in r["results"]],
               "", "Commands:", "", "```bash", *[r["command"] for r in results], "```", ""]
     else:
@@ -299,6 +341,7 @@ def main(argv=None):
     head = None
     if state is not None and state.get("head") is not None and state.get("finetune"):
         spec = state["finetune"]
+        spec = {**spec, **{k: public_name(spec[k]) for k in ("base", "merged_from") if spec.get(k)}}
         head = {"finetune": json.loads(json.dumps(spec, default=str)),
                 "special": {s: i for s, i in tok.special_tokens.items() if s != "<|endoftext|>"}}
         files["classifier_head.json"] = json.dumps({
@@ -310,22 +353,44 @@ def main(argv=None):
     for f in result_files:
         with open(f) as fh:
             r = json.load(fh)
-        if state is not None and r.get("step") not in (None, state["iter_num"]):
-            print(f"warning: {f} scored step {r.get('step')}, not the exported step {state['iter_num']}: left out "
+        if not same_file(r.get("source"), source) or (state is not None and r.get("step") != state["iter_num"]):
+            print(f"warning: {f} scored {r.get('source')} (step {r.get('step')}), not the exported {where}: left out "
                   f"of the card", file=sys.stderr)
             continue
         evals.append(r)
     cfg = (state or {}).get("config") or {}
     card_path = os.path.join(data_dir, cfg["dataset"], "card.json") if cfg.get("dataset") else None
-    data_card = None
+    data_card, card_note = None, ""
     if card_path and os.path.exists(card_path):
         with open(card_path) as fh:
             data_card = json.load(fh)
+        # prepare.py re-run after training rewrites the card: say so rather than date the model's data by it
+        saved = datetime.fromtimestamp(os.path.getmtime(source), timezone.utc)
+        if datetime.fromisoformat(data_card["created"]) > saved:
+            card_note = (f", after this checkpoint was saved ({saved.isoformat(timespec='seconds')}): prepare.py was "
+                         f"re-run since, so the card describes the data as prepared then, which may differ from "
+                         f"what the model read")
+            print(f"warning: {card_path} was written after {source}: the card says prepare.py was re-run since",
+                  file=sys.stderr)
     elif card_path:
         print(f"warning: no data card at {card_path}: the model card cannot describe the training data "
               f"(run from the folder that holds data/, or set --data_dir)", file=sys.stderr)
     files["README.md"] = model_card(card_name, kind, gpt, tok, n_params, state, source, run_dir, data_card,
-                                    card_path, evals, license_id, language, head)
+                                    card_path, evals, license_id, language, head, card_note)
+    # nothing that names this machine leaves it: absolute paths become their last component
+    # (the tokenizer files are data: a token may well read "/home")
+    files = {fname: text if fname.startswith(("tokenizer.", "vocab.", "merges.")) else local_paths_removed(text)
+             for fname, text in files.items()}
+
+    if dry_run:  # a dry run writes nothing: it says what export and push would write and upload
+        sizes = {"model.safetensors": sum(v.numel() * v.element_size() for v in tensors.values())}
+        sizes.update({fname: len(text.encode()) + 1 for fname, text in files.items()})
+        print(f"dry run: nothing written; would write {len(sizes) + bool(head)} files to {dest}/ and upload them "
+              f"({sum(sizes.values()):,} bytes or so) to https://huggingface.co/{push_to_hub} "
+              f"({'private' if private else 'public'}):")
+        for fname in sorted(sizes) + (["classifier_head.safetensors"] if head else []):
+            print(f"  {fname}")
+        return
 
     # ---- write --------------------------------------------------------------------------------------
     os.makedirs(dest, exist_ok=True)
@@ -351,12 +416,44 @@ def main(argv=None):
         push(dest, push_to_hub, sorted(written), where)
 
 
+def same_file(a, b):
+    """Whether two paths name one file (a run's best.pt is a hard link to its step checkpoint)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError):
+        return a is not None and a == b
+
+
+def local_prefixes():
+    """The folders whose names say whose machine this is: here, the home folder, the temporary folder,
+    this repository, Python's installation (the Python licence's path in a stdlib data card)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = {os.getcwd(), os.path.expanduser("~"), tempfile.gettempdir(), here, sys.prefix, sys.base_prefix,
+             sys.exec_prefix, "/tmp", "/home", "/Users", "/root"}
+    found |= {os.path.realpath(p) for p in found}
+    return sorted((p.rstrip("/") for p in found if len(p.rstrip("/")) > 1), key=len, reverse=True)
+
+
+def local_paths_removed(text):
+    """text with every absolute path under a local_prefixes folder cut to its last component."""
+    for prefix in local_prefixes():
+        text = re.sub(re.escape(prefix) + r"(?:/[^\s'\"`|,;)\]}]*)?(?![\w.-])",
+                      lambda m: os.path.basename(m.group(0).rstrip("/")) or ".", text)
+    return text
+
+
+def public_name(path):
+    """A model source as the card may name it: a hub name as it is, a local path by its file name."""
+    return os.path.basename(os.path.normpath(path)) if os.path.isabs(path) or os.path.exists(path) else path
+
+
 def verify(dest, gpt, tok):
     """Load the export with transformers and compare its logits and tokenizer with ours."""
     try:
         import transformers
     except ImportError:
-        print("check: transformers is not installed; the export was not loaded back (pip install transformers)")
+        print(f"warning: NOT VERIFIED: transformers is not installed, so {dest}/ was not loaded back and compared "
+              f"with this model; to verify: pip install transformers, then run export.py again", file=sys.stderr)
         return
     transformers.logging.set_verbosity_error()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
@@ -382,12 +479,6 @@ def verify(dest, gpt, tok):
 def push(dest, repo, names, where):
     """Upload dest/ to the hub repo (created if needed), or with dry_run list what would go."""
     total = sum(os.path.getsize(os.path.join(dest, f)) for f in names)
-    if dry_run:
-        print(f"dry run: would upload {len(names)} files ({total:,} bytes) from {dest}/ to "
-              f"https://huggingface.co/{repo} ({'private' if private else 'public'}):")
-        for f in names:
-            print(f"  {f}")
-        return
     try:
         from huggingface_hub import HfApi
     except ImportError:

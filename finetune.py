@@ -50,7 +50,9 @@ Design choices
 - No exact resume (no optimizer state is saved): fine-tuning runs are minutes to hours, and a
   checkpoint is the trained tensors only, so best.pt stays small for LoRA.
 """
+import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -71,7 +73,7 @@ import lora
 import process
 from atomic import atomic_write
 from bpe import Tokenizer
-from configurator import UserError, configure, run
+from configurator import UserError, check_hub, configure, run
 from device import autocast, pick_device
 from model import CausalSelfAttention
 from process import say
@@ -82,13 +84,21 @@ init_from = "gpt2"            # the pretrained model: a train.py run dir (its be
                               # 'gpt2', 'gpt2-medium', ... or a local Hugging Face dir
 out_dir = "out-finetune"      # best.pt and log.jsonl go here
 # data
-data = ""                     # a hub dataset ('nyu-mll/glue'), a folder of train/val/test files, or one file
+data = ""                     # a hub dataset ('nyu-mll/glue'), a folder of train/val/test files, one file
+                              # (train), or a file per split: train=sts-train.csv,val=sts-dev.csv,test=sts-test.csv
 data_config = ""              # the hub dataset's configuration ('sst2', 'rte', 'stsb'); "" = none
+header = True                 # csv/tsv: the first row names the columns; False = no header row: name the
+                              # columns by number from 0 (--text_fields=5,6 --label_field=4)
+delimiter = "auto"            # csv/tsv: 'auto' (a tab if the first line has more tabs than commas) | ',' | 'tab' | ...
 task = "classification"       # 'classification' | 'entailment' | 'similarity' | 'multiple_choice'
 text_fields = "sentence"      # comma-separated: the text (classification), the two texts (entailment,
-                              # similarity), or the context (multiple_choice)
+                              # similarity), or the context (multiple_choice: one or more fields, joined)
+context_separator = " "       # multiple_choice: put between context fields (Story Cloze's four sentences)
 choice_fields = ""            # multiple_choice: one field holding a list of answers, or one field per answer
-label_field = "label"         # a class name or id; a number with regression; a choice index (0-based)
+label_field = "label"         # a class name or id; a number with regression; multiple_choice: the right
+                              # choice's number, counted from label_base
+label_base = 0                # multiple_choice: the number of the first choice: 0, or 1 for labels 1..k
+                              # (Story Cloze's AnswerRightEnding is 1 or 2)
 regression = False            # a real-valued label: one output, squared error, Pearson and Spearman
 val_fraction = 0.1            # carved off train (with the seed) when the data has no val split
 max_len = 0                   # tokens per sequence, task tokens included; 0 = the model's block_size
@@ -97,28 +107,28 @@ lm_coef = 0.5                 # lambda: L = task loss + lm_coef * LM loss; 0 tur
 head_dropout = 0.1            # "dropout to the classifier with a rate of 0.1" (§4.1)
 dropout = 0.1                 # the transformer's own dropouts while fine-tuning (GPT-1 kept its 0.1)
 # LoRA (Hu et al. 2021); lora_rank = 0 fine-tunes every weight
-lora_rank = 0
+lora_rank = 0                 # the adapters' rank, e.g. 8; 0 = full fine-tuning
 lora_alpha = 16.0             # the update is scaled by alpha / rank
 lora_dropout = 0.0            # dropout on the adapters' input
 lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # any of these projections
 # optimizer: AdamW, linear warmup then linear decay to 0
 batch_size = 32               # examples per optimizer step, over all processes
 micro_batch_size = 32         # examples per forward pass per process: lower it if memory runs out
-epochs = 3
+epochs = 3                    # passes over train (GPT-1: 3)
 max_iters = 0                 # optimizer steps; 0 = epochs x steps per epoch
-learning_rate = 6.25e-5
+learning_rate = 6.25e-5       # GPT-1's, for 117M parameters; smaller models want more (docs/finetune.md)
 warmup_frac = 0.002           # the fraction of all steps spent warming up (GPT-1: 0.2%)
 weight_decay = 0.01           # on matrices and embeddings only
-beta1 = 0.9
-beta2 = 0.999
-eps = 1e-8
+beta1 = 0.9                   # AdamW's moment decay rates and epsilon
+beta2 = 0.999                 # (Adam's defaults, which GPT-1 used)
+eps = 1e-8                    # added to the second moment's root
 grad_clip = 1.0               # 0 = off
 # evaluation and early stopping
 eval_interval = 200           # steps between val evaluations (and one at the end)
 patience = 0                  # stop after this many evaluations without a better val metric; 0 = off
 metric = "auto"               # 'accuracy' | 'f1' | 'mcc' | 'pearson' | 'spearman' | 'loss'; auto =
                               # accuracy, or pearson with regression
-log_interval = 10
+log_interval = 10             # steps between log lines
 # prediction and merging: either one runs on out_dir's best.pt (or ckpt) instead of training
 ckpt = "best"                 # 'best' | 'last' | a file name in out_dir | a .pt path
 predict = ""                  # a jsonl of inputs (the same fields) to label
@@ -127,10 +137,10 @@ merge = ""                    # write a standalone checkpoint (LoRA folded in) t
 # system
 device = "auto"               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"                # 'float32' | 'bfloat16' | 'float16'; auto = bfloat16 on GPUs that have it
-seed = 1337
+seed = 1337                   # the head's and task tokens' init, the val carve-out, the batch order
 # --------------------------------------------------------------------------------------------------
 
-TASKS = {"classification": 1, "entailment": 2, "similarity": 2, "multiple_choice": 1}  # text fields
+TASKS = {"classification": 1, "entailment": 2, "similarity": 2, "multiple_choice": 1}  # texts per input
 SPECIAL = ("<|start|>", "<|delim|>", "<|extract|>")
 VAL_NAMES = ("validation", "val", "dev", "valid")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
@@ -352,46 +362,29 @@ def merged_state(model, state):
 # ---- data ----------------------------------------------------------------------------------------
 
 def load_splits(data, data_config, label_field):
-    """{split: list of row dicts} for train, val and test (those present), through datasets.load_dataset:
-    a hub name, a folder of split files, or one file. Class ids of a hub ClassLabel become its names
-    (-1, GLUE's unlabelled test rows, becomes None). Returns (splits, class names or None)."""
-    import datasets  # imported only here: ~2 s, and not needed to predict or merge
+    """{split: list of row dicts} for train, val and test (those present): a hub dataset through
+    datasets.load_dataset, or local files read here (so a bad file names its line). Each row carries
+    "__row__", where it is in its file ("data/train.csv line 7"), for error messages. Class ids of a hub
+    ClassLabel become its names (-1, GLUE's unlabelled test rows, becomes None). Returns (splits, class
+    names or None)."""
+    files = split_files(data)
+    if files is not None:
+        splits = {split: read_rows(f) for split, f in files.items()}
+        for split, rows in splits.items():
+            if not rows:
+                raise UserError(f"the {split} split is empty ({files[split]}); give it some rows (or drop the file)")
+        return splits, None
+    import datasets  # imported only here: ~2 s, and not needed to predict, merge or read local files
     datasets.disable_progress_bars()
-    files = None
-    if os.path.isdir(data):
-        files = {}
-        for f in sorted(os.listdir(data)):
-            stem, ext = os.path.splitext(f)
-            split = "train" if stem == "train" else "val" if stem in VAL_NAMES else "test" if stem == "test" else None
-            if split and ext in EXTENSIONS:
-                if split in files:
-                    raise UserError(f"{data}/ has two {split} files ({os.path.basename(files[split])}, {f}); keep one")
-                files[split] = os.path.join(data, f)
-        if "train" not in files:
-            raise UserError(f"{data}/ has no train file; name them train, val (or validation, dev) and test, "
-                            f"each .jsonl, .json, .csv or .tsv")
-    elif os.path.isfile(data):
-        files = {"train": data}
+    offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline:  # datasets retries for half a minute, a line per try; a cache needs HF_HUB_OFFLINE=1
+        check_hub(f"--data={data!r} is a dataset on the hub; pass local files instead (--data=FOLDER, FILE, or "
+                  f"train=FILE,val=FILE), or set HF_HUB_OFFLINE=1 to read a copy datasets has cached")
     try:
-        if files is None:  # a dataset on the Hugging Face hub
-            ds = datasets.load_dataset(data, data_config or None)
-            ds = {("val" if k in VAL_NAMES else k): v for k, v in ds.items()}
-        else:
-            exts = {os.path.splitext(f)[1] for f in files.values()}
-            if len(exts) > 1 or not exts <= set(EXTENSIONS):
-                raise UserError(f"data files must share one format of {', '.join(EXTENSIONS)}: got {sorted(files.values())}")
-            ext = exts.pop()
-            for split, f in files.items():  # datasets fails on an empty file with a confusing message
-                with open(f, encoding="utf-8") as fh:
-                    if sum(1 for line in fh if line.strip()) <= (ext in (".csv", ".tsv")):  # a header only
-                        raise UserError(f"the {split} split is empty ({f}); give it some rows (or drop the file)")
-            # tsv (GLUE's format) is unquoted: a quote character is text. Empty cells stay "" (not NaN)
-            kw = dict(delimiter="\t", quoting=3) if ext == ".tsv" else {}
-            ds = datasets.load_dataset("json", data_files=files) if ext in (".jsonl", ".json") else \
-                datasets.load_dataset("csv", data_files=files, keep_default_na=False, **kw)
-    except UserError:
-        raise
-    except Exception as e:  # offline, a typo in the name, a malformed file: one line, not a traceback
+        ds = datasets.load_dataset(data, data_config or None)
+        ds = {("val" if k in VAL_NAMES else k): v for k, v in ds.items()}
+    except Exception as e:  # offline, a typo in the name: one line, not a traceback
         raise UserError(f"cannot load data={data!r} data_config={data_config!r}: {type(e).__name__}: "
                         f"{' '.join(str(e).split())[:300]}")
     names = None
@@ -402,12 +395,117 @@ def load_splits(data, data_config, label_field):
     for split in ("train", "val", "test"):
         if split in ds:
             rows = ds[split].to_list()
-            if names:
-                for r in rows:
+            for i, r in enumerate(rows):
+                r["__row__"] = f"{data} {split} row {i + 1}"
+                if names:
                     v = r.get(label_field)
                     r[label_field] = names[v] if isinstance(v, int) and 0 <= v < len(names) else None
             splits[split] = rows
     return splits, names
+
+
+def split_files(data):
+    """{split: local file} that data names (a folder of train/val/test files, one file, or
+    split=file pairs), or None for a hub dataset."""
+    if "=" in data:
+        files = {}
+        for pair in split_names(data):
+            split, _, path = pair.partition("=")
+            split = "val" if split in VAL_NAMES else split
+            if split not in ("train", "val", "test") or not path:
+                raise UserError(f"data={data!r}: each file is given as train=PATH, val=PATH or test=PATH, "
+                                f"comma-separated; got {pair!r}")
+            if not os.path.isfile(path):
+                raise UserError(f"data={data!r}: no file {path}")
+            files[split] = path
+    elif os.path.isdir(data):
+        files = {}
+        for f in sorted(os.listdir(data)):
+            stem, ext = os.path.splitext(f)
+            split = "train" if stem == "train" else "val" if stem in VAL_NAMES else "test" if stem == "test" else None
+            if split and ext in EXTENSIONS:
+                if split in files:
+                    raise UserError(f"{data}/ has two {split} files ({os.path.basename(files[split])}, {f}); keep one")
+                files[split] = os.path.join(data, f)
+        if "train" not in files:
+            raise UserError(f"{data}/ has no train file; name them train, val (or validation, dev) and test, "
+                            f"each .jsonl, .json, .csv or .tsv, or name each file: --data=train=A.csv,val=B.csv")
+    elif os.path.isfile(data):
+        files = {"train": data}
+    else:
+        return None
+    if "train" not in files:
+        raise UserError(f"data={data!r} names no train file")
+    return files
+
+
+def read_rows(path):
+    """The rows of one local file as dicts, each with its "__row__". .jsonl/.json: JSON lines (or one
+    JSON list); anything else is a table (csv, tsv, GLUE's and STS-B's files): the delimiter as set, or
+    by the first line; tab-separated files unquoted (GLUE's format: a quote character is text); with
+    header=False the columns are named "0", "1", ... Empty cells stay "" (missing)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
+    name = path
+    if path.endswith((".jsonl", ".json")):
+        if text.lstrip().startswith("["):
+            try:
+                items = json.loads(text)
+            except ValueError as e:
+                raise UserError(f"{name} is not a JSON list ({e})") from None
+            where = [f"{name} item {i + 1}" for i in range(len(items))]
+        else:
+            items, where = [], []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line))
+                    except ValueError as e:
+                        raise UserError(f"{name} line {n} is not JSON ({e}); give one JSON object per line") from None
+                    where.append(f"{name} line {n}")
+        for w, r in zip(where, items):
+            if not isinstance(r, dict):
+                raise UserError(f"{w} is {type(r).__name__}, not an object of fields")
+        return [{**r, "__row__": w} for w, r in zip(where, items)]
+    first = text.split("\n", 1)[0]
+    d = {"auto": "\t" if path.endswith(".tsv") or first.count("\t") > first.count(",") else ",",
+         "tab": "\t", "\\t": "\t"}.get(delimiter, delimiter)
+    if len(d) != 1:
+        raise UserError(f"delimiter={delimiter!r} must be one character, 'tab' or 'auto'")
+    reader = csv.reader(io.StringIO(text), delimiter=d, quoting=csv.QUOTE_NONE if d == "\t" else csv.QUOTE_MINIMAL)
+    try:
+        table = [(reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)]
+    except csv.Error as e:
+        raise UserError(f"{name} line {reader.line_num} is not valid csv ({e})") from None
+    if not table:
+        return []
+    if header:
+        (_, names), table = table[0], table[1:]
+    else:
+        names = [str(i) for i in range(max(len(cells) for _, cells in table))]
+    return [{**dict(zip(names, cells)), "__row__": f"{name} line {n}"} for n, cells in table]
+
+
+def fields_of(r):
+    return ", ".join(repr(str(k)) for k in r if k != "__row__")
+
+
+def check_fields(rows, spec, split):
+    """The named fields exist in the first row; if not, say which there are, and that a header row
+    that looks like data means header=False."""
+    r = rows[0]
+    for kind, names in (("text_fields", spec["text_fields"]), ("choice_fields", spec["choice_fields"]),
+                        ("label_field", [spec["label_field"]])):
+        for f in names:
+            if f not in r:
+                where = r.get("__row__", f"{split} row 1")
+                hint = ("; if that first row is data, the file has no header row: pass --header=False and name "
+                        "the columns by number from 0 (e.g. --text_fields=5,6 --label_field=4)") \
+                    if header and where.endswith(" line 2") else ""
+                raise UserError(f"{where}: no field {f!r} for --{kind} (the fields are {fields_of(r)}){hint}")
 
 
 def label_names(rows, field):
@@ -420,64 +518,80 @@ def label_names(rows, field):
     return sorted({str(r[field]) for r in rows if not missing(r.get(field))}, key=number_first)
 
 
+def is_number(s):
+    try:
+        return math.isfinite(float(s))
+    except ValueError:
+        return False
+
+
 def missing(v):
     return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
 
 
 def make_examples(rows, spec, tok, split, need_labels):
     """Rows -> examples {"seqs": token sequences, "y": label id / value / choice index or None}.
-    Returns (examples, inputs cut to fit max_len, tokens cut). Bad rows are a UserError naming them."""
+    Returns (examples, inputs cut to fit max_len, tokens cut). Bad rows are a UserError naming them
+    as they are in their file. multiple_choice joins its context fields with context_separator."""
     if not rows:
         raise UserError(f"the {split} split is empty; give it some rows (or drop the file)")
+    mc = spec["task"] == "multiple_choice"
     texts, counts = [], []
     for i, r in enumerate(rows):
+        where = r.get("__row__", f"{split} row {i + 1}")
+        parts = []
         for f in spec["text_fields"]:
             if r.get(f) is None:
-                raise UserError(f"{split} row {i + 1} has no field '{f}' (its fields: {', '.join(map(str, r))}); "
-                                f"set --text_fields")
-            texts.append(str(r[f]))
+                raise UserError(f"{where} has no field '{f}' (its fields: {fields_of(r)}); set --text_fields")
+            parts.append(str(r[f]))
+        texts += [spec.get("context_separator", " ").join(parts)] if mc else parts
         choices = []
-        if spec["task"] == "multiple_choice":
+        if mc:
             cf = spec["choice_fields"]
             for f in cf:
                 if f not in r:
-                    raise UserError(f"{split} row {i + 1} has no field '{f}'; set --choice_fields")
+                    raise UserError(f"{where} has no field '{f}' (its fields: {fields_of(r)}); set --choice_fields")
             choices = list(r[cf[0]]) if len(cf) == 1 and isinstance(r[cf[0]], (list, tuple)) else [r[f] for f in cf]
             if len(choices) != spec["n_choices"]:
-                raise UserError(f"items with different numbers of choices: {split} row {i + 1} has {len(choices)}, "
+                raise UserError(f"items with different numbers of choices: {where} has {len(choices)}, "
                                 f"others {spec['n_choices']}; every item needs the same number")
             texts += [str(c) for c in choices]
-        counts.append(len(spec["text_fields"]) + len(choices))
+        counts.append(len(texts) - sum(counts))
     ids = tok.encode_batch(texts)  # special-token text in the data stays ordinary text
     examples, n_cut, tokens_cut, k = [], 0, 0, 0
+    nt = 1 if mc else len(spec["text_fields"])
     for i, r in enumerate(rows):
         pieces, k = ids[k:k + counts[i]], k + counts[i]
-        nt = len(spec["text_fields"])
         seqs, cut = transform(spec["task"], pieces[:nt], pieces[nt:], spec["special"], spec["max_len"])
         n_cut, tokens_cut = n_cut + (cut > 0), tokens_cut + cut
-        examples.append({"seqs": seqs, "y": label_of(r, i, spec, split, need_labels)})
+        examples.append({"seqs": seqs, "y": label_of(r, r.get("__row__", f"{split} row {i + 1}"), spec, need_labels)})
     return examples, n_cut, tokens_cut
 
 
-def label_of(r, i, spec, split, need_labels):
+def label_of(r, where, spec, need_labels):
     v = r.get(spec["label_field"])
     if missing(v):
         if need_labels:
-            raise UserError(f"{split} row {i + 1} has no label field '{spec['label_field']}' (its fields: "
-                            f"{', '.join(map(str, r))}); set --label_field")
+            raise UserError(f"{where} has no label field '{spec['label_field']}' (its fields: {fields_of(r)}); "
+                            f"set --label_field")
         return None
     if spec["regression"]:
         try:
             return float(v)
         except (TypeError, ValueError):
-            raise UserError(f"{split} row {i + 1}: label {v!r} is not a number, as regression needs") from None
+            raise UserError(f"{where}: label {v!r} is not a number, as regression needs") from None
     if spec["task"] == "multiple_choice":
-        if isinstance(v, bool) or not str(v).isdigit() or int(v) >= spec["n_choices"]:
-            raise UserError(f"{split} row {i + 1}: label {v!r} is not a choice index 0..{spec['n_choices'] - 1}")
-        return int(v)
+        base, n = spec.get("label_base", 0), spec["n_choices"]
+        if isinstance(v, bool) or not str(v).strip().isdigit() or not base <= int(v) < base + n:
+            raise UserError(f"{where}: label {v!r} is not a choice number {base}..{base + n - 1}: labels count the "
+                            f"choices from label_base={base}" + ("; if yours count from 1, pass --label_base=1"
+                                                                  if base == 0 else ""))
+        return int(v) - base
     if str(v) not in spec["labels"]:
-        raise UserError(f"{split} row {i + 1}: label {str(v)!r} never occurs in training (labels: "
-                        f"{', '.join(spec['labels'])}); fix the row or the label field")
+        shown = ", ".join(spec["labels"][:10]) + (f", ... ({len(spec['labels'])} in all)" if len(spec["labels"]) > 10
+                                                   else "")
+        raise UserError(f"{where}: label {str(v)!r} never occurs in training (labels: {shown}); fix the row or "
+                        f"the label field")
     return spec["labels"].index(str(v))
 
 
@@ -577,6 +691,9 @@ def split_names(s):
 
 def run_merge(path):
     """Write the fine-tuned model at path as one standalone checkpoint to `merge` (LoRA folded in)."""
+    if os.path.isdir(merge):
+        raise UserError(f"--merge={merge} is a folder; name the checkpoint file to write, e.g. "
+                        f"--merge={os.path.join(merge, 'merged.pt')}")
     model, _, spec, state = load_finetuned(path)
     if spec["lora"]:
         state = merged_state(model, state)
@@ -640,15 +757,18 @@ def load_task(max_len, base):
     labels again (fields, label names, number of choices, max_len, LoRA settings, the base). With no
     val split, val_fraction of train is carved off with the seed: the same rows every run."""
     fields, cfields = split_names(text_fields), split_names(choice_fields)
-    if len(fields) != TASKS[task]:
+    if len(fields) != TASKS[task] and not (task == "multiple_choice" and fields):
         raise UserError(f"task={task} reads {TASKS[task]} text field(s), got text_fields={text_fields!r}")
+    if label_base not in (0, 1) or (label_base and task != "multiple_choice"):
+        raise UserError(f"label_base={label_base}: multiple_choice labels count the choices from 0 or from 1; "
+                        f"other tasks' labels are class names")
     if (task == "multiple_choice") != bool(cfields):
         raise UserError("choice_fields names the answers of a multiple_choice task, and only of one")
     splits, class_names = load_splits(data, data_config, label_field)
     if "train" not in splits:
         raise UserError(f"data={data!r} has no train split (it has {', '.join(splits) or 'none'})")
     if "val" not in splits:
-        rows = splits["train"][:]
+        rows = splits["train"][:]  # each keeps its "__row__", so errors still name its line in the file
         random.Random(seed).shuffle(rows)
         n_val = max(1, round(val_fraction * len(rows)))
         if not 0 < val_fraction < 1 or len(rows) - n_val < 1:
@@ -658,10 +778,17 @@ def load_task(max_len, base):
         say(f"no val split: {n_val} of the {len(rows)} train rows carved off as val (seed {seed})")
     spec = {"task": task, "text_fields": fields, "choice_fields": cfields, "label_field": label_field,
             "regression": regression, "max_len": max_len, "labels": None, "n_choices": None,
+            "context_separator": context_separator, "label_base": label_base,
             "lora": dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=split_names(lora_targets))
             if lora_rank else None, "base": base}
+    check_fields(splits["train"], spec, "train")
     if not regression and task != "multiple_choice":
         spec["labels"] = class_names or label_names(splits["train"], label_field)
+        numbers = [float(x) for x in spec["labels"] if is_number(x)]
+        if not class_names and len(numbers) == len(spec["labels"]) > 1 and \
+                (len(numbers) > 20 or any(x != int(x) for x in numbers)):
+            raise UserError(f"'{label_field}' holds {len(numbers)} distinct numbers ({', '.join(spec['labels'][:5])}, "
+                            f"...), real values rather than classes: pass --regression=True")
         if len(spec["labels"]) < 2:
             raise UserError(f"train has {len(spec['labels'])} distinct label(s) in '{label_field}'; a classifier needs two")
     if task == "multiple_choice":

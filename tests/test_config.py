@@ -56,3 +56,31 @@ def test_help_lists_keys(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--batch_size=12" in out and "_private" not in out and "VERSION" not in out
+
+
+@pytest.mark.parametrize("name", ["train", "sample", "finetune", "eval", "export", "serve", "prepare"])
+def test_help_shows_each_settings_description(name, capsys):
+    """--help prints each setting beside the comment the script's source gives it (with the comment's
+    indented continuation lines)."""
+    import importlib
+    import os
+    from configurator import descriptions
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as e:
+        configure(vars(module), ["--help"])
+    settings = vars(module)["__settings__"]
+    said = {k: v for k, v in descriptions(module.__file__).items() if k in settings}
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    lines = out.split("settings (override with a config file and/or --key=value):")[1].splitlines()
+    assert said and len(said) >= len(lines) // 2
+    for key, text in said.items():
+        at = next(i for i, line in enumerate(lines) if line.strip().startswith(f"--{key}="))
+        assert text in " ".join(lines[at:at + 2]), (key, text)
+    if name in ("finetune", "eval", "export"):  # these scripts describe every setting
+        assert set(said) == set(settings), set(settings) - set(said)
+    assert os.path.basename(module.__file__) == f"{name}.py"
+    # a continuation line joins its setting's description
+    if name == "finetune":
+        assert said["header"].endswith("False = no header row: name the columns by number from 0 "
+                                       "(--text_fields=5,6 --label_field=4)")

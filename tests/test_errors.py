@@ -58,6 +58,8 @@ def setup_cases(d):
     (half / "command.txt").write_text("python prepare.py --input=corpus/*.txt --name=half\n")
 
 
+# a hub that refuses connections, as an offline machine's does (never a faked download)
+REFUSING_HUB = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
 # (script, flags, extra env, what the one line must say)
 CASES = [
     ("sample.py", ["--model=out-base", "--temperature=-1"], {}, "need temperature >= 0"),
@@ -65,6 +67,9 @@ CASES = [
     ("sample.py", ["--model=out-base", "--top_p=1.5"], {}, "top_p None or in (0, 1]"),
     ("sample.py", ["--model=out-base", "--max_new_tokens=0"], {}, "max_new_tokens=0 must be at least 1"),
     ("sample.py", ["--model=gpt2"], {"HF_HUB_OFFLINE": "1"}, "could not download gpt2"),
+    ("sample.py", ["--model=gpt2"], REFUSING_HUB, "could not download gpt2"),
+    ("finetune.py", ["--data=a_file", "--device=cpu"], REFUSING_HUB, "init_from='gpt2': could not download gpt2"),
+    ("sample.py", ["--model=a_file"], {}, "cannot read checkpoint a_file: it is not a checkpoint, not a file torch.save wrote"),
     ("sample.py", ["--model=llama_dir"], {}, "holds a llama model; only GPT-2"),
     ("sample.py", ["--model=nohf"], {}, "no model.safetensors or pytorch_model.bin in nohf"),
     ("sample.py", ["--model=out-base", "--ckpt=ckpt_999999.pt"], {}, "checkpoint ckpt_999999.pt is neither in out-base/"),

@@ -12,6 +12,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -236,6 +237,13 @@ def test_bad_input_is_one_line(workdir, tok, tmp_path, monkeypatch):
                        text=True, timeout=120)
     assert "could not load Rowan/hellaswag (validation) from the Hugging Face hub" in error_line(p)
     assert "pass --data=FILE.jsonl" in error_line(p) and p.stdout == ""
+    # a hub that refuses connections: one line within seconds, not half a minute of "Retrying in 8s"
+    t0 = time.time()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--model={ckpt}", "--task=hellaswag"],
+                       env={**ENV, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"},
+                       capture_output=True, text=True, timeout=120)
+    assert "cannot reach the Hugging Face hub at 127.0.0.1:9" in error_line(p) and time.time() - t0 < 20
+    (tmp_path / "table.csv").write_text("text,label\nsome words,1\n")
     cases = [(["--task=hellaswagg"], "task='hellaswagg' is not one of"),
              (["--task=mc"], "task=mc needs --data=FILE.jsonl"),
              (["--task=mc", "--data=bad.jsonl"], "bad.jsonl line 1: an item is"),
@@ -243,13 +251,14 @@ def test_bad_input_is_one_line(workdir, tok, tmp_path, monkeypatch):
              (["--window=64"], "window=64 is longer than the model's context 32"),
              (["--stride=40", "--window=32"], "stride=40 is larger than the window 32"),
              (["--data=nothing*.txt"], "matches no file"),
+             (["--data=table.csv"], "task=ppl scores documents from .txt, .jsonl or .parquet files, not a table"),
              ([], "this model has no run settings naming its dataset"),
              (["--model=nowhere"], "no model at 'nowhere': --model takes a run directory")]
     for flags, message in cases:
         with pytest.raises(SystemExit) as e:
             run(ev.main, [f"--model={ckpt}", *flags])
         assert str(e.value.code).startswith("error: ") and message in str(e.value.code), (flags, e.value.code)
-    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "m.pt"]  # no results file from a failed run
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "m.pt", "table.csv"]  # no results file from a failed run
 
 
 def test_scores_under_bf16_autocast_equal_float32(monkeypatch):

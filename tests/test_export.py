@@ -188,7 +188,7 @@ def test_push_dry_run_lists_files_offline_and_errors_are_one_line(workdir, run_d
            "--check=False", "--push_to_hub=someone/tiny-gpt"]
     p = subprocess.run([*cmd, "--dry_run=True"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert "dry run: would upload 7 files" in p.stdout
+    assert "dry run: nothing written; would write 7 files to push-hf/ and upload them" in p.stdout
     assert "https://huggingface.co/someone/tiny-gpt (private)" in p.stdout
     for f in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "tokenizer.bpe"):
         assert f"  {f}\n" in p.stdout
@@ -245,3 +245,59 @@ def test_task_head_and_refusals(tok, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             run(export.main, flags)
         assert str(e.value.code).startswith("error: ") and message in str(e.value.code), (flags, e.value.code)
+
+
+def test_a_fine_tuned_run_and_its_merge_export_round_trip_and_publish_no_local_path(tok, tmp_path, capsys):
+    """finetune.py's log ends with a {"final": ...} record; its run, its merged.pt (beside the run or
+    inside it) export and load back with transformers; the card names the task data and the test score;
+    eval results of other checkpoints and local files stay out of the hub metadata; and no file of the
+    export names a folder of this machine."""
+    import random
+    import tempfile
+    import yaml
+    import eval as ev
+    import finetune
+    base = save_checkpoint(GPT(GPTConfig.preset("gpt2", n_layer=1, n_head=2, n_embd=32, block_size=32,
+                                                vocab_size=tok.vocab_size)), tok, tmp_path / "base.pt")
+    r = random.Random(0)
+    for split, n in (("train", 32), ("val", 8), ("test", 8)):
+        rows = [{"text": "".join(r.choice("abc") for _ in range(5)), "label": r.choice(["yes", "no"])} for _ in range(n)]
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    common = ["--device=cpu", "--dtype=float32", f"--init_from={base}", f"--data={tmp_path / 'data'}",
+              "--text_fields=text", "--max_iters=2", "--batch_size=8", "--micro_batch_size=8", "--eval_interval=1"]
+    full, lora_run = tmp_path / "ft", tmp_path / "ft-lora"
+    finetune.main([*common, f"--out_dir={full}"])
+    finetune.main([*common, f"--out_dir={lora_run}", "--lora_rank=2"])
+    finetune.main([f"--out_dir={lora_run}", f"--merge={lora_run / 'merged.pt'}", "--device=cpu"])
+    (tmp_path / "notes.txt").write_text("abc abc cab\n")
+    ev.main([f"--model={full}", f"--data={tmp_path / 'notes.txt'}", "--device=cpu"])  # a local file: the table only
+    ev.main([f"--model={base}", f"--data={tmp_path / 'notes.txt'}", "--device=cpu",  # another checkpoint
+             f"--out={full / 'eval_other.json'}"])
+    capsys.readouterr()
+    for source, dest in ((full, "hf-full"), (lora_run / "merged.pt", "hf-merged")):
+        export.main([f"--model={source}", f"--hf_dir={tmp_path / dest}"])  # check=True: transformers loads it
+        assert "check: transformers' GPT2LMHeadModel and AutoTokenizer load" in capsys.readouterr().out
+    text = (tmp_path / "hf-full" / "README.md").read_text()
+    final = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()][-1]["final"]
+    assert "Fine-tuned for `classification` on `data`" in text and "No data card" not in text
+    assert f"test (log.jsonl): loss {final['test']['loss']:.4f}, accuracy {final['test']['accuracy']:.4f}" in text
+    assert "| ppl | local file notes.txt |" in text and "the tied embedding and head once" in text
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert "model-index" not in front  # a local file is no benchmark, and eval_other scored base.pt
+    # nothing that names this machine: the repository, the home folder, the temporary folder
+    for d in ("hf-full", "hf-merged"):
+        for f in (tmp_path / d).iterdir():
+            content = f.read_bytes()
+            for local in (ROOT, os.path.expanduser("~") + "/", tempfile.gettempdir() + "/", str(tmp_path)):
+                assert local.encode() not in content, (f, local)
+    meta = json.loads((tmp_path / "hf-merged" / "classifier_head.json").read_text())
+    assert meta["finetune"]["merged_from"] == "base.pt"
+    # a dry run changes nothing, and says what it would write and upload
+    before = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "hf-full").iterdir()}
+    export.main([f"--model={full}", f"--hf_dir={tmp_path / 'hf-full'}", "--push_to_hub=me/ft", "--dry_run=True",
+                 "--license_id=mit"])
+    assert "dry run: nothing written" in capsys.readouterr().out
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "hf-full").iterdir()} == before
+    export.main([f"--model={full}", f"--hf_dir={tmp_path / 'hf-dry'}", "--push_to_hub=me/ft", "--dry_run=True"])
+    assert not (tmp_path / "hf-dry").exists()

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -412,6 +413,7 @@ def test_hub_datasets_go_through_load_dataset_with_class_names(tmp_path, monkeyp
     def offline(name, config=None, **kw):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no probe of the hub: load_dataset is the fake below
     monkeypatch.setattr(datasets, "load_dataset", offline)
     assert "cannot load data='nyu-mll/glue' data_config='sst2': ConnectionError: Couldn't reach" in one_line_error(
         capsys, f"--out_dir={tmp_path / 'out-offline'}", "--data=nyu-mll/glue", "--data_config=sst2",
@@ -438,18 +440,18 @@ def test_bad_input_is_one_line_naming_the_row(tmp_path, capsys):
         return one_line_error(capsys, *args, f"--out_dir={tmp_path / ('out-' + name)}", f"--data={d}",
                               "--task=entailment", "--text_fields=premise,hypothesis", *extra)
 
-    assert "train row 3 has no label field 'label'" in case(
+    assert "train.jsonl line 3 has no label field 'label'" in case(
         "nolabel", good[:2] + [{"premise": "a", "hypothesis": "b"}] + good[3:], good)
-    assert "val row 2: label 'maybe' never occurs in training (labels: no, yes)" in case(
+    assert "val.jsonl line 2: label 'maybe' never occurs in training (labels: no, yes)" in case(
         "unseen", good, [good[0], {**good[1], "label": "maybe"}])
     assert "the val split is empty" in case("empty", good, [])
-    assert "train row 2 has no field 'hypothesis'" in case(
+    assert "train.jsonl line 2 has no field 'hypothesis'" in case(
         "nofield", good[:1] + [{"premise": "ab", "label": "yes"}] + good[2:], good)
     mc = [{"q": "a", "options": ["a", "b"], "label": 0}] * 4 + [{"q": "a", "options": ["a", "b", "c"], "label": 0}] * 4
     d = tmp_path / "mc"
     write(d / "train.jsonl", mc, "jsonl")
     write(d / "val.jsonl", mc, "jsonl")
-    assert "items with different numbers of choices: train row 5 has 3, others 2" in one_line_error(
+    assert "mc/train.jsonl line 5 has 3, others 2" in one_line_error(
         capsys, *args, f"--out_dir={tmp_path / 'out-mc'}", f"--data={d}", "--task=multiple_choice",
         "--text_fields=q", "--choice_fields=options")
     # prediction and merging need a fine-tuned model, and say so
@@ -514,3 +516,88 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert one[-1]["loss"] < one[0]["loss"] - 0.3  # and they trained
     final = {k: logs[k][-1]["final"] for k in logs}
     assert final["one"]["val"] == pytest.approx(final["two"]["val"], rel=1e-4)
+
+
+# ---- raw files as their benchmarks ship them -------------------------------------------------------------
+
+STORY_CLOZE = ["InputStoryid", "InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
+               "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2", "AnswerRightEnding"]
+
+
+def test_story_cloze_csv_fine_tunes_with_flags_alone(tmp_path, capsys):
+    """Story Cloze's csv: four context sentences, two endings, and the right one numbered 1 or 2."""
+    r = random.Random(0)
+    path = tmp_path / "cloze_test_val__spring2016.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(STORY_CLOZE)
+        for i in range(48):
+            c = r.choice(LETTERS)
+            right, wrong = c + "e", r.choice([x for x in LETTERS if x != c]) + "e"
+            k = r.randint(1, 2)
+            w.writerow([f"id-{i}", f"{c}b, c.", "d", "e", "f"] + ([right, wrong] if k == 1 else [wrong, right]) + [k])
+    flags = [f"--init_from={write_base(tmp_path / 'base.pt')}", f"--data={path}", "--task=multiple_choice",
+             "--text_fields=InputSentence1,InputSentence2,InputSentence3,InputSentence4",
+             "--choice_fields=RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2", "--label_field=AnswerRightEnding",
+             "--max_iters=2", "--batch_size=8", "--micro_batch_size=8"]
+    # without label_base=1 a 2 is no choice of two: the message says how labels count, and names the line
+    message = one_line_error(capsys, *flags, f"--out_dir={tmp_path / 'out0'}")
+    n = int(re.search(r"cloze_test_val__spring2016.csv line (\d+): label '2' is not a choice number 0..1", message)[1])
+    assert path.read_text().splitlines()[n - 1].endswith(",2")  # the line as it is in the file
+    assert "pass --label_base=1" in message
+    res = finetune_main(*flags, "--label_base=1", f"--out_dir={tmp_path / 'out'}")
+    assert 0 <= res["val"]["accuracy"] <= 1
+    model, tok, spec, _ = finetune.load_finetuned(str(tmp_path / "out/best.pt"))
+    assert spec["n_choices"] == 2 and spec["label_base"] == 1 and spec["context_separator"] == " "
+    row = dict(zip(STORY_CLOZE, ["x", "ab, c.", "d", "e", "f", "ge", "he", "2"]))
+    (ex,), _, _ = finetune.make_examples([row], spec, tok, "t", True)
+    s, d, e = spec["special"]
+    assert ex["y"] == 1 and ex["seqs"] == [[s, *tok.encode("ab, c. d e f"), d, *tok.encode(x), e] for x in ("ge", "he")]
+
+
+def sts_line(r, i, extra=False):
+    """A line of STS-B's sts-*.csv: genre, filename, year, id, score, sentence1, sentence2 (tab-separated,
+    no header, unquoted; a few lines carry more columns)."""
+    p, h = r.random() < 0.5, r.random() < 0.5
+    cells = ["main-captions", "MSRvid", "2012test", f"{i:04d}", f"{p + h + r.random() / 4:.3f}", text(r, "a" * p) + ' "q',
+             text(r, "a" * h)]
+    return "\t".join(cells + (["extra\tcolumns"] if extra else [])) + "\n"
+
+
+def test_sts_b_files_fine_tune_with_flags_alone(tmp_path, capsys):
+    r = random.Random(0)
+    d = tmp_path / "stsbenchmark"
+    d.mkdir()
+    for split, n in (("train", 64), ("dev", 16), ("test", 16)):
+        (d / f"sts-{split}.csv").write_text("".join(sts_line(r, i, extra=i % 10 == 3) for i in range(n)))
+    data = f"--data=train={d / 'sts-train.csv'},val={d / 'sts-dev.csv'},test={d / 'sts-test.csv'}"
+    flags = [f"--init_from={write_base(tmp_path / 'base.pt')}", data, "--task=similarity", "--max_iters=2",
+             "--batch_size=8", "--micro_batch_size=8"]
+    # the first line is data, not a header: the message says so
+    message = one_line_error(capsys, *flags, "--text_fields=5,6", "--label_field=4", f"--out_dir={tmp_path / 'o1'}")
+    assert "sts-train.csv line 2: no field '5' for --text_fields" in message and "--header=False" in message
+    message = one_line_error(capsys, *flags, "--text_fields=sentence1,sentence2", f"--out_dir={tmp_path / 'o2'}")
+    assert "no field 'sentence1' for --text_fields" in message and "--header=False" in message
+    # real-valued labels without --regression: one short line that says to use it
+    message = one_line_error(capsys, *flags, "--header=False", "--text_fields=5,6", "--label_field=4",
+                             f"--out_dir={tmp_path / 'o3'}")
+    assert "real values rather than classes: pass --regression=True" in message and len(message) < 300
+    res = finetune_main(*flags, "--header=False", "--text_fields=5,6", "--label_field=4", "--regression=True",
+                        f"--out_dir={tmp_path / 'out'}")
+    assert "pearson" in res["val"] and "pearson" in res["test"]
+    out = capsys.readouterr().out
+    assert "train: 64 examples" in out and "val: 16 examples" in out and "test: 16 examples" in out
+
+
+def test_a_tab_separated_csv_is_read_by_its_content_and_merge_needs_a_file(tmp_path, capsys):
+    path = tmp_path / "x.csv"  # named .csv, separated by tabs
+    r = random.Random(0)
+    path.write_text("text\tlabel\n" + "".join(f"{x['text']}\t{x['label']}\n" for x in
+                                               (classification(r) for _ in range(40))))
+    base = write_base(tmp_path / "base.pt")
+    res = finetune_main(f"--init_from={base}", f"--data={path}", "--text_fields=text", "--max_iters=2",
+                        "--batch_size=8", "--micro_batch_size=8", f"--out_dir={tmp_path / 'out'}")
+    assert "accuracy" in res["val"]
+    assert torch.load(tmp_path / "out/best.pt", weights_only=True)["finetune"]["labels"] == ["no", "yes"]
+    message = one_line_error(capsys, f"--out_dir={tmp_path / 'out'}", f"--merge={tmp_path}")
+    assert f"--merge={tmp_path} is a folder; name the checkpoint file to write" in message
