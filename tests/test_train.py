@@ -363,8 +363,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_ranks_on_separate_disks_are_caught(workdir, tmp_path):
-    """Multi-node without a shared filesystem: a rank whose data/ differs, or that cannot see the
-    checkpoint rank 0 resumes from, stops the run with one line instead of training on other data."""
+    """Multi-node without a shared filesystem: a rank whose data/ differs, or that sees other checkpoints
+    than rank 0 (it cannot see the one rank 0 resumes from, or rank 0 would start afresh beside a run),
+    stops the run with one line instead of training on other data."""
     (tmp_path / "per_rank.py").write_text(PER_RANK_DIR)
     for r in ("0", "1"):
         shutil.copytree(workdir / "data", tmp_path / r / "data")
@@ -377,7 +378,16 @@ def test_ranks_on_separate_disks_are_caught(workdir, tmp_path):
     train(tmp_path / "0", "--out_dir=out", "--max_iters=2", "--eval_interval=2")  # a run on node 0's disk only
     p = subprocess.run([*cmd, "--out_dir=out", "--init_from=resume", "--max_iters=4"], cwd=tmp_path, env=ENV,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and "error: rank 1 cannot see out/ckpt_000002.pt" in p.stderr, p.stderr[-2000:]
+    assert p.returncode != 0 and "error: rank 1 cannot see out/ckpt_000002.pt, which rank 0 sees" in p.stderr, \
+        p.stderr[-2000:]
+    # init_from=auto with rank 0 on the node without the checkpoints: refused, not a silent fresh start
+    shutil.move(tmp_path / "0" / "out", tmp_path / "1" / "out")
+    p = subprocess.run([*cmd, "--out_dir=out", "--init_from=auto", "--max_iters=4"], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and [line for line in p.stderr.splitlines() if "error:" in line] == [
+        "error: rank 1 sees out/ckpt_000002.pt, which rank 0 cannot see: out_dir must be on a filesystem every "
+        "node shares"], p.stderr[-2000:]
+    assert not (tmp_path / "0" / "out").exists()
 
 
 def test_muon_resume_is_exact_bit_for_bit(workdir):
