@@ -29,6 +29,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -83,6 +84,31 @@ def wait_for_rank0():
     read, or a checkpoint): no GPU collective is queued meanwhile, so NCCL's watchdog does not run."""
     if dist.is_initialized():
         dist.barrier(group=_cpu_group)
+
+
+def check_shared(path):
+    """Every rank must see the folder rank 0 writes (path, which exists on rank 0): rank 0 leaves a
+    fresh file in it and every rank looks for that file. Under torchrun across nodes a folder that is
+    not on a shared filesystem is then refused at the start, not when a rank reads it back."""
+    if not dist.is_initialized():
+        return
+    probe = os.path.join(path, ".shared_check")
+    token = [f"{socket.gethostname()} {os.getpid()} {time.time()}"]  # unique to this run's rank 0
+    if dist.get_rank() == 0:
+        with open(probe, "w") as f:
+            f.write(token[0])
+    dist.broadcast_object_list(token, src=0, group=_cpu_group)  # after rank 0's write
+    try:
+        with open(probe) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    try:
+        agree(None if seen else f"rank {dist.get_rank()} cannot see {path}/, where rank 0 writes: out_dir must "
+                                f"be on a filesystem every node shares")
+    finally:
+        if dist.get_rank() == 0:
+            os.remove(probe)
 
 
 def agree(problem):
