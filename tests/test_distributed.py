@@ -91,3 +91,35 @@ def test_fsdp_builds_one_process_initial_weights_and_saves_the_tied_matrix_once(
     assert one["transformer.h.1.mlp.c_proj.weight"].std() < 0.02  # GPT-2's scaled init, not a default one
     wte, head = fsdp["transformer.wte.weight"], fsdp["lm_head.weight"]
     assert wte.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+
+
+# rank 0's checkpoint writes take 3 s; every rank records when it leaves the wait for rank 0
+SLOW_SAVE = """
+import os, runpy, sys, time
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import checkpoint, process
+save_step, wait_for_rank0 = checkpoint.save_step, process.wait_for_rank0
+def slow(*args, **kwargs):
+    time.sleep(3)
+    return save_step(*args, **kwargs)
+def recorded():
+    wait_for_rank0()
+    open(f"saved_{os.environ['RANK']}.txt", "a").write(f"{time.time()}\\n")
+checkpoint.save_step, process.wait_for_rank0 = slow, recorded
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ranks_wait_on_the_cpu_until_rank_0_has_written(workdir, tmp_path):
+    """While rank 0 writes a checkpoint, rank 1 waits in the save (on the CPU group), not at the next
+    step's all-reduce (which under NCCL the watchdog would time): it leaves each save after rank 0 does."""
+    (tmp_path / "slow_save.py").write_text(SLOW_SAVE)
+    for r in (0, 1):
+        (workdir / f"saved_{r}.txt").unlink(missing_ok=True)
+    train(workdir, "--out_dir=out-slow-save", "--max_iters=2", "--eval_interval=1",
+          cmd=(*TORCHRUN, str(tmp_path / "slow_save.py"), TRAIN))
+    zero, one = ([float(t) for t in open(workdir / f"saved_{r}.txt")] for r in (0, 1))
+    assert len(zero) == len(one) == 3
+    assert all(b >= a - 0.5 for a, b in zip(zero, one)), (zero, one)  # rank 1 left after rank 0's 3 s write
+    assert all(b - a > 2.5 for a, b in zip(one, one[1:]))
