@@ -872,8 +872,9 @@ def main(argv=None):
     process.start(dev)
     if not data:
         raise UserError("no data: pass --data=a hub dataset name, a folder of train/val/test files, or a file")
-    if master and checkpoint.step_checkpoints(out_dir):
-        raise UserError(f"{out_dir}/ already holds checkpoints of another run; use a new --out_dir (or delete it)")
+    # rank 0's verdict reaches every rank: a refusal on rank 0 alone would leave the others in a collective
+    process.agree(f"{out_dir}/ already holds checkpoints of another run; use a new --out_dir (or delete it)"
+                  if master and checkpoint.step_checkpoints(out_dir) else None)
 
     # ---- the pretrained model, the task's data, and the model made ready for the task ---------------
     gpt, tok, where, base = load_base()
@@ -909,6 +910,8 @@ def main(argv=None):
                   find_unused_parameters=lm_coef == 0) if distributed else model
     if master:
         os.makedirs(out_dir, exist_ok=True)
+    process.check_shared(out_dir)  # every rank reads best.pt back at the end: refuse an unshared out_dir now
+    if master:
         log = process.Log(os.path.join(out_dir, "log.jsonl"), total)
         print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
         print(f"model: {where}, {tok.name} tokenizer + {', '.join(SPECIAL)} at ids {spec['special']}")
@@ -973,6 +976,8 @@ def main(argv=None):
                 if improved:
                     print(f"saved {save_finetuned(model, tok, spec, config, trainable, step, m)} (best val {goal} "
                           f"so far)", flush=True)
+            if improved:  # the others wait on the CPU, not in the next step's all-reduce (process.py)
+                process.wait_for_rank0()
             model.train()
             if patience and evals_since_best >= patience:
                 say(f"early stop at step {step}: {patience} evaluations without a better val {goal}")
@@ -983,8 +988,7 @@ def main(argv=None):
     opt_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                     if torch.is_tensor(t))
     peak, what = peak_memory(device_type)
-    if distributed:
-        dist.barrier()  # rank 0 has written best.pt
+    process.wait_for_rank0()  # rank 0 has written best.pt
     best_path = os.path.join(out_dir, "best.pt")
     model, _, _, state = load_finetuned(best_path)
     model.to(dev)

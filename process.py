@@ -14,16 +14,30 @@ collective while rank 0 alone writes a checkpoint (a 1.5B-parameter one with Ada
 a dataset download. 30 minutes (gloo's default, and PyTorch's for every other backend) covers those;
 a crashed rank does not wait for it, since torchrun stops the other workers within seconds, so the
 timeout only bounds a true hang.
+
+Waiting for rank 0. NCCL's watchdog times a collective from when it is queued on the GPU, not when
+it starts. So the ranks that rank 0 leaves behind while it writes a checkpoint must not queue the
+next step's all-reduce: they wait on a CPU (gloo) barrier instead (wait_for_rank0), whose timeout is
+TIMEOUT too, and meet NCCL only once rank 0 is back. The same CPU group carries train.py's stop vote.
+
+Refusals. A check that fails on one rank must end every rank (agree): a rank left waiting at the next
+collective would hang until TIMEOUT, on another node even past torchrun's notice of the failure.
 """
 import atexit
 import datetime
 import json
 import os
+import socket
+import sys
+import time
 
 import torch
 import torch.distributed as dist
 
+from configurator import UserError
+
 TIMEOUT = datetime.timedelta(minutes=30)
+_cpu_group = None  # a gloo group beside NCCL; None: the default group, which is gloo already
 
 
 def from_env():
@@ -37,10 +51,80 @@ def start(dev):
     device dev, and leave it at every exit, errors included. Nothing to do for a single process."""
     if "RANK" not in os.environ:
         return
+    global _cpu_group
     cuda = torch.device(dev).type == "cuda"
+    nodes_apart = int(os.environ.get("WORLD_SIZE", 1)) > int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if nodes_apart and "GLOO_SOCKET_IFNAME" not in os.environ and loopback_hostname():
+        say(f"warning: this host's name resolves to {loopback_hostname()}, so gloo (the CPU group that "
+            f"carries the stop vote and the checkpoint barrier) would listen on loopback, out of the other "
+            f"nodes' reach; set GLOO_SOCKET_IFNAME to the network interface (e.g. eth0)")
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=TIMEOUT,
                             device_id=torch.device(dev) if cuda else None)
     atexit.register(dist.destroy_process_group)
+    _cpu_group = dist.new_group(backend="gloo", timeout=TIMEOUT) if cuda else None
+
+
+def loopback_hostname():
+    """The loopback address this host's name resolves to (Debian and Ubuntu map it to 127.0.1.1 in
+    /etc/hosts), or None."""
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
+    return address if address.startswith("127.") else None
+
+
+def cpu_group():
+    """The gloo group for CPU values (None: the default group, when that is gloo)."""
+    return _cpu_group
+
+
+def wait_for_rank0():
+    """Every rank waits here, on the CPU, until rank 0 arrives (after writing a file the others will
+    read, or a checkpoint): no GPU collective is queued meanwhile, so NCCL's watchdog does not run."""
+    if dist.is_initialized():
+        dist.barrier(group=_cpu_group)
+
+
+def check_shared(path):
+    """Every rank must see the folder rank 0 writes (path, which exists on rank 0): rank 0 leaves a
+    fresh file in it and every rank looks for that file. Under torchrun across nodes a folder that is
+    not on a shared filesystem is then refused at the start, not when a rank reads it back."""
+    if not dist.is_initialized():
+        return
+    probe = os.path.join(path, ".shared_check")
+    token = [f"{socket.gethostname()} {os.getpid()} {time.time()}"]  # unique to this run's rank 0
+    if dist.get_rank() == 0:
+        with open(probe, "w") as f:
+            f.write(token[0])
+    dist.broadcast_object_list(token, src=0, group=_cpu_group)  # after rank 0's write
+    try:
+        with open(probe) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    try:
+        agree(None if seen else f"rank {dist.get_rank()} cannot see {path}/, where rank 0 writes: out_dir must "
+                                f"be on a filesystem every node shares")
+    finally:
+        if dist.get_rank() == 0:
+            os.remove(probe)
+
+
+def agree(problem):
+    """Every rank passes the refusal it found (a message, or None); if any rank found one, every rank
+    stops: rank 0 with one `error: ...` line (the lowest rank's message), the others silently with
+    status 1, so the run ends at once with one line instead of leaving ranks in a collective."""
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, problem, group=_cpu_group)
+        problem = next((p for p in every if p is not None), None)
+    if problem is None:
+        return
+    if int(os.environ.get("RANK", 0)) == 0:
+        raise UserError(problem)
+    sys.stderr.flush()
+    raise SystemExit(1)
 
 
 def say(*args):

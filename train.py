@@ -49,17 +49,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
 import hf
 import process
 from bpe import Tokenizer
 from configurator import UserError, configure, run
-from device import autocast, compile_problem, peak_flops, pick_device
-from model import GPT, GPTConfig
+from device import autocast, compile_problem, for_inference, peak_flops, pick_device
+from model import GPT, GPTConfig, rope_tables
 from process import say
 from shards import TokenStream
 
@@ -140,21 +141,139 @@ def get_lr(it, warmup, decay_iters, lr, lr_min):
     return lr_min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - lr_min)
 
 
-def distill_loss(logits, teacher_logits, targets, alpha, temperature):
+class DistillLoss(torch.autograd.Function):
     """Knowledge distillation (Hinton et al. 2015): alpha * T^2 * KL(teacher_T || student_T) + (1 -
     alpha) * cross-entropy with the targets, per scored token. Both distributions are softened by T;
     their gradients shrink as 1/T^2, which the T^2 undoes, so alpha keeps its meaning at any T.
-    logits, teacher_logits (B, T, V); targets (B, T), -1 = not scored."""
-    V = logits.size(-1)
-    scored = targets.flatten() != -1
-    student = F.log_softmax(logits.float().view(-1, V)[scored] / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float().view(-1, V)[scored] / temperature, dim=-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # mean over scored tokens
-    ce = F.cross_entropy(logits.float().view(-1, V), targets.flatten(), ignore_index=-1)
-    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+    logits, teacher_logits (B, T, V); targets (B, T), -1 = not scored.
+
+    Memory. Written out with log_softmax and kl_div, autograd keeps about five float32 (B, T, V)
+    tensors alive (6.6 GB each for gpt2_124m at 32 x 1024). Here the rows go through in chunks of
+    about 4M logits, and each chunk's loss and its gradient with respect to the student's logits,
+        d loss / d logits = alpha * T * (softmax(s/T) - softmax(t/T)) + (1 - alpha) * (softmax(s) - onehot(y)),
+    (each divided by the number of scored tokens) are computed at once; the gradient, one tensor in
+    the logits' dtype, is all that waits for backward. Unscored rows are weighted by 0 rather than
+    dropped with a boolean index, whose size the host would have to wait for."""
+
+    @staticmethod
+    def forward(ctx, logits, teacher_logits, targets, alpha, temperature):
+        V = logits.size(-1)
+        s_all, t_all, y_all = logits.flatten(0, 1), teacher_logits.flatten(0, 1), targets.flatten()
+        weight = (y_all != -1).float()
+        weight /= weight.sum().clamp(min=1)  # a mean over the scored tokens
+        grad = torch.empty(s_all.shape, dtype=logits.dtype, device=logits.device)
+        total = torch.zeros((), device=logits.device)
+        rows = max(1, 2 ** 22 // V)
+        for i in range(0, len(y_all), rows):
+            s, t, w = s_all[i:i + rows].float(), t_all[i:i + rows].float(), weight[i:i + rows]
+            y = y_all[i:i + rows].clamp(min=0)[:, None]  # an unscored row's -1 read as 0, weighted 0
+            student_T = (s / temperature).log_softmax(-1)
+            teacher_T = (t / temperature).log_softmax(-1)
+            student = s.log_softmax(-1)
+            kl = (teacher_T.exp() * (teacher_T - student_T)).sum(-1)
+            ce = -student.gather(1, y)[:, 0]
+            total += ((alpha * temperature ** 2 * kl + (1 - alpha) * ce) * w).sum()
+            g = student_T.exp_().sub_(teacher_T.exp_()).mul_(alpha * temperature)
+            g += student.exp_().scatter_add_(1, y, torch.full_like(student[:, :1], -1.0)).mul_(1 - alpha)
+            grad[i:i + rows] = g.mul_(w[:, None])
+        ctx.save_for_backward(grad)
+        ctx.shape = logits.shape
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_output).view(ctx.shape), None, None, None, None
+
+
+def distill_loss(logits, teacher_logits, targets, alpha, temperature):
+    """DistillLoss: the loss, a scalar; logits (B, T, V) from the student get its gradient."""
+    return DistillLoss.apply(logits, teacher_logits, targets, alpha, temperature)
+
+
+def step_loss(model, teacher_model, x, y):
+    """One micro-step's loss: cross-entropy, or with a teacher the distillation loss. Neither model's
+    (B, T, V) logits are kept by the caller, so they are freed as soon as the loss is computed."""
+    if teacher_model is None:
+        return model(x, y)[1]
+    with torch.no_grad():
+        teacher_logits = teacher_model(x)[0]
+    return distill_loss(model(x)[0], teacher_logits, y, distill_alpha, distill_temperature)
 
 
 # ---- the steps of main that are not the loop ------------------------------------------------------
+
+class ShardedInit(TorchDispatchMode):
+    """FSDP: build the model on the meta device, where a tensor is only a shape, so that no rank ever
+    holds the whole model (eight ranks would each build it on the host). Its initialisation is
+    replayed on the CPU, one tensor at a time: each in-place fill of a meta tensor (model.py's
+    normal_, nn.Linear's uniform_, zero_, fill_) runs on a CPU tensor of that shape, drawing from the
+    seeded CPU generator in the same order as a CPU build, and this rank keeps its slice along dim 0
+    (FSDP2's shard). So the weights equal a CPU build's for the same seed, at one tensor of peak memory.
+        with torch.device("meta"), ShardedInit(rank, world) as init:
+            model = GPT(config)"""
+    FILLS = ("aten::normal_", "aten::uniform_", "aten::zero_", "aten::fill_")  # they overwrite every element
+
+    def __init__(self, rank, world):
+        super().__init__()
+        self.rank, self.world, self.slices = rank, world, {}  # id(tensor) -> (tensor, its slice or None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t = args[0] if args else None
+        if isinstance(t, torch.Tensor) and t.is_meta and func._schema.is_mutable:
+            full = None
+            if func._schema.name in self.FILLS:  # any other in-place op reads the tensor: not replayable
+                full = torch.empty(t.shape, dtype=t.dtype)
+                func(full, *args[1:], **(kwargs or {}))
+            self.slices[id(t)] = (t, None if full is None else local_slice(full, self.rank, self.world))
+        return func(*args, **(kwargs or {}))
+
+    def weights(self, model):
+        """{parameter name: this rank's slice} for the model built under this mode."""
+        out = {}
+        for name, p in model.named_parameters():
+            if self.slices.get(id(p), (None, None))[1] is None:
+                raise ValueError(f"{name} was not initialised by a fill that the meta build can replay")
+            out[name] = self.slices[id(p)][1]
+        return out
+
+
+def local_slice(full, rank, world):
+    """Rank's part of a full tensor as FSDP2 shards it: torch.chunk along dim 0 (the last ranks may get
+    less, or nothing)."""
+    chunks = full.chunk(world)
+    return chunks[rank].clone() if rank < len(chunks) else full[:0].clone()
+
+
+def shard(model, weights, dev, ptdtype, rank, world):
+    """FSDP2: each block, then the rest, becomes one unit whose parameters are sharded across the
+    ranks (DTensors) and gathered for its forward and backward only: per GPU, weights, gradients and
+    AdamW's two moments cost 1/world of the full model. A model built on the meta device is then
+    allocated on dev, its shards filled from `weights` ({name: this rank's slice} from ShardedInit, or
+    a full state dict, e.g. a memory-mapped checkpoint's, from which each rank reads its slice) and its
+    RoPE tables, which are derived rather than saved, recomputed. In bfloat16 the weights are
+    gathered and the blocks compute in bf16 while the gradients are reduce-scattered and kept in
+    float32 (torchtitan's policy): half the traffic of a float32 all-gather, none of the lost precision
+    in the sums. float32 runs keep float32 throughout."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if ptdtype == torch.bfloat16 else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    if weights is None:  # already on the CPU with its weights (GPT-2's): only the shards move to dev
+        return model.to(dev)
+    model.to_empty(device=dev)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            part = weights[name]
+            if part.shape != p.to_local().shape:  # a full tensor: take this rank's slice
+                part = local_slice(part, rank, world)
+            p.to_local().copy_(part)
+        if model.config.pos == "rope":
+            for buf, table in zip((model.rope_cos, model.rope_sin), rope_tables(model.config)):
+                buf.copy_(table)
+    return model
+
 
 def check_settings(config, world):
     """Refuse settings that cannot work together, before anything is loaded."""
@@ -189,26 +308,33 @@ def find_data(data_dir):
         raise UserError(f"{e}; re-run: {remake}")
 
 
-def choose_start(config, tokenizer, tok_path, distributed, rank):
+def choose_start(config, tokenizer, tok_path, distributed, rank, world, fsdp):
     """The model the run starts from, per init_from: 'scratch' builds the preset with the overrides,
     'resume' reads out_dir's newest checkpoint, 'auto' resumes if there is one and else starts from
     scratch, anything else names GPT-2 weights (a hub name or a local Hugging Face directory).
-    Returns (model on the CPU, the checkpoint dict or None, its path or None); the model is None when
-    the run to resume has already reached max_iters."""
-    # rank 0 alone looks for the checkpoint and tells the others which file it is, so all ranks
-    # resume the same step (on a shared filesystem, see the docstring)
-    found = [checkpoint.step_checkpoints(out_dir)[-1:] if rank == 0 else None]
+    Returns (model on the CPU, its weights for shard() or None, the checkpoint dict or None, its path
+    or None); the model is None when the run to resume has already reached max_iters. Under FSDP a new
+    or resumed model is built on the meta device and its weights are this rank's slices (ShardedInit)
+    or the memory-mapped checkpoint's, which shard() puts in place."""
+    # every rank must see the same checkpoints: with an out_dir that is not shared, a rank 0 on a node
+    # without them would start from scratch, and the others would resume (or refuse) (the docstring)
+    mine = checkpoint.step_checkpoints(out_dir)
+    every = [mine]
     if distributed:
-        dist.broadcast_object_list(found, src=0)
-    found = found[0][0] if found[0] else None
+        every = [None] * world
+        dist.all_gather_object(every, mine, group=process.cpu_group())
+    odd = next((r for r in range(world) if every[r] != every[0]), None)
+    if odd is not None:
+        diff = sorted(set(every[0]) ^ set(every[odd]))[-1]
+        process.agree(f"rank {odd} {'cannot see' if diff in every[0] else 'sees'} {diff}, which rank 0 "
+                      f"{'sees' if diff in every[0] else 'cannot see'}: out_dir must be on a filesystem "
+                      f"every node shares")
+    found = every[0][-1] if every[0] else None
     overrides = {k: config[k] for k in SHAPE_KEYS if config[k] is not None}
     if init_from == "resume" and not found:
         raise UserError(f"init_from='resume' but {out_dir}/ has no ckpt_*.pt; start with "
                         f"--init_from=scratch (or auto) or point --out_dir at a run")
     if init_from in ("resume", "auto") and found:
-        if not os.path.exists(found):
-            raise UserError(f"rank {rank} cannot see {found}, which rank 0 resumes from: out_dir must be "
-                            f"on a filesystem every node shares")
         ckpt = checkpoint.load(found)
         if ckpt["tokenizer"] != tokenizer.dumps():
             raise UserError(f"{tok_path} differs from the tokenizer the checkpoint was trained with; "
@@ -221,8 +347,11 @@ def choose_start(config, tokenizer, tok_path, distributed, rank):
         if ckpt["iter_num"] >= max_iters:  # nothing to do; not an error (a re-run of the quick start)
             say(f"{out_dir}/ is already at step {ckpt['iter_num']}, max_iters={max_iters}: nothing to "
                 f"train; raise --max_iters to continue the run")
-            return None, None, found
-        return checkpoint.build_model(ckpt), ckpt, found
+            return None, None, None, found
+        if fsdp:
+            with torch.device("meta"):
+                return GPT(GPTConfig(**ckpt["model_args"])), ckpt["model"], ckpt, found
+        return checkpoint.build_model(ckpt), None, ckpt, found
     if found:  # a new run would interleave its checkpoints with the old run's
         raise UserError(f"{out_dir}/ already holds checkpoints of another run; continue it with "
                         f"--init_from=resume, or use a new --out_dir (or delete the old one)")
@@ -232,7 +361,12 @@ def choose_start(config, tokenizer, tok_path, distributed, rank):
             want = type(getattr(base, k))
             if not (isinstance(v, want) or want is float and type(v) is int):
                 raise UserError(f"config key '{k}' expects {want.__name__}, got {v!r}")
-        return GPT(GPTConfig.preset(preset, vocab_size=tokenizer.vocab_size, **overrides)), None, None
+        new = GPTConfig.preset(preset, vocab_size=tokenizer.vocab_size, **overrides)
+        if fsdp:
+            with torch.device("meta"), ShardedInit(rank, world) as init:
+                model = GPT(new)
+            return model, init.weights(model), None, None
+        return GPT(new), None, None, None
     try:  # OpenAI's GPT-2 weights (a name, or a local Hugging Face directory) to fine-tune
         model = hf.from_pretrained(init_from, dropout=dropout)
     except ValueError as e:
@@ -240,12 +374,13 @@ def choose_start(config, tokenizer, tok_path, distributed, rank):
     if model.config.vocab_size != tokenizer.vocab_size:
         raise UserError(f"GPT-2 weights need the gpt2 tokenizer, but {tok_path} has "
                         f"{tokenizer.vocab_size} tokens; prepare the data with --tokenizer=gpt2")
-    return model, None, None
+    return model, None, None, None
 
 
-def load_teacher(tokenizer, tok_path, T, dev):
+def load_teacher(tokenizer, tok_path, T, dev, device_type, ptdtype, use_compile):
     """The model to distil from, checked against this run (the same tokenizer, a context of at least
-    T) and frozen: eval mode (no dropout), no gradients, on dev. Returns (model, where it came from)."""
+    T) and frozen: eval mode (no dropout), no gradients, on dev, its weights in the training dtype on
+    a GPU (device.for_inference) and compiled where the student is. Returns (model, where it came from)."""
     try:
         model, tok, where = checkpoint.load_model(teacher)
     except ValueError as e:
@@ -255,7 +390,11 @@ def load_teacher(tokenizer, tok_path, T, dev):
                         f"distil from a teacher trained on data with the same tokenizer")
     if model.config.block_size < T:
         raise UserError(f"teacher {where} has a context of {model.config.block_size}, shorter than block_size={T}")
-    return model.requires_grad_(False).to(dev), where
+    model = for_inference(model.requires_grad_(False), dev, device_type, ptdtype)
+    # the ids are the student's, from the tokenizer both share: checking them against the vocabulary
+    # (min and max) would make the host wait for the GPU at every step
+    model._check_input = lambda idx, start, cache=None: None
+    return torch.compile(model) if use_compile else model, where
 
 
 def check_same_data(train_data, tokenizer, data_dir, world):
@@ -344,20 +483,23 @@ def save_checkpoint(raw_model, optimizers, fsdp, device_type, is_best, **entries
     if distributed:
         rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, checkpoint.rng_state(device_type))
-    if not (master or fsdp):  # under DDP the other ranks hold copies of rank 0's state: done
-        return
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: every rank sends its shards
-    weights = get_model_state_dict(raw_model, options=full) if fsdp else raw_model.state_dict()
-    # a fresh optimizer (the save at step 0) has no state; DCP would create it by taking a step with
-    # zero gradients, which leaves AdamW's step count at 1 and so changes the run that saved
-    moments = get_optimizer_state_dict(raw_model, optimizers, options=full) \
-        if all(opt.state for opt in optimizers) else {"state": {}, "param_groups": []}
-    if not master:
-        return
-    path = checkpoint.save_step({"version": checkpoint.VERSION, "model": weights,
-                                 "model_args": dataclasses.asdict(raw_model.config), "optimizer": moments,
-                                 "rng": rngs, **entries}, out_dir, is_best, keep_last)
-    print(f"saved {path}" + (" (best so far)" if is_best else ""), flush=True)
+    if master or fsdp:  # under DDP the other ranks hold copies of rank 0's state
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: every rank sends its shards
+        weights = get_model_state_dict(raw_model, options=full) if fsdp else raw_model.state_dict()
+        if fsdp and master and raw_model.config.tie_weights:  # gathered as two tensors: save it once
+            weights["lm_head.weight"] = weights["transformer.wte.weight"]
+        # a fresh optimizer (the save at step 0) has no state; DCP would create it by taking a step with
+        # zero gradients, which leaves AdamW's step count at 1 and so changes the run that saved
+        moments = get_optimizer_state_dict(raw_model, optimizers, options=full) \
+            if all(opt.state for opt in optimizers) else {"state": {}, "param_groups": []}
+    if master:
+        path = checkpoint.save_step({"version": checkpoint.VERSION, "model": weights,
+                                     "model_args": dataclasses.asdict(raw_model.config), "optimizer": moments,
+                                     "rng": rngs, **entries}, out_dir, is_best, keep_last)
+        print(f"saved {path}" + (" (best so far)" if is_best else ""), flush=True)
+    # the others wait on the CPU while rank 0 writes (minutes for a large model on a network disk):
+    # queued on the GPU, their next all-reduce would be timed by NCCL's watchdog (process.py)
+    process.wait_for_rank0()
 
 
 def catch_stop_signals():
@@ -408,11 +550,12 @@ def main(argv=None):
     dev, device_type, ptdtype = pick_device(device, dtype)  # under torchrun, cuda:LOCAL_RANK
     dtype_name = str(ptdtype).removeprefix("torch.")
     if fsdp and dtype_name == "float16":  # the GradScaler does not take sharded gradients
-        raise UserError("parallel='fsdp' trains in bfloat16 or float32; use --dtype=bfloat16")
+        # V100 and T4 (before compute capability 8.0) only emulate bf16, slowly: float32 there
+        native = device_type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0)
+        raise UserError(f"parallel='fsdp' trains in bfloat16 or float32; use --dtype="
+                        f"{'bfloat16' if native else 'float32 (this GPU has no bfloat16 tensor cores)'}")
     process.start(dev)
-    # the stop vote is a CPU flag: over gloo it is summed without waiting for the GPU
-    vote_group = dist.new_group(backend="gloo", timeout=process.TIMEOUT) if distributed and device_type == "cuda" \
-        else None
+    vote_group = process.cpu_group()  # the stop vote is a CPU flag: over gloo it is summed without waiting for the GPU
     ctx = autocast(device_type, ptdtype)
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls on Ampere+
     torch.backends.cudnn.allow_tf32 = True
@@ -430,7 +573,7 @@ def main(argv=None):
     data_dir = os.path.join("data", dataset)
     tok_path = os.path.join(data_dir, "tokenizer.bpe")
     tokenizer, train_files, val_files = find_data(data_dir)
-    model, ckpt, found = choose_start(config, tokenizer, tok_path, distributed, rank)
+    model, weights, ckpt, found = choose_start(config, tokenizer, tok_path, distributed, rank, world, fsdp)
     if model is None:  # the run is already at max_iters
         return
     if rank:  # from here on ranks draw different dropout masks
@@ -439,7 +582,8 @@ def main(argv=None):
     if T > model.config.block_size:
         raise UserError(f"block_size={T} exceeds the model's context {model.config.block_size}")
     model.config.grad_checkpoint = grad_checkpoint  # a memory/compute trade, not part of the model
-    model.to(dev)
+    model = shard(model, weights, dev, ptdtype, rank, world) if fsdp else model.to(dev)
+    weights = None  # FSDP: the slices are in place
     raw_model = model  # the uncompiled, unwrapped module: its state_dict has clean keys (no _orig_mod.)
     tokens_per_step = gradient_accumulation_steps * batch_size * T
     train_data = TokenStream(train_files, batch_size, T, rank, world, dev, seed if shuffle else None)
@@ -448,7 +592,8 @@ def main(argv=None):
         check_same_data(train_data, tokenizer, data_dir, world)
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=dev)  # for bits per byte
     peak = peak_flops(torch.cuda.get_device_name(dev), dtype_name) if device_type == "cuda" else None
-    teacher_model, teacher_where = load_teacher(tokenizer, tok_path, T, dev) if teacher else (None, None)
+    teacher_model, teacher_where = load_teacher(tokenizer, tok_path, T, dev, device_type, ptdtype, use_compile) \
+        if teacher else (None, None)
 
     # everything is checked: now the run directory may be written (by rank 0 only)
     if master:
@@ -464,13 +609,6 @@ def main(argv=None):
         if teacher_model is not None:
             print(f"distilling from {teacher_where}: {teacher_model.num_params(non_embedding=False):,} "
                   f"parameters, alpha {distill_alpha}, temperature {distill_temperature}")
-    if fsdp:
-        # FSDP2: each block, then the rest, becomes one unit whose parameters are sharded across the
-        # ranks (DTensors) and gathered for its forward and backward only: per GPU, weights, gradients
-        # and AdamW's two moments cost 1/world of the full model
-        for block in raw_model.transformer.h:
-            fully_shard(block)
-        fully_shard(raw_model)
 
     # ---- optimizer --------------------------------------------------------------------------------
     optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type,
@@ -538,20 +676,15 @@ def main(argv=None):
                 group["lr"] = lr * group["lr_scale"]
         for micro in range(accum):
             x, y = train_data.next_batch()
-            # DDP and FSDP reduce gradients across ranks after every backward unless told not to:
-            # only the last micro-step needs it, the others just accumulate locally
+            # DDP all-reduces the gradients on the last micro-step only; the others accumulate locally,
+            # in the full gradient each DDP rank holds anyway. FSDP reduce-scatters after every
+            # micro-step (torchtitan's default): skipping it (set_requires_gradient_sync(False)) would
+            # keep the whole unsharded float32 gradient on every rank until the last micro-step,
+            # undoing FSDP's saving, for accum reduce-scatters per step instead of one
             last = micro == accum - 1
-            if fsdp:
-                model.set_requires_gradient_sync(last)
             with model.no_sync() if ddp and not last else nullcontext():
                 with ctx:
-                    if teacher_model is None:
-                        _, loss = model(x, y)
-                    else:
-                        logits, _ = model(x)  # (B, T, V): the student's whole distribution is compared
-                        with torch.no_grad():
-                            teacher_logits, _ = teacher_model(x)
-                        loss = distill_loss(logits, teacher_logits, y, distill_alpha, distill_temperature)
+                    loss = step_loss(model, teacher_model, x, y)
                 loss_sum += loss.detach()
                 scaler.scale(loss / accum).backward()  # / accum: the step's gradient is the mean
         for opt in optimizers:

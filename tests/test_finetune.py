@@ -601,3 +601,43 @@ def test_a_tab_separated_csv_is_read_by_its_content_and_merge_needs_a_file(tmp_p
     assert torch.load(tmp_path / "out/best.pt", weights_only=True)["finetune"]["labels"] == ["no", "yes"]
     message = one_line_error(capsys, f"--out_dir={tmp_path / 'out'}", f"--merge={tmp_path}")
     assert f"--merge={tmp_path} is a folder; name the checkpoint file to write" in message
+
+
+PER_RANK_DIR = """
+import os, runpy, sys
+os.makedirs(os.environ["RANK"], exist_ok=True)
+os.chdir(os.environ["RANK"])  # each rank in its own folder: as if each node had its own disk
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_refusal_on_one_rank_ends_every_rank_with_one_line(tmp_path):
+    """Under torchrun, rank 0 alone checks out_dir for an old run, and every rank reads best.pt back at the
+    end: an out_dir that holds checkpoints, or that is not shared (each rank in its own folder here), ends
+    the run at once on every rank, with one error line, before any training."""
+    import subprocess
+    import sys
+    import time
+    from conftest import ENV, ROOT
+    base = write_base(tmp_path / "base.pt")
+    (tmp_path / "per_rank.py").write_text(PER_RANK_DIR)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [*FAST, f"--init_from={base}", *make_task(tmp_path / "data", "classification", n_train=64, n_val=16),
+            "--max_iters=2"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "ckpt_000004.pt").write_bytes(b"")
+    for cmd, out, expected in (
+            ([f"{ROOT}/finetune.py"], tmp_path / "old", f"error: {tmp_path / 'old'}/ already holds checkpoints of "
+                                                        f"another run; use a new --out_dir (or delete it)"),
+            ([str(tmp_path / "per_rank.py"), f"{ROOT}/finetune.py"], "out",
+             "error: rank 1 cannot see out/, where rank 0 writes: out_dir must be on a filesystem every node shares")):
+        start = time.time()
+        p = subprocess.run([*torchrun, *cmd, *args, f"--out_dir={out}"], cwd=tmp_path, env=ENV, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode != 0 and time.time() - start < 60
+        # one line from the ranks (torchrun then prints its own summary of the failed workers)
+        assert [line for line in p.stderr.splitlines() if line.startswith(("error", "[rank"))] == [expected], \
+            p.stderr[-3000:]
+    assert not (tmp_path / "1" / "out").exists()  # rank 1 never made a folder of its own

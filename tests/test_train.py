@@ -363,8 +363,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_ranks_on_separate_disks_are_caught(workdir, tmp_path):
-    """Multi-node without a shared filesystem: a rank whose data/ differs, or that cannot see the
-    checkpoint rank 0 resumes from, stops the run with one line instead of training on other data."""
+    """Multi-node without a shared filesystem: a rank whose data/ differs, or that sees other checkpoints
+    than rank 0 (it cannot see the one rank 0 resumes from, or rank 0 would start afresh beside a run),
+    stops the run with one line instead of training on other data."""
     (tmp_path / "per_rank.py").write_text(PER_RANK_DIR)
     for r in ("0", "1"):
         shutil.copytree(workdir / "data", tmp_path / r / "data")
@@ -377,7 +378,16 @@ def test_ranks_on_separate_disks_are_caught(workdir, tmp_path):
     train(tmp_path / "0", "--out_dir=out", "--max_iters=2", "--eval_interval=2")  # a run on node 0's disk only
     p = subprocess.run([*cmd, "--out_dir=out", "--init_from=resume", "--max_iters=4"], cwd=tmp_path, env=ENV,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and "error: rank 1 cannot see out/ckpt_000002.pt" in p.stderr, p.stderr[-2000:]
+    assert p.returncode != 0 and "error: rank 1 cannot see out/ckpt_000002.pt, which rank 0 sees" in p.stderr, \
+        p.stderr[-2000:]
+    # init_from=auto with rank 0 on the node without the checkpoints: refused, not a silent fresh start
+    shutil.move(tmp_path / "0" / "out", tmp_path / "1" / "out")
+    p = subprocess.run([*cmd, "--out_dir=out", "--init_from=auto", "--max_iters=4"], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and [line for line in p.stderr.splitlines() if "error:" in line] == [
+        "error: rank 1 sees out/ckpt_000002.pt, which rank 0 cannot see: out_dir must be on a filesystem every "
+        "node shares"], p.stderr[-2000:]
+    assert not (tmp_path / "0" / "out").exists()
 
 
 def test_muon_resume_is_exact_bit_for_bit(workdir):
@@ -436,6 +446,75 @@ def test_distillation_loss_is_hintons():
     expected = alpha * T * T * kl / n + (1 - alpha) * ce / n
     assert distill_loss(s, t, y, alpha, T).item() == pytest.approx(expected, rel=1e-6)
     assert distill_loss(s, s, y, 1.0, T).item() == pytest.approx(0.0, abs=1e-6)  # a student equal to its teacher
+
+
+def distill_loss_written_out(logits, teacher_logits, targets, alpha, temperature):
+    """The definition as the loss was first written, with log_softmax, kl_div and autograd."""
+    import torch.nn.functional as F
+    V = logits.size(-1)
+    scored = targets.flatten() != -1
+    student = F.log_softmax(logits.float().view(-1, V)[scored] / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().view(-1, V)[scored] / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    ce = F.cross_entropy(logits.float().view(-1, V), targets.flatten(), ignore_index=-1)
+    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+
+
+def test_chunked_distillation_equals_the_written_out_loss_and_its_gradient():
+    """Over several chunks (2**22 // V rows each) with unscored rows: the same loss and the same gradient
+    with respect to the student's logits as autograd through the written-out definition."""
+    from train import distill_loss
+    torch.manual_seed(0)
+    B, T, V = 3, 700, 4096  # 2,100 rows: chunks of 1,024, the last one short
+    s, t = (3 * torch.randn(B, T, V, dtype=torch.float64)).float(), 3 * torch.randn(B, T, V)
+    y = torch.randint(0, V, (B, T))
+    y[0, :50] = y[2, -7:] = -1
+    for alpha, temp in ((0.5, 2.0), (0.9, 1.0), (0.0, 3.0)):
+        a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+        ours, ref = distill_loss(a, t, y, alpha, temp), distill_loss_written_out(b, t, y, alpha, temp)
+        (2.5 * ours).backward()
+        (2.5 * ref).backward()
+        assert abs(ours.item() - ref.item()) <= 1e-6 * abs(ref.item()) and ref.item() > 1
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-9)
+        assert a.grad[0, :50].abs().max() == 0 and a.grad[1].abs().max() > 0  # unscored rows get none
+
+
+PEAK = """
+import sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1])
+import train
+from model import GPT, GPTConfig
+config = GPTConfig.preset("gpt2", vocab_size=4096, n_layer=1, n_head=2, n_embd=32, block_size=256, dropout=0.0)
+torch.manual_seed(0)
+student, teacher = GPT(config), GPT(config).eval().requires_grad_(False)
+x = torch.randint(0, 4096, (32, 256))
+y = torch.randint(0, 4096, (32, 256))
+def peak_rss():  # VmHWM, this process's peak; ru_maxrss would carry over the parent's peak through exec
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+before = peak_rss()
+train.step_loss(student, teacher if sys.argv[2] == "distil" else None, x, y).backward()
+print(peak_rss() - before)
+"""
+
+
+def test_distillation_adds_little_memory_over_cross_entropy(tmp_path):
+    """One micro-step at batch 32, T 256, a 4,096-token vocabulary (one float32 (B, T, V) tensor is
+    134 MB): the peak memory distillation adds to the process is at most 1.35x what cross-entropy adds
+    (written out with log_softmax and kl_div it was 1.76x)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("reads the peak memory from Linux's /proc")
+    (tmp_path / "peak.py").write_text(PEAK)
+    added = {}
+    for mode in ("plain", "distil"):
+        p = subprocess.run([sys.executable, str(tmp_path / "peak.py"), ROOT, mode], env=ENV, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        added[mode] = int(p.stdout.split()[-1])
+    one = 32 * 256 * 4096 * 4
+    assert added["plain"] > 2 * one, added  # the measurement sees the logits
+    assert added["distil"] <= 1.35 * added["plain"], (added, added["distil"] / added["plain"])
 
 
 def test_distillation_trains_from_a_teacher_run_and_refuses_another_tokenizer(workdir, tmp_path):
