@@ -337,8 +337,8 @@ def choose_start(config, tokenizer, tok_path, distributed, rank, world, fsdp):
     if init_from in ("resume", "auto") and found:
         ckpt = checkpoint.load(found)
         if ckpt["tokenizer"] != tokenizer.dumps():
-            raise UserError(f"{tok_path} differs from the tokenizer the checkpoint was trained with; "
-                            f"resume with the same --dataset")
+            raise UserError(f"{tok_path} differs from the tokenizer {found} was trained with; resume with "
+                            f"--dataset={ckpt.get('config', {}).get('dataset', '?')}, as that run had")
         saved = GPTConfig(**ckpt["model_args"])  # fields newer than the checkpoint take their defaults
         for k, v in overrides.items():  # a resumed run has the checkpoint's shape: say so, do not ignore
             if getattr(saved, k) != v:

@@ -547,3 +547,16 @@ def test_fsdp_matches_ddp_and_resumes_exactly(workdir):
     assert step_losses(workdir / "out-par-half") == fsdp
     p = train(workdir, "--out_dir=out-par-x", "--parallel=fsdp", "--optimizer=muon", check=False)
     assert "Muon needs each matrix whole" in error_line(p)
+
+
+def test_resume_with_another_tokenizer_names_the_dataset_to_use(workdir, tmp_path):
+    """A run resumed on a dataset whose tokenizer is not the checkpoint's: one line that names the
+    dataset the run was trained on."""
+    shutil.copytree(workdir / "data", tmp_path / "data")
+    train(tmp_path, "--max_iters=2", "--eval_interval=2", "--out_dir=out")
+    shutil.copytree(tmp_path / "data" / "tiny", tmp_path / "data" / "other")
+    import textwrap  # noqa: E401  another text, the same vocabulary size: another tokenizer
+    Tokenizer.train([open(textwrap.__file__).read()], 512).save(str(tmp_path / "data" / "other" / "tokenizer.bpe"))
+    line = error_line(train(tmp_path, "--max_iters=4", "--out_dir=out", "--init_from=resume", "--dataset=other",
+                            check=False))
+    assert "differs from the tokenizer out/ckpt_000002.pt was trained with; resume with --dataset=tiny" in line
