@@ -157,22 +157,27 @@ def test_parallel_workers_give_identical_shards(tmp_path, tok_path):
 def test_tokenizer_train_saves_the_trained_vocabulary(tmp_path):
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = [(root / f).read_text(encoding="utf-8") for f in ("textwrap.py", "string.py", "shlex.py")]
+    # --pii=False: textwrap.py's "Written by Greg Ward <gward@...>" would become email@example.com
     card, out = run(tmp_path, f"--input={write_jsonl(tmp_path / 'c.jsonl', docs)}", "--tokenizer=train",
-                    "--vocab_size=300")
+                    "--vocab_size=300", "--pii=False")
     tok = Tokenizer.load(out / "tokenizer.bpe")
     assert tok.vocab_size == 300 and card["tokenizer"]["vocab_size"] == 300
     assert card["tokenizer"]["trained_on"] == {"docs": 3, "bytes": sum(len(d.encode()) for d in docs)}
     assert [tok.decode(d) for d in split_docs(token_stream(out), tok.eot_token)] == docs
 
 
-def test_rerun_overwrites_cleanly(tmp_path, tok_path):
+def test_a_different_command_is_refused_and_overwrite_starts_over(tmp_path, tok_path):
     docs = [f"Document {i}, " + "filler words to make it longer " * 5 for i in range(30)]
     path = write_jsonl(tmp_path / "c.jsonl", docs)
-    run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--shard_size=200", "--val_tokens=100")
+    flags = [f"--input={path}", f"--tokenizer={tok_path}", "--near_dedup=False"]
+    run(tmp_path, *flags, "--shard_size=200", "--val_tokens=100")
     assert len(shard_files(tmp_path / "data" / "t")) > 5
-    card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--shard_size=100000")
+    with pytest.raises(SystemExit, match=r"data/t/ holds the output of another command \(--shard_size=200 there, "
+                                         r"100000 here\); to start over: the same command with --overwrite=True"):
+        run(tmp_path, *flags, "--shard_size=100000")
+    card, out = run(tmp_path, *flags, "--shard_size=100000", "--overwrite=True")
     assert [Path(f).name for f in shard_files(out)] == ["t_val_000000.bin", "t_train_000001.bin"]
-    assert not glob(f"{out}/*.tmp")
+    assert not glob(f"{out}/*.tmp") and not (out / "resume").exists()
     assert sum(len(read_shard(f)) for f in shard_files(out)) == card["tokens"]["total"]
 
 
@@ -204,7 +209,7 @@ def test_each_filter_changes_its_count_in_the_card(tmp_path, tok_path, extra, de
     base, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'a.jsonl', BASE)}", *flags, name="a")
     more, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'b.jsonl', BASE + [extra])}", *flags, name="b")
     assert counts(base) == {"read": 5, "kept": 5, "missing_text": 0, "garbage": 0, "shorter_than_min_chars": 0,
-                            "duplicate": 0, "line_endings_normalised": 0, "control_chars_stripped": 0,
+                            "duplicate": 0, "contaminated": 0, "near_duplicate": 0, "line_endings_normalised": 0, "control_chars_stripped": 0,
                             "nfc_normalised": 0}
     assert {k: counts(more)[k] - counts(base)[k] for k in counts(base)} == \
         {k: delta.get(k, 0) for k in counts(base)}
@@ -243,8 +248,9 @@ def test_stdlib_source_is_library_code_in_a_fixed_mixed_order():
     assert rel == sorted(rel) and "os.py" in rel and "json/decoder.py" in rel
     assert not any(part in ("test", "tests", "site-packages") for r in rel for part in r.split("/"))
     assert 8e6 < sum(f.stat().st_size for f in files) < 20e6  # ~12 MB on CPython 3.11
-    docs = list(prepare._stdlib_docs())
-    assert docs == list(prepare._stdlib_docs())  # the same order every run
+    docs = [text for text, _ in prepare._stdlib_docs()]
+    assert docs == [text for text, _ in prepare._stdlib_docs()]  # the same order every run
+    assert [t for t, _ in prepare._stdlib_docs(start=5)] == docs[5:]  # a resume starts at a document
     from pydoc_data.topics import topics
     assert len(docs) == len(files) + len(topics) and topics["assert"] in docs
     first = [(root / r).read_bytes().decode() for r in rel[:5]]
@@ -319,7 +325,7 @@ def test_vocab_too_large_for_uint16_is_refused_before_any_work(tmp_path):
 def test_empty_corpus_after_filtering_is_an_error(tmp_path, tok_path):
     path = write_jsonl(tmp_path / "c.jsonl", ["short", "tiny", "short"])
     with pytest.raises(SystemExit, match=r"no documents left after cleaning \(read 3: 0 without text, "
-                                         r"3 shorter than min_chars=64, 0 garbage, 0 duplicates\)"):
+                                         r"3 shorter than min_chars=64, 0 garbage, 0 duplicates, .*\)"):
         run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}")
     assert not shard_files(tmp_path / "data" / "t")
     with pytest.raises(SystemExit, match="no documents left after cleaning"):  # the same when training
@@ -423,7 +429,7 @@ def test_missing_or_null_text_is_counted_as_such(tmp_path, tok_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--min_chars=40")
     assert counts(card) == {"read": 7, "kept": 5, "missing_text": 2, "garbage": 0, "shorter_than_min_chars": 0,
-                            "duplicate": 0, "line_endings_normalised": 0, "control_chars_stripped": 0,
+                            "duplicate": 0, "contaminated": 0, "near_duplicate": 0, "line_endings_normalised": 0, "control_chars_stripped": 0,
                             "nfc_normalised": 0}
     assert "| dropped: text missing or null | 2 |" in (out / "README.md").read_text()
     # the same for a null in a parquet string column
@@ -489,5 +495,6 @@ def test_ctrl_c_stops_in_one_line_and_keeps_only_complete_shards(tmp_path):
     assert "Traceback" not in "".join(lines)
     out = tmp_path / "data" / "stdlib"
     shards = sorted(out.glob("stdlib_*.bin"))
-    assert shards and sorted(os.listdir(out)) == ["command.txt"] + [f.name for f in shards]  # no *.tmp, no card
+    # no *.tmp, no card; the resume state
+    assert shards and sorted(os.listdir(out)) == ["command.txt", "resume"] + [f.name for f in shards]
     assert all(len(read_shard(f)) == 2000 for f in shards)  # each complete: header, size and count agree
