@@ -99,7 +99,7 @@ val_tokens = 10_000_000  # validation gets the first min(val_tokens, val_fractio
 val_fraction = 0.1
 num_proc = os.cpu_count() or 1  # tokenizer worker processes
 pii = None  # replace e-mail and public IP addresses with placeholders; None = on for the hub and --input, off for stdlib
-near_dedup = True  # MinHash near-duplicate removal (FineWeb's stage; Lee et al. 2022)
+near_dedup = None  # MinHash near-duplicate removal (FineWeb's stage); None = on for the hub and --input, off for stdlib
 minhash_bands = 14  # b bands of r rows: FineWeb's 14 x 8 (112 hashes) drop pairs above Jaccard ~0.7, see NearDuplicates
 minhash_rows = 8
 decontaminate = ""  # comma-separated eval files (eval.py's formats): drop training documents sharing a 13-gram with one
@@ -870,7 +870,10 @@ def prepare(cfg, argv=()):
         raise UserError(f"--vocab_size={cfg.vocab_size} {_TOO_BIG}")
     name, docs_fn, source = resolve_source(cfg)  # offline, the hub check fails here within seconds
     tok = None if spec == "train" else load_tokenizer(spec)
-    pii = cfg.pii if cfg.pii is not None else bool(cfg.input) or cfg.dataset != "stdlib"
+    # web and local text by default; the stdlib quick start stays the corpus its published figures were made on
+    web = bool(cfg.input) or cfg.dataset != "stdlib"
+    pii = cfg.pii if cfg.pii is not None else web
+    cfg.near_dedup = cfg.near_dedup if cfg.near_dedup is not None else web
     eval_paths = [p for p in cfg.decontaminate.split(",") if p]
     eval_sets, too_short = eval_ngrams(eval_paths)  # a bad eval file is one line now, not after hours
     identity = json.loads(json.dumps({  # what the output depends on (through JSON: as a saved one reads back)

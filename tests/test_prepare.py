@@ -498,3 +498,80 @@ def test_ctrl_c_stops_in_one_line_and_keeps_only_complete_shards(tmp_path):
     # no *.tmp, no card; the resume state
     assert shards and sorted(os.listdir(out)) == ["command.txt", "resume"] + [f.name for f in shards]
     assert all(len(read_shard(f)) == 2000 for f in shards)  # each complete: header, size and count agree
+
+
+# -----------------------------------------------------------------------------
+# resuming a killed run: the same bytes as a run that was never interrupted
+
+def stdlib_chunks(n_chars=1000, files=120):
+    """Real text in many documents: the first `files` stdlib modules cut into pieces of ~n_chars."""
+    root, paths = prepare._stdlib_files()
+    docs = []
+    for p in paths[:files]:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        docs += [text[i:i + n_chars] for i in range(0, len(text), n_chars)]
+    return docs
+
+
+def outputs(out):
+    """Everything a resumed run must reproduce exactly: the shards and the tokenizer, byte for byte, and the
+    card's counts (not its timestamps)."""
+    card = json.loads((out / "card.json").read_text())
+    files = {f.name: f.read_bytes() for f in sorted(out.glob("*.bin"))}
+    return files, (out / "tokenizer.bpe").read_bytes(), {k: card[k] for k in (
+        "documents", "bytes", "tokens", "shards", "pii", "decontamination", "tokenizer")}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_run_killed_anywhere_resumes_to_the_same_bytes(tmp_path, kind):
+    # 2.5 MB: more than one of the pipeline's 1 MB batches and of datasets' 1000-row batches, so a resume
+    # starts mid-source; small shards, so that a kill can land after some shards or in the middle of one
+    docs = stdlib_chunks()
+    assert len(docs) > 2000 and sum(map(len, docs)) > 2_000_000
+    path = tmp_path / f"c.{kind}"
+    if kind == "jsonl":
+        write_jsonl(path, docs)
+    else:
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=700)
+    flags = [f"--input={path}", "--name=k", "--tokenizer=train", "--vocab_size=400", "--bpe_train_mb=1",
+             "--shard_size=20000", "--val_tokens=20000", "--num_proc=1"]
+    prepare.main([f"--data_dir={tmp_path / 'ref'}", *flags])  # uninterrupted
+    ref = outputs(tmp_path / "ref" / "k")
+    assert len(ref[0]) > 20 and ref[2]["documents"]["dropped"]["near_duplicate"] > 0 and ref[2]["pii"]
+
+    # kill -9 while the tokenizer trains, then after a few random shards (wherever the process got to by the
+    # time the signal arrives: between shards, inside one, while saving state), and resume each time
+    rng = np.random.default_rng(0)
+    out = tmp_path / "data" / "k"
+    for when in ["training a", *sorted(rng.choice(np.arange(2, 20), size=2, replace=False))]:
+        p = subprocess.Popen([sys.executable, str(REPO / "prepare.py"), f"--data_dir={tmp_path / 'data'}", *flags],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        seen = 0
+        for line in p.stdout:
+            seen += line.startswith("wrote ")
+            if line.startswith(when) if isinstance(when, str) else seen + len(list(out.glob("*.bin"))) >= when:
+                p.kill()
+                break
+        p.wait(TIMEOUT)
+        assert p.returncode == -signal.SIGKILL, "the run ended before it was killed: shrink the shards"
+        assert not (out / "card.json").exists()
+    r = script(tmp_path, f"--data_dir={tmp_path / 'data'}", *flags)
+    assert r.returncode == 0 and "resuming after" in r.stdout, r.stdout + r.stderr
+    assert outputs(out) == ref
+    assert sorted(p.name for p in out.iterdir()) == sorted(["card.json", "README.md", "command.txt",
+                                                           "tokenizer.bpe", *ref[0]])  # no resume/ left
+
+
+def test_rerunning_a_complete_folder_says_so(tmp_path):
+    flags = [f"--data_dir={tmp_path / 'data'}", "--dataset=stdlib", "--num_proc=1", "--vocab_size=300",
+             "--bpe_train_mb=1"]
+    card = prepare.main(flags)
+    shard = tmp_path / "data" / "stdlib" / card["shards"][0]["file"]
+    before = shard.stat().st_mtime_ns
+    r = script(tmp_path, *flags)
+    assert r.returncode == 0 and "is already complete, made by this same command" in r.stdout
+    assert "training a" not in r.stdout and shard.stat().st_mtime_ns == before  # nothing retrained or rewritten
+    r = script(tmp_path, *flags[:-1], "--bpe_train_mb=2")
+    assert_one_line_error(r, "holds the output of another command (--bpe_train_mb=1 there, 2 here)",
+                          "--overwrite=True")
