@@ -7,7 +7,8 @@ prepare.py: raw text in, clean deduplicated token shards and a data card out.
 
 Documents flow through one streaming pipeline, so a 10B-token corpus never has to fit in memory:
 
-    source -> clean -> deduplicate -> tokenize (num_proc workers, order kept) -> shard buffer -> .bin files
+    source -> clean -> exact dedup -> decontaminate -> near-dedup -> PII -> tokenize (num_proc workers,
+    order kept) -> shard buffer -> .bin files
 
 Sources. FineWeb-Edu (HuggingFaceFW/fineweb-edu, --hf_config=sample-10BT by default) or any hub dataset
 ("owner/name", --text_field), streamed with datasets.load_dataset(..., streaming=True); local .jsonl and
@@ -26,6 +27,22 @@ tokens and the same hash); drop documents shorter than min_chars; drop exact dup
 text. Dedup keeps a 64-bit BLAKE2b digest per distinct document (8 bytes each, in sorted numpy runs, see
 HashSet) rather than the texts; a 64-bit digest makes a false duplicate among 10^7 documents a ~3e-6 event.
 
+Filters, on by default for the hub and --input (off for stdlib, so the quick start's corpus and the figures
+measured on it stay as they were), each counted in the card:
+- decontaminate (--decontaminate=a.jsonl,b.jsonl, eval.py's formats): drop every document that shares a
+  13-gram (lower-cased, punctuation removed) with an eval item, GPT-3's test (Brown et al. 2020, appendix C).
+  GPT-3 cut out the 13-gram and 200 characters around it and dropped a document only when cut into more than
+  10 pieces; here the whole document goes: a page that quotes a benchmark passage tends to quote its answer
+  too, just outside any window, and a cut-out document glues unrelated text together. It costs only the
+  contaminated documents, which are few (the card counts them per eval set). Items shorter than 13 words
+  cannot be checked; the card counts those too.
+- near-dedup (--near_dedup): MinHash over word 5-grams, FineWeb's 14 bands x 8 rows; the first document of
+  each cluster is kept. NearDuplicates explains the threshold, memory (112 bytes per document) and what to run
+  beyond ~100M documents.
+- PII (--pii): e-mail addresses and public IP addresses become fixed placeholders, FineWeb's step, after
+  dedup as FineWeb does; remove_pii's helpers state the rule for each look-alike (versions, private ranges,
+  ssh targets, decorators, logins in URLs). bench/README.md measures precision and recall on real text.
+
 Tokens. --tokenizer=gpt2 (tiktoken's GPT-2 encoding), a .bpe file saved by bpe.py, or `train` (the default
 for stdlib): train a byte-level BPE with bpe.py on the first bpe_train_mb MB of the cleaned corpus, then use
 it. Every document is preceded by <|endoftext|>, as in llm.c's fineweb.py, so the model sees a document
@@ -40,13 +57,25 @@ min(val_tokens, val_fraction * corpus) tokens go to {name}_val_000000.bin (llm.c
 validation; the fraction cap keeps a small corpus from going all to val), then shard_size tokens per
 {name}_train_000001.bin, ... The split is cut at a token, not a document boundary, so together the shards
 are exactly the token stream. Each file is written to a temporary name and renamed when complete; a re-run
-first removes the previous run's shards and card. tokenizer.bpe and card.json + README.md (the data card:
-source, licence, command, counts per filter, tokens per split, bytes per token) are written last, so their
-presence marks a complete run; command.txt is written first. A run that fails removes the folder it made;
-Ctrl-C keeps the complete shards written so far.
+tokenizer.bpe and card.json + README.md (the data card: source, licence, command, counts per filter,
+tokens per split, bytes per token) are written last, so their presence marks a complete run; command.txt is
+written first. A run that fails on bad input removes the folder it made.
+
+Resume. A killed run (SIGKILL, power loss, Ctrl-C) keeps its complete shards, and with each one resume/ holds
+what a re-run of the same command needs to continue from the last of them and write exactly the bytes an
+uninterrupted run would have: the position in the source (datasets' own state_dict() for hub and local
+.jsonl/.parquet streams, a file and document index for .txt, a document index for stdlib), the card's counts,
+the trained tokenizer, how many entries of each hash set's log belong to that point (the sets only grow, so
+a prefix of the log is the state), and skip: how many tokens of the first re-read batch are already in
+shards. Each shard is written, then the logs are fsync'ed, then state.json is replaced atomically, so a kill
+anywhere leaves a consistent state. The run's identity (settings that change the output, the source's files
+and sizes or hub commit, the tokenizer's hash, the eval files' hashes) is saved with it: a re-run of another
+command refuses in one line instead of mixing outputs (--overwrite=True starts over), and a re-run of the
+same command on a complete folder says so and does nothing. num_proc may change between runs.
 
 Memory: one shard buffer (max(val_tokens + shard_size, val_tokens / val_fraction) uint16, 220 MB at the
-defaults), the batches in flight, the workers, and 8 bytes per distinct document for dedup.
+defaults), the batches in flight, the workers, 8 bytes per distinct document for exact dedup and up to 112
+for near-dedup (1.2 GB for 10M documents), plus the eval sets' 13-grams (8 bytes each).
 """
 import hashlib
 import json
@@ -893,6 +922,7 @@ def prepare(cfg, argv=()):
     out_dir = os.path.join(cfg.data_dir, name)
     found = _previous_run(out_dir, name, identity, cfg.overwrite)
     if found and "documents" in found:  # a card: the same command already ran to the end
+        shutil.rmtree(os.path.join(out_dir, "resume"), ignore_errors=True)  # a kill just after the card
         print(f"{out_dir}/ is already complete, made by this same command ({len(found['shards'])} shards, "
               f"{found['tokens']['total']:,} tokens): nothing to do (--overwrite=True makes it again)")
         return found
