@@ -634,7 +634,9 @@ def contaminated(words, sets, n=13):
 EMAIL_PLACEHOLDER, IPV4_PLACEHOLDER, IPV6_PLACEHOLDER = "email@example.com", "192.0.2.1", "2001:db8::1"
 _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-]|\.\w)")
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
-_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+# eight groups, or fewer with a "::" (so times like 12:30:45 are not even candidates)
+_IPV6 = re.compile(r"(?<![\w:.])(?:(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|"
+                   r"(?=[0-9A-Fa-f:]*::)(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4})(?![\w:])")
 _URL_LOGIN = re.compile(r"[A-Za-z][\w+.-]*://([^\s/@]*:)?$")  # what precedes the user of scheme://user@host
 _SSH = re.compile(r"\b(ssh|scp|sftp|rsync|mosh)\b[^\n]*$")
 _VERSION_CUE = re.compile(r"(\b(version|ver|release|rev|revision|build|v)\s*:?\s*|[=<>~_-]\s*|\d:)$", re.I)
@@ -746,9 +748,10 @@ def _dedup(batch, stats, seen):
 
 
 class Filters:
-    """Every step between the source and the tokenizer, in this order: clean, exact dedup, decontaminate,
-    near-dedup, PII (last, as in FineWeb, so that it changes no dedup decision), and the state a resume
-    restores: the source position, the counts for the card, the two hash sets."""
+    """The steps between the source and the workers, in this order: clean, exact dedup, decontaminate,
+    near-dedup (PII comes last, as in FineWeb, so that it changes no dedup decision; it needs no state, so it
+    runs in the workers: pii_and_encode), and the state a resume restores: the source position, the counts
+    for the card, the two hash sets."""
 
     def __init__(self, cfg, pii, eval_sets, saved=None, folder=None):
         saved = saved or {"pos": None, "stats": {}, "seen": 0, "near": 0}
@@ -792,10 +795,7 @@ class Filters:
                     dup = self.near.duplicates(words)
                     st["dropped_near_duplicate"] += int(dup.sum())
                     batch = [t for t, d in zip(batch, dup) if not d]
-            if self.pii:
-                batch = [remove_pii(t, st) for t in batch]
-            st["kept"] += len(batch)
-            st["bytes_kept"] += sum(len(t.encode("utf-8")) for t in batch)
+            st["kept"] += len(batch)  # PII and bytes kept are counted where PII runs: in the workers
             yield batch, self.snapshot()
 
 
@@ -823,27 +823,41 @@ def _init_worker(tok_text):
     _worker_tok = Tokenizer.loads(tok_text)
 
 
-def _encode_in_worker(texts):
-    return encode_docs(_worker_tok, texts)
+def _encode_in_worker(texts, pii):
+    return pii_and_encode(_worker_tok, texts, pii)
 
 
-def encoded_batches(batches, tok, num_proc):
-    """batches: (texts, tag) pairs; yield (encode_docs(texts), tag) in order. With num_proc > 1 the texts go
-    to worker processes; at most 2 * num_proc are in flight, because Pool.imap would read the whole corpus
-    ahead into memory. The tag (the filters' state after the batch) travels with it, unencoded."""
+def pii_and_encode(tok, texts, pii):
+    """The last steps of a batch, which need no state, so they run in the workers: the PII step (FineWeb's,
+    after dedup), then the tokens. Returns (tokens, counts for the card: PII replacements and bytes kept)."""
+    counts = Counter()
+    if pii:
+        texts = [remove_pii(t, counts) for t in texts]
+    counts["bytes_kept"] += sum(len(t.encode("utf-8")) for t in texts)
+    return encode_docs(tok, texts), counts
+
+
+def encoded_batches(batches, tok, num_proc, pii=False):
+    """batches: (texts, tag) pairs; yield (tokens, tag, counts) of pii_and_encode(texts) in order. With
+    num_proc > 1 the texts go to worker processes; at most 2 * num_proc are in flight, because Pool.imap would
+    read the whole corpus ahead into memory. The tag (the filters' state after the batch) stays here."""
     if num_proc <= 1:
-        yield from ((encode_docs(tok, b), tag) for b, tag in batches)
+        for b, tag in batches:
+            tokens, counts = pii_and_encode(tok, b, pii)
+            yield tokens, tag, counts
         return
     with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tok.dumps(),)) as pool:
         pending = deque()
         for b, tag in batches:
-            pending.append((pool.apply_async(_encode_in_worker, (b,)), tag))
+            pending.append((pool.apply_async(_encode_in_worker, (b, pii)), tag))
             if len(pending) >= 2 * num_proc:
                 job, tag = pending.popleft()
-                yield job.get(), tag
+                tokens, counts = job.get()
+                yield tokens, tag, counts
         while pending:
             job, tag = pending.popleft()
-            yield job.get(), tag
+            tokens, counts = job.get()
+            yield tokens, tag, counts
 
 
 def load_tokenizer(spec):
@@ -870,6 +884,7 @@ def train_tokenizer(cfg, docs_fn, filters):
     for text in chain.from_iterable(b for b, _ in filters.batches(docs_fn())):
         if nbytes >= cfg.bpe_train_mb * 1_000_000:
             break
+        text = remove_pii(text, Counter()) if filters.pii else text
         texts.append(text)
         nbytes += len(text.encode("utf-8"))
     if not texts:
@@ -1024,7 +1039,10 @@ def _prepare(cfg, argv, name, docs_fn, source, spec, tok, out_dir, identity, sav
     ntok, prev = writer.written - skip, filters.snapshot()
     t0 = last = time.time()
     batches = filters.batches(docs_fn(at["pos"] if at else None))
-    for tokens, after in encoded_batches(batches, tok, cfg.num_proc):
+    late = Counter()  # the workers' counts (PII, bytes kept), which arrive in order, after the batch's snapshot
+    for tokens, after, counts in encoded_batches(batches, tok, cfg.num_proc, pii):
+        late.update(counts)
+        after = {**after, "stats": dict(Counter(after["stats"]) + late)}
         pending.append((ntok, prev))
         writer.add(tokens[skip:])
         ntok, prev, skip = ntok + len(tokens), after, 0
@@ -1032,7 +1050,8 @@ def _prepare(cfg, argv, name, docs_fn, source, spec, tok, out_dir, identity, sav
             last, dt, st = time.time(), time.time() - t0, filters.stats
             print(f"{st['read']:,} docs read, {st['bytes_read'] / 1e6:,.0f} MB, {ntok:,} tokens, "
                   f"{ntok / dt / 1e6:.2f}M tokens/s")
-    stats = filters.stats
+    stats = Counter(filters.stats)
+    stats.update(late)
     if stats["kept"] == 0:
         raise UserError(_empty_error(stats, cfg))
     shards = writer.finish()

@@ -534,8 +534,9 @@ def test_a_run_killed_anywhere_resumes_to_the_same_bytes(tmp_path, kind):
     else:
         pq.write_table(pa.table({"text": docs}), path, row_group_size=700)
     flags = [f"--input={path}", "--name=k", "--tokenizer=train", "--vocab_size=400", "--bpe_train_mb=1",
-             "--shard_size=20000", "--val_tokens=20000", "--num_proc=1"]
-    prepare.main([f"--data_dir={tmp_path / 'ref'}", *flags])  # uninterrupted
+             "--shard_size=20000", "--val_tokens=20000"]
+    prepare.main([f"--data_dir={tmp_path / 'ref'}", *flags, "--num_proc=1"])  # uninterrupted, in one process
+    flags.append("--num_proc=2")  # the killed runs: batches in flight in the workers when the kill comes
     ref = outputs(tmp_path / "ref" / "k")
     assert len(ref[0]) > 20 and ref[2]["documents"]["dropped"]["near_duplicate"] > 0 and ref[2]["pii"]
 
@@ -543,7 +544,8 @@ def test_a_run_killed_anywhere_resumes_to_the_same_bytes(tmp_path, kind):
     # time the signal arrives: between shards, inside one, while saving state), and resume each time
     rng = np.random.default_rng(0)
     out = tmp_path / "data" / "k"
-    for when in ["training a", *sorted(rng.choice(np.arange(2, 20), size=2, replace=False))]:
+    n = len(ref[0])  # one kill in each half of the run: the later ones resume from deep inside the source
+    for when in ["training a", int(rng.integers(2, n // 2)), int(rng.integers(n // 2, n - 2))]:
         p = subprocess.Popen([sys.executable, str(REPO / "prepare.py"), f"--data_dir={tmp_path / 'data'}", *flags],
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
