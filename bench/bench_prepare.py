@@ -178,7 +178,7 @@ def real_documents():
     for f in sorted(glob.glob("/usr/share/doc/*/changelog.Debian.gz")):
         yield f, gzip.open(f, "rt", encoding="utf-8", errors="replace").read()
     for f in sorted(glob.glob("/usr/share/doc/*/copyright")) + sorted(glob.glob("/usr/share/common-licenses/*")):
-        if os.path.isfile(f):
+        if os.path.isfile(f) and not os.path.islink(f):  # GPL -> GPL-3 and the like: exact copies
             yield f, open(f, encoding="utf-8", errors="replace").read()
     root, files = prepare._stdlib_files()
     for f in files:
@@ -192,18 +192,19 @@ def bench_steps(tmp, data, tok_path):
     with open(path, "w", encoding="utf-8") as f:
         for _, text in docs:
             f.write(json.dumps({"text": text}) + "\n")
-    # an eval set of 500 60-word passages of pydoc topics (which are in the corpus): the decontamination
-    # step has real hits to find
-    from pydoc_data.topics import topics
-    passages = [" ".join(t.split()[:60]) for t in (topics[k] for k in sorted(topics)) if len(t.split()) > 60]
+    # an eval set of 500 passages of 60 words from the middle of random documents of the corpus, LAMBADA's
+    # format: the decontamination step has real hits to find (and the copies of those documents too)
+    rng = np.random.default_rng(0)
+    passages = [" ".join(w[len(w) // 2:len(w) // 2 + 60]) for w in
+                (docs[i][1].split() for i in rng.choice(len(docs), 500, replace=False)) if len(w) > 200]
     eval_path = os.path.join(tmp, "lambada_like.jsonl")
     with open(eval_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": p}) + "\n" for p in passages[:500])
+        f.writelines(json.dumps({"text": p}) + "\n" for p in passages)
     off = ["--pii=False", "--near_dedup=False"]
     runs = [("all filters off", off),
             ("+ PII", ["--pii=True", "--near_dedup=False"]),
             ("+ near-dedup (MinHash 14x8)", ["--pii=False", "--near_dedup=True"]),
-            (f"+ decontaminate ({len(passages[:500])} items)", off + [f"--decontaminate={eval_path}"]),
+            (f"+ decontaminate ({len(passages)} items)", off + [f"--decontaminate={eval_path}"]),
             ("all on", ["--pii=True", "--near_dedup=True", f"--decontaminate={eval_path}"])]
     print(f"\nfilters: the whole pipeline on {len(docs):,} real documents ({os.path.getsize(path) / 1e6:.0f} MB "
           f"jsonl: Debian changelogs and copyright files, licences, stdlib), {num_proc} worker processes")
@@ -238,12 +239,12 @@ def bench_near_duplicates(sample_pairs=12):
     for i in sorted(rng.choice(np.flatnonzero(dup), size=min(sample_pairs, int(dup.sum())), replace=False)):
         j = max(range(i), key=lambda j: len(shingles[i] & shingles[j]) / max(1, len(shingles[i] | shingles[j])))
         jac = len(shingles[i] & shingles[j]) / len(shingles[i] | shingles[j])
-        print(f"  J={jac:.2f}  removed {docs[i][0]}  ~  {docs[j][0]}")
+        print(f"  J={jac:.2f}  removed {_short(docs[i][0])}  ~  {_short(docs[j][0])}")
     lic = [i for i, (n, _) in enumerate(docs) if n.startswith("/usr/share/common-licenses/")]
     best = lambda i: max((j for j in range(len(docs)) if j != i),  # noqa: E731
                          key=lambda j: len(shingles[i] & shingles[j]) / max(1, len(shingles[i] | shingles[j])))
     print("  the licence texts: " + ", ".join(
-        f"{os.path.basename(docs[i][0])} " + (f"removed (~{docs[best(i)][0].split('/')[-2]})" if dup[i] else "kept")
+        f"{os.path.basename(docs[i][0])} " + (f"removed (~{_short(docs[best(i)][0])})" if dup[i] else "kept")
         for i in lic))
     try:
         from datasketch import MinHash, MinHashLSH
@@ -271,6 +272,11 @@ def bench_near_duplicates(sample_pairs=12):
 
 
 _WORDS_RE = prepare._NOT_WORD
+
+
+def _short(path):
+    """/usr/share/doc/PKG/FILE -> PKG/FILE"""
+    return "/".join(path.split("/")[-2:])
 
 # How the PII sample was labelled: candidates are every string on the machine shaped like an e-mail address
 # (text@text.text) or an IP address (a dotted quad, or colon-separated hex); a candidate is an address if it
