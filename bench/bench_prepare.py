@@ -5,6 +5,12 @@ encoding, same text, same run, same number of threads).
 
     python bench/bench_prepare.py                 # stdlib corpus + 50 MB and 200 MB local .jsonl
     python bench/bench_prepare.py --sizes=20,80   # smaller, quicker
+    python bench/bench_prepare.py --sizes=20 --compare_modes=False   # what bench/README.md's filter section ran
+
+Filters (filters=True): on the real text of a Debian machine (changelogs, copyright files, licences, stdlib),
+the whole pipeline with each of PII, near-dedup and decontamination on and off; what MinHash removes, with a
+sample of removed pairs and their Jaccard similarity, against datasketch when it is installed; and the PII
+step's precision and recall on a labelled sample (how it was labelled: see _TRUE_IPS).
 
 Corpora: the stdlib corpus (prepare.py --dataset=stdlib, which also trains the 4096-token BPE used everywhere
 here), then .jsonl files of the given sizes built from the cleaned stdlib documents, each copy given a distinct
