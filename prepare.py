@@ -127,7 +127,7 @@ shard_size = 100_000_000  # tokens per train shard (llm.c's FineWeb shards: 100M
 val_tokens = 10_000_000  # validation gets the first min(val_tokens, val_fraction * corpus) tokens
 val_fraction = 0.1
 num_proc = os.cpu_count() or 1  # tokenizer worker processes
-pii = None  # replace e-mail and public IP addresses with placeholders; None = on for the hub and --input, off for stdlib
+pii = None  # e-mail and public IP addresses to placeholders; None = on for the hub and --input, off for stdlib
 near_dedup = None  # MinHash near-duplicate removal (FineWeb's stage); None = on for the hub and --input, off for stdlib
 minhash_bands = 14  # b bands of r rows: FineWeb's 14 x 8 (112 hashes) drop pairs above Jaccard ~0.7, see NearDuplicates
 minhash_rows = 8

@@ -124,7 +124,8 @@ def main():
         for label, fn in [
             ("1 process", lambda: [prepare.encode_docs(tok, b, 1) for b in batches]),
             (f"{num_proc} tiktoken threads", lambda: [prepare.encode_docs(tok, b, num_proc) for b in batches]),
-            (f"{num_proc} worker processes", lambda: list(prepare.encoded_batches(((b, None) for b in batches), tok, num_proc))),
+            (f"{num_proc} worker processes",
+             lambda: list(prepare.encoded_batches(((b, None) for b in batches), tok, num_proc))),
         ]:
             runs = []  # (wall s, CPU s of this process and its finished children): CPU/wall = cores used,
             for _ in range(3):  # which the other users of a shared machine disturb less than wall time
@@ -221,8 +222,9 @@ def bench_steps(tmp, data, tok_path):
         mb, secs, d = card["bytes"]["read"] / 1e6, card["seconds"], card["documents"]
         base = base or secs
         print(f"  {label:<32} {mb / secs:5.2f} MB/s ({secs / base:.2f}x the time of all off), {cpu / mb:.2f} CPU s "
-              f"per MB, peak RSS {max(rss):.0f} MB; kept {d['kept']:,}, near-duplicates {d['dropped']['near_duplicate']:,}, "
-              f"contaminated {d['dropped']['contaminated']:,}, PII {card['pii'] and {k: v['replaced'] for k, v in card['pii'].items()}}")
+              f"per MB, peak RSS {max(rss):.0f} MB; kept {d['kept']:,}, near-duplicates "
+              f"{d['dropped']['near_duplicate']:,}, contaminated {d['dropped']['contaminated']:,}, PII "
+              f"{card['pii'] and {k: v['replaced'] for k, v in card['pii'].items()}}")
 
 
 def bench_near_duplicates(sample_pairs=12):

@@ -209,7 +209,8 @@ def test_each_filter_changes_its_count_in_the_card(tmp_path, tok_path, extra, de
     base, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'a.jsonl', BASE)}", *flags, name="a")
     more, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'b.jsonl', BASE + [extra])}", *flags, name="b")
     assert counts(base) == {"read": 5, "kept": 5, "missing_text": 0, "garbage": 0, "shorter_than_min_chars": 0,
-                            "duplicate": 0, "contaminated": 0, "near_duplicate": 0, "line_endings_normalised": 0, "control_chars_stripped": 0,
+                            "duplicate": 0, "contaminated": 0, "near_duplicate": 0, "line_endings_normalised": 0,
+                            "control_chars_stripped": 0,
                             "nfc_normalised": 0}
     assert {k: counts(more)[k] - counts(base)[k] for k in counts(base)} == \
         {k: delta.get(k, 0) for k in counts(base)}
@@ -429,7 +430,8 @@ def test_missing_or_null_text_is_counted_as_such(tmp_path, tok_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--min_chars=40")
     assert counts(card) == {"read": 7, "kept": 5, "missing_text": 2, "garbage": 0, "shorter_than_min_chars": 0,
-                            "duplicate": 0, "contaminated": 0, "near_duplicate": 0, "line_endings_normalised": 0, "control_chars_stripped": 0,
+                            "duplicate": 0, "contaminated": 0, "near_duplicate": 0, "line_endings_normalised": 0,
+                            "control_chars_stripped": 0,
                             "nfc_normalised": 0}
     assert "| dropped: text missing or null | 2 |" in (out / "README.md").read_text()
     # the same for a null in a parquet string column
