@@ -157,22 +157,27 @@ def test_parallel_workers_give_identical_shards(tmp_path, tok_path):
 def test_tokenizer_train_saves_the_trained_vocabulary(tmp_path):
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = [(root / f).read_text(encoding="utf-8") for f in ("textwrap.py", "string.py", "shlex.py")]
+    # --pii=False: textwrap.py's "Written by Greg Ward <gward@...>" would become email@example.com
     card, out = run(tmp_path, f"--input={write_jsonl(tmp_path / 'c.jsonl', docs)}", "--tokenizer=train",
-                    "--vocab_size=300")
+                    "--vocab_size=300", "--pii=False")
     tok = Tokenizer.load(out / "tokenizer.bpe")
     assert tok.vocab_size == 300 and card["tokenizer"]["vocab_size"] == 300
     assert card["tokenizer"]["trained_on"] == {"docs": 3, "bytes": sum(len(d.encode()) for d in docs)}
     assert [tok.decode(d) for d in split_docs(token_stream(out), tok.eot_token)] == docs
 
 
-def test_rerun_overwrites_cleanly(tmp_path, tok_path):
+def test_a_different_command_is_refused_and_overwrite_starts_over(tmp_path, tok_path):
     docs = [f"Document {i}, " + "filler words to make it longer " * 5 for i in range(30)]
     path = write_jsonl(tmp_path / "c.jsonl", docs)
-    run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--shard_size=200", "--val_tokens=100")
+    flags = [f"--input={path}", f"--tokenizer={tok_path}", "--near_dedup=False"]
+    run(tmp_path, *flags, "--shard_size=200", "--val_tokens=100")
     assert len(shard_files(tmp_path / "data" / "t")) > 5
-    card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--shard_size=100000")
+    with pytest.raises(SystemExit, match=r"data/t/ holds the output of another command \(--shard_size=200 there, "
+                                         r"100000 here\); to start over: the same command with --overwrite=True"):
+        run(tmp_path, *flags, "--shard_size=100000")
+    card, out = run(tmp_path, *flags, "--shard_size=100000", "--overwrite=True")
     assert [Path(f).name for f in shard_files(out)] == ["t_val_000000.bin", "t_train_000001.bin"]
-    assert not glob(f"{out}/*.tmp")
+    assert not glob(f"{out}/*.tmp") and not (out / "resume").exists()
     assert sum(len(read_shard(f)) for f in shard_files(out)) == card["tokens"]["total"]
 
 
@@ -204,7 +209,8 @@ def test_each_filter_changes_its_count_in_the_card(tmp_path, tok_path, extra, de
     base, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'a.jsonl', BASE)}", *flags, name="a")
     more, _ = run(tmp_path, f"--input={write_jsonl(tmp_path / 'b.jsonl', BASE + [extra])}", *flags, name="b")
     assert counts(base) == {"read": 5, "kept": 5, "missing_text": 0, "garbage": 0, "shorter_than_min_chars": 0,
-                            "duplicate": 0, "line_endings_normalised": 0, "control_chars_stripped": 0,
+                            "duplicate": 0, "contaminated": 0, "near_duplicate": 0, "line_endings_normalised": 0,
+                            "control_chars_stripped": 0,
                             "nfc_normalised": 0}
     assert {k: counts(more)[k] - counts(base)[k] for k in counts(base)} == \
         {k: delta.get(k, 0) for k in counts(base)}
@@ -243,8 +249,9 @@ def test_stdlib_source_is_library_code_in_a_fixed_mixed_order():
     assert rel == sorted(rel) and "os.py" in rel and "json/decoder.py" in rel
     assert not any(part in ("test", "tests", "site-packages") for r in rel for part in r.split("/"))
     assert 8e6 < sum(f.stat().st_size for f in files) < 20e6  # ~12 MB on CPython 3.11
-    docs = list(prepare._stdlib_docs())
-    assert docs == list(prepare._stdlib_docs())  # the same order every run
+    docs = [text for text, _ in prepare._stdlib_docs()]
+    assert docs == [text for text, _ in prepare._stdlib_docs()]  # the same order every run
+    assert [t for t, _ in prepare._stdlib_docs(start=5)] == docs[5:]  # a resume starts at a document
     from pydoc_data.topics import topics
     assert len(docs) == len(files) + len(topics) and topics["assert"] in docs
     first = [(root / r).read_bytes().decode() for r in rel[:5]]
@@ -319,7 +326,7 @@ def test_vocab_too_large_for_uint16_is_refused_before_any_work(tmp_path):
 def test_empty_corpus_after_filtering_is_an_error(tmp_path, tok_path):
     path = write_jsonl(tmp_path / "c.jsonl", ["short", "tiny", "short"])
     with pytest.raises(SystemExit, match=r"no documents left after cleaning \(read 3: 0 without text, "
-                                         r"3 shorter than min_chars=64, 0 garbage, 0 duplicates\)"):
+                                         r"3 shorter than min_chars=64, 0 garbage, 0 duplicates, .*\)"):
         run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}")
     assert not shard_files(tmp_path / "data" / "t")
     with pytest.raises(SystemExit, match="no documents left after cleaning"):  # the same when training
@@ -423,7 +430,8 @@ def test_missing_or_null_text_is_counted_as_such(tmp_path, tok_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--min_chars=40")
     assert counts(card) == {"read": 7, "kept": 5, "missing_text": 2, "garbage": 0, "shorter_than_min_chars": 0,
-                            "duplicate": 0, "line_endings_normalised": 0, "control_chars_stripped": 0,
+                            "duplicate": 0, "contaminated": 0, "near_duplicate": 0, "line_endings_normalised": 0,
+                            "control_chars_stripped": 0,
                             "nfc_normalised": 0}
     assert "| dropped: text missing or null | 2 |" in (out / "README.md").read_text()
     # the same for a null in a parquet string column
@@ -489,5 +497,227 @@ def test_ctrl_c_stops_in_one_line_and_keeps_only_complete_shards(tmp_path):
     assert "Traceback" not in "".join(lines)
     out = tmp_path / "data" / "stdlib"
     shards = sorted(out.glob("stdlib_*.bin"))
-    assert shards and sorted(os.listdir(out)) == ["command.txt"] + [f.name for f in shards]  # no *.tmp, no card
+    # no *.tmp, no card; the resume state
+    assert shards and sorted(os.listdir(out)) == ["command.txt", "resume"] + [f.name for f in shards]
     assert all(len(read_shard(f)) == 2000 for f in shards)  # each complete: header, size and count agree
+
+
+# -----------------------------------------------------------------------------
+# resuming a killed run: the same bytes as a run that was never interrupted
+
+def stdlib_chunks(n_chars=1000, files=120):
+    """Real text in many documents: the first `files` stdlib modules cut into pieces of ~n_chars."""
+    root, paths = prepare._stdlib_files()
+    docs = []
+    for p in paths[:files]:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        docs += [text[i:i + n_chars] for i in range(0, len(text), n_chars)]
+    return docs
+
+
+def outputs(out):
+    """Everything a resumed run must reproduce exactly: the shards and the tokenizer, byte for byte, and the
+    card's counts (not its timestamps)."""
+    card = json.loads((out / "card.json").read_text())
+    files = {f.name: f.read_bytes() for f in sorted(out.glob("*.bin"))}
+    return files, (out / "tokenizer.bpe").read_bytes(), {k: card[k] for k in (
+        "documents", "bytes", "tokens", "shards", "pii", "decontamination", "tokenizer")}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_run_killed_anywhere_resumes_to_the_same_bytes(tmp_path, kind):
+    # 2.5 MB: more than one of the pipeline's 1 MB batches and of datasets' 1000-row batches, so a resume
+    # starts mid-source; small shards, so that a kill can land after some shards or in the middle of one
+    docs = stdlib_chunks()
+    assert len(docs) > 2000 and sum(map(len, docs)) > 2_000_000
+    path = tmp_path / f"c.{kind}"
+    if kind == "jsonl":
+        write_jsonl(path, docs)
+    else:
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=700)
+    flags = [f"--input={path}", "--name=k", "--tokenizer=train", "--vocab_size=400", "--bpe_train_mb=1",
+             "--shard_size=20000", "--val_tokens=20000"]
+    prepare.main([f"--data_dir={tmp_path / 'ref'}", *flags, "--num_proc=1"])  # uninterrupted, in one process
+    flags.append("--num_proc=2")  # the killed runs: batches in flight in the workers when the kill comes
+    ref = outputs(tmp_path / "ref" / "k")
+    assert len(ref[0]) > 20 and ref[2]["documents"]["dropped"]["near_duplicate"] > 0 and ref[2]["pii"]
+
+    # kill -9 while the tokenizer trains, then after a few random shards (wherever the process got to by the
+    # time the signal arrives: between shards, inside one, while saving state), and resume each time
+    rng = np.random.default_rng(0)
+    out = tmp_path / "data" / "k"
+    n = len(ref[0])  # one kill in each half of the run: the later ones resume from deep inside the source
+    for when in ["training a", int(rng.integers(2, n // 2)), int(rng.integers(n // 2, n - 2))]:
+        p = subprocess.Popen([sys.executable, str(REPO / "prepare.py"), f"--data_dir={tmp_path / 'data'}", *flags],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        seen = 0
+        for line in p.stdout:
+            seen += line.startswith("wrote ")
+            if line.startswith(when) if isinstance(when, str) else seen + len(list(out.glob("*.bin"))) >= when:
+                p.kill()
+                break
+        p.wait(TIMEOUT)
+        assert p.returncode == -signal.SIGKILL, "the run ended before it was killed: shrink the shards"
+        assert not (out / "card.json").exists()
+    r = script(tmp_path, f"--data_dir={tmp_path / 'data'}", *flags)
+    assert r.returncode == 0 and "resuming after" in r.stdout, r.stdout + r.stderr
+    assert outputs(out) == ref
+    assert sorted(p.name for p in out.iterdir()) == sorted(["card.json", "README.md", "command.txt",
+                                                           "tokenizer.bpe", *ref[0]])  # no resume/ left
+
+
+def test_rerunning_a_complete_folder_says_so(tmp_path):
+    flags = [f"--data_dir={tmp_path / 'data'}", "--dataset=stdlib", "--num_proc=1", "--vocab_size=300",
+             "--bpe_train_mb=1"]
+    card = prepare.main(flags)
+    shard = tmp_path / "data" / "stdlib" / card["shards"][0]["file"]
+    before = shard.stat().st_mtime_ns
+    r = script(tmp_path, *flags)
+    assert r.returncode == 0 and "is already complete, made by this same command" in r.stdout
+    assert "training a" not in r.stdout and shard.stat().st_mtime_ns == before  # nothing retrained or rewritten
+    r = script(tmp_path, *flags[:-1], "--bpe_train_mb=2")
+    assert_one_line_error(r, "holds the output of another command (--bpe_train_mb=1 there, 2 here)",
+                          "--overwrite=True")
+
+
+# -----------------------------------------------------------------------------
+# personal data: each rule of remove_pii's docstrings, as a case
+
+@pytest.mark.parametrize("text, expected", [
+    # replaced: addresses people can be reached at, and public IP addresses
+    ("Written by Greg Ward <gward@python.net>", "Written by Greg Ward <email@example.com>"),
+    ("mail jane.doe+list@mail.example.co.uk.", "mail email@example.com."),
+    ("<a href=\"mailto:ann@corp.org\">", "<a href=\"mailto:email@example.com\">"),
+    ("https://host.org/send?to=bob@corp.org&x=1", "https://host.org/send?to=email@example.com&x=1"),
+    ("the server at 203.0.113.99 is a test address, 81.2.69.160 is not", None),
+    ("login from 81.2.69.160, then 2a00:1450:4009:81f::200e.",
+     "login from 192.0.2.1, then 2001:db8::1."),
+    # kept: versions, private ranges, code, logins in URLs
+    ("* Release 4.10.2.1 (2020-01-01); python-2.7.18.1; ==4.10.2.1", None),
+    ("libfoo (4.10.20.1-1) unstable; urgency=low", None),
+    ("upgrade to 2.0.1.3 before Friday", None),
+    ("the router is 192.168.1.1, the VPN 10.0.0.1, loopback 127.0.0.1 and ::1, link fe80::1", None),
+    ("ssh deploy@build.example.org 'uptime'; git clone git@github.com:owner/repo.git", None),
+    ("    @property\n    def name(self):\n        return self.x @ self.w\n@app.route('/')", None),
+    ("ssh root@host; pip install pkg@1.2.3; y = x@W.T", None),
+    ("clone https://user:secret@git.example.org/r.git or ftp://anon@ftp.example.org", None),
+    ("at 12:30:45 the MAC 00:1a:2b:3c:4d:5e, a[1::2]", None),
+])
+def test_pii_replaces_addresses_and_keeps_look_alikes(text, expected):
+    stats = prepare.Counter()
+    if expected is None and "81.2.69.160" in text:
+        expected = text.replace("81.2.69.160", "192.0.2.1")  # 203.0.113.0/24 is for documentation: kept
+    assert prepare.remove_pii(text, stats) == (text if expected is None else expected)
+    assert prepare.remove_pii(expected or text, prepare.Counter()) == (expected or text)  # placeholders stay
+
+
+def test_pii_is_counted_per_kind_and_on_by_default_for_local_input(tmp_path, tok_path):
+    docs = [b + " Contact ann@corp.org or bob@corp.org." for b in BASE[:2]] + [BASE[2] + " Host 81.2.69.160."]
+    path = write_jsonl(tmp_path / "c.jsonl", docs + BASE[3:])
+    card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--min_chars=40")
+    assert card["pii"] == {"email": {"documents": 2, "replaced": 4}, "ipv4": {"documents": 1, "replaced": 1},
+                           "ipv6": {"documents": 0, "replaced": 0}}
+    text = Tokenizer.load(tok_path).decode(token_stream(out).tolist())
+    assert "ann@corp.org" not in text and "81.2.69.160" not in text and "email@example.com" in text
+    assert "email addresses replaced 4 times in 2 documents" in (out / "README.md").read_text()
+    card, _ = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--min_chars=40", "--pii=False", name="n")
+    assert card["pii"] is None and card["bytes"]["kept"] == sum(len(d.encode()) for d in docs + BASE[3:])
+
+
+# -----------------------------------------------------------------------------
+# near-duplicates and decontamination
+
+def planted_near_duplicates():
+    """Real documents (stdlib prose, ~500 words each) and near-copies of them, as a crawl sees them."""
+    from pydoc_data.topics import topics
+    originals = [t for t in (topics[k] for k in sorted(topics)) if 400 < len(t.split()) < 800][:6]
+    rng = np.random.default_rng(0)
+    words = originals[2].split()
+    spans = [(i, i + 5) for i in rng.choice(len(words) // 5, size=len(words) // 100, replace=False) * 5]
+    edited = list(words)
+    for a, b in spans:  # 5% of the words rewritten, in a few five-word phrases, as an editor would
+        edited[a:b] = ["rewritten"] * (b - a)
+    copies = ["Last updated: 3 March 2021\n" + originals[0],  # a changed date line...
+              "Last updated: 9 July 2024\n" + originals[0],
+              originals[1] + "\n\nCopyright 2024 Example Corp. All rights reserved. Privacy policy. Contact us.",
+              " ".join(edited)]
+    return originals, copies
+
+
+def test_planted_near_duplicates_are_removed_and_shared_headers_kept(tmp_path, tok_path):
+    originals, copies = planted_near_duplicates()
+    licence = Path("/usr/share/common-licenses/Apache-2.0").read_text()[:3000] if \
+        Path("/usr/share/common-licenses/Apache-2.0").exists() else originals[5] * 2
+    # two different modules under the same long licence header: similar only in the header
+    root = Path(sysconfig.get_paths()["stdlib"])
+    headed = [licence + "\n" + (root / f).read_text()[:6000] for f in ("textwrap.py", "shlex.py")]
+    path = write_jsonl(tmp_path / "c.jsonl", originals + copies + headed)
+    card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--pii=False")
+    assert card["documents"]["dropped"]["near_duplicate"] == len(copies)
+    assert card["documents"]["kept"] == len(originals) + len(headed)
+    tok = Tokenizer.load(tok_path)
+    assert [tok.decode(d) for d in split_docs(token_stream(out), tok.eot_token)] == originals + headed
+    assert card["near_dedup"]["bands"] == 14 and card["near_dedup"]["rows"] == 8
+
+
+def test_five_percent_of_words_changed_at_random_needs_a_lower_threshold():
+    # each changed word breaks the 5 shingles it is in: Jaccard ~0.63, which FineWeb's 14 x 8 catches ~30% of
+    # the time (NearDuplicates' docstring); 28 x 4 (~0.45) catches it, and still keeps unrelated documents
+    originals, _ = planted_near_duplicates()
+    rng = np.random.default_rng(1)
+    words = originals[3].split()
+    for i in rng.choice(len(words), size=len(words) // 20, replace=False):
+        words[i] = "changed"
+    docs = [prepare.word_hashes(t) for t in originals + [" ".join(words)]]
+    a, b = (set(prepare.ngram_hashes(docs[i], 5).tolist()) for i in (3, -1))
+    assert 0.55 < len(a & b) / len(a | b) < 0.7
+    near = prepare.NearDuplicates(28, 4)
+    assert near.duplicates(docs).tolist() == [False] * len(originals) + [True]
+
+
+def test_documents_sharing_a_13_gram_with_an_eval_set_are_dropped(tmp_path, tok_path):
+    docs = [d for d in stdlib_chunks(2000, files=12) if len(d.split()) > 150][:12]
+    words = docs[4].split()
+    # three eval files in eval.py's formats, each quoting one training document (case and punctuation differ)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"query": "Q: " + " ".join(words[10:40]).upper(),
+                              "choices": ["no", " ".join(words[40:60])], "gold": 1}) + "\n")
+    lam = tmp_path / "lambada.jsonl"
+    lam.write_text(json.dumps({"text": "Something else entirely. " + docs[7][100:400]}) + "\n"
+                   + json.dumps({"text": "too short to check"}) + "\n")
+    hs = tmp_path / "hellaswag.jsonl"
+    hs.write_text(json.dumps({"ctx_a": docs[9][:200].replace(",", " ,"), "ctx_b": "", "activity_label": "x",
+                              "endings": ["a", "b", "c", "d"], "label": 0}) + "\n")
+    # a passage that shares only 12 words in a row with any eval text stays
+    twelve = " ".join(words[10:22])
+    quote = f"An unrelated document that quotes: {twelve} and ends."
+    path = write_jsonl(tmp_path / "c.jsonl", docs + [quote])
+    card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--pii=False", "--near_dedup=False",
+                    f"--decontaminate={mc},{lam},{hs}", "--min_chars=20")
+    assert card["decontamination"] == {"mc.jsonl": {"documents_dropped": 1, "items_too_short": 0, "ngram": 13},
+                                       "lambada.jsonl": {"documents_dropped": 1, "items_too_short": 1, "ngram": 13},
+                                       "hellaswag.jsonl": {"documents_dropped": 1, "items_too_short": 0, "ngram": 13}}
+    assert card["documents"]["dropped"]["contaminated"] == 3 and card["documents"]["kept"] == len(docs) - 2
+    tok = Tokenizer.load(tok_path)
+    kept = [tok.decode(d) for d in split_docs(token_stream(out), tok.eot_token)]
+    assert kept == [d for i, d in enumerate(docs) if i not in (4, 7, 9)] + [quote]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "?"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl line 1: not an item of eval.py's formats"):
+        run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", f"--decontaminate={bad}", name="b")
+
+
+# -----------------------------------------------------------------------------
+# two command-line slips
+
+def test_a_dataset_typo_suggests_the_name_and_separator_escapes_are_read(tmp_path, tok_path):
+    with pytest.raises(SystemExit, match=r"^error: unknown --dataset=stdlbi: did you mean stdlib\?"):
+        prepare.main([f"--data_dir={tmp_path / 'data'}", "--dataset=stdlbi"])
+    tok = Tokenizer.load(tok_path)
+    (tmp_path / "all.txt").write_text("\n===\n".join(CLEAN), encoding="utf-8")
+    # as a shell passes --separator='\n===\n': backslash-n, two characters, meaning a newline
+    card, out = run(tmp_path, f"--input={tmp_path / 'all.txt'}", r"--separator=\n===\n", f"--tokenizer={tok_path}",
+                    "--min_chars=20")
+    assert [tok.decode(d) for d in split_docs(token_stream(out), tok.eot_token)] == CLEAN
+    assert card["source"]["separator"] == "\n===\n"
