@@ -77,7 +77,7 @@ _GPT2 = dict(vocab_size=50257, special_tokens={"<|endoftext|>": 50256})  # tikto
 def fix_surrogates(text):
     """str -> str that UTF-8 can encode: a surrogate pair left split (as UTF-16 sources and JSON
     escapes produce, 'a\\ud83d\\ude00b') is joined into its character ('a😀b'), and a lone surrogate
-    becomes U+FFFD. This is what tiktoken does, and prepare.py cleans text with the same rule."""
+    becomes U+FFFD. This is what tiktoken does, and clean.py cleans text with the same rule."""
     try:
         text.encode("utf-8")
         return text

@@ -37,6 +37,7 @@ from collections import Counter
 import numpy as np
 
 from benchlib import ROOT, watch_rss  # first: it puts the repository root on sys.path for the imports below
+import clean  # the filters prepare.py runs: the near-dedup and PII steps are timed alone below
 import prepare  # the code under test: its pipeline's functions are timed one by one below
 from bpe import Tokenizer
 
@@ -111,9 +112,9 @@ def main():
     wall, cpu, rss, card = run_prepare(["--dataset=stdlib", f"--data_dir={data}", f"--num_proc={num_proc}"])
     tok_path = os.path.join(data, "stdlib", "tokenizer.bpe")
     tok = Tokenizer.load(tok_path)
-    docs = [d for b in prepare.clean_batches((t for t, _ in prepare._stdlib_docs()), Counter(), prepare.min_chars,
-                                             prepare.max_garbage) for d in b]
-    batches = list(prepare.clean_batches(iter(docs), Counter(), 0, 1.0))
+    docs = [d for b in clean.clean_batches((t for t, _ in prepare._stdlib_docs()), Counter(), prepare.min_chars,
+                                           prepare.max_garbage) for d in b]
+    batches = list(clean.clean_batches(iter(docs), Counter(), 0, 1.0))
     print(f"tokenizer {tok.name}: trained in the stdlib run ({card['tokenizer']['trained_on']['bytes'] / 1e6:.1f} "
           f"MB); {card['tokens']['bytes_per_token']} bytes/token")
     report("stdlib (the process also trains the BPE: whole-process figures include it)", wall, cpu, rss, card,
@@ -156,7 +157,7 @@ def main():
                                        "--pii=False", "--near_dedup=False"])  # the copies are near-duplicates
         assert card["documents"]["dropped"]["duplicate"] == 0, "the copies should all be distinct"
         texts = [json.loads(l)["text"] for l in open(path, encoding="utf-8")]
-        ref_batches = list(prepare.clean_batches(iter(texts), Counter(), 0, 1.0, seen=_NoDedup()))
+        ref_batches = list(clean.clean_batches(iter(texts), Counter(), 0, 1.0, seen=_NoDedup()))
         del texts
         report(f"local .jsonl, {size} MB", wall, cpu, rss, card,
                tiktoken_reference(tok, ref_batches, num_proc))
@@ -230,11 +231,11 @@ def bench_steps(tmp, data, tok_path):
 def bench_near_duplicates(sample_pairs=12):
     """What MinHash removes from the Debian documents (no stdlib), with a sample of removed pairs, and the
     cost of the step alone against datasketch's MinHash on the same shingles."""
-    docs = [(n, prepare.clean(t, Counter(), 64, 0.25)) for n, t in real_documents() if n.startswith("/usr")]
+    docs = [(n, clean.clean(t, Counter(), 64, 0.25)) for n, t in real_documents() if n.startswith("/usr")]
     docs = [(n, t) for n, t in docs if t]
-    words = [prepare.word_hashes(t) for _, t in docs]
+    words = [clean.word_hashes(t) for _, t in docs]
     mb = sum(len(t.encode()) for _, t in docs) / 1e6
-    near = prepare.NearDuplicates(14, 8)
+    near = clean.NearDuplicates(14, 8)
     t0 = time.perf_counter()
     dup = np.concatenate([near.duplicates(words[i:i + 500]) for i in range(0, len(words), 500)])
     secs = time.perf_counter() - t0
@@ -242,7 +243,7 @@ def bench_near_duplicates(sample_pairs=12):
           f"({dup.mean():.0%}) by MinHash 14 x 8 on word 5-grams; the step alone (words, shingles, signatures, index) "
           f"{mb / secs:.1f} MB/s on one core, index {near.index.count * 8 / len(docs):.0f} bytes per document")
     # a sample of removed documents, each with the earlier kept or removed document it is closest to
-    shingles = [set(prepare.ngram_hashes(w, 5).tolist()) for w in words]
+    shingles = [set(clean.ngram_hashes(w, 5).tolist()) for w in words]
     rng = np.random.default_rng(0)
     for i in sorted(rng.choice(np.flatnonzero(dup), size=min(sample_pairs, int(dup.sum())), replace=False)):
         j = max(range(i), key=lambda j: len(shingles[i] & shingles[j]) / max(1, len(shingles[i] | shingles[j])))
@@ -279,7 +280,7 @@ def bench_near_duplicates(sample_pairs=12):
           f"(traced Python memory; its default SHA-1 per shingle makes most of the time)")
 
 
-_WORDS_RE = prepare._NOT_WORD
+_WORDS_RE = clean._NOT_WORD
 
 
 def _short(path):
@@ -305,13 +306,13 @@ def bench_pii(n=60):
     docs = list(real_documents())
     t0, stats = time.perf_counter(), Counter()
     for _, t in docs:
-        prepare.remove_pii(t, stats)
+        clean.remove_pii(t, stats)
     secs, mb = time.perf_counter() - t0, sum(len(t.encode()) for _, t in docs) / 1e6
 
     def replaced(t, m):  # was this candidate replaced, in the context of its own line?
         a, b = t.rfind("\n", 0, m.start()) + 1, t.find("\n", m.end())
         line = t[a:b if b >= 0 else len(t)]
-        return m.group() not in prepare.remove_pii(line, Counter())
+        return m.group() not in clean.remove_pii(line, Counter())
     cands = {"stdlib": [], "debian": []}
     ips = []
     for name, t in docs:

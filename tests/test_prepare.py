@@ -9,6 +9,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections import Counter
 from glob import glob
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import clean
 import prepare
 from bpe import Tokenizer
 from shards import read_shard, write_shard
@@ -605,11 +607,11 @@ def test_rerunning_a_complete_folder_says_so(tmp_path):
     ("at 12:30:45 the MAC 00:1a:2b:3c:4d:5e, a[1::2]", None),
 ])
 def test_pii_replaces_addresses_and_keeps_look_alikes(text, expected):
-    stats = prepare.Counter()
+    stats = Counter()
     if expected is None and "81.2.69.160" in text:
         expected = text.replace("81.2.69.160", "192.0.2.1")  # 203.0.113.0/24 is for documentation: kept
-    assert prepare.remove_pii(text, stats) == (text if expected is None else expected)
-    assert prepare.remove_pii(expected or text, prepare.Counter()) == (expected or text)  # placeholders stay
+    assert clean.remove_pii(text, stats) == (text if expected is None else expected)
+    assert clean.remove_pii(expected or text, Counter()) == (expected or text)  # placeholders stay
 
 
 def test_pii_is_counted_per_kind_and_on_by_default_for_local_input(tmp_path, tok_path):
@@ -669,10 +671,10 @@ def test_five_percent_of_words_changed_at_random_needs_a_lower_threshold():
     words = originals[3].split()
     for i in rng.choice(len(words), size=len(words) // 20, replace=False):
         words[i] = "changed"
-    docs = [prepare.word_hashes(t) for t in originals + [" ".join(words)]]
-    a, b = (set(prepare.ngram_hashes(docs[i], 5).tolist()) for i in (3, -1))
+    docs = [clean.word_hashes(t) for t in originals + [" ".join(words)]]
+    a, b = (set(clean.ngram_hashes(docs[i], 5).tolist()) for i in (3, -1))
     assert 0.55 < len(a & b) / len(a | b) < 0.7
-    near = prepare.NearDuplicates(28, 4)
+    near = clean.NearDuplicates(28, 4)
     assert near.duplicates(docs).tolist() == [False] * len(originals) + [True]
 
 
