@@ -70,23 +70,20 @@ import random
 import re
 import shlex
 import shutil
-import socket
 import sys
-import threading
 import time
 from collections import Counter, deque
 from datetime import datetime, timezone
 from glob import escape as glob_escape, glob
 from itertools import chain
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 
 from atomic import atomic_write
 from bpe import Tokenizer, ignore_sigint
 from clean import EMAIL_PLACEHOLDER, IPV4_PLACEHOLDER, IPV6_PLACEHOLDER, Filters, eval_ngrams, remove_pii
-from configurator import UserError, configure, run
+from configurator import UserError, check_hub, configure, run
 from shards import MAGIC, MAX_VOCAB, VERSION, write_shard
 
 # -----------------------------------------------------------------------------
@@ -286,32 +283,6 @@ def _first_line(e):
     return f"{type(e).__name__}: " + (str(e).splitlines() or [""])[0]
 
 
-def _check_hub(timeout=5.0):
-    """Fail within `timeout` seconds, with the offline options, when the hub cannot be reached. The probe
-    runs in a thread because a DNS lookup can block far longer than any socket timeout."""
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    hint = ("offline, use --dataset=stdlib (the Python standard library) or --input=PATH "
-            "(local .txt/.jsonl/.parquet files)")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise UserError(f"HF_HUB_OFFLINE is set, so the hub cannot be streamed from; {hint}")
-    outcome = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            outcome.append(None)
-        except OSError as e:
-            outcome.append(e)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not outcome or outcome[0] is not None:
-        why = f"{outcome[0]}" if outcome else f"no answer in {timeout:.0f} s"
-        raise UserError(f"cannot reach the Hugging Face hub at {host}:{port} ({why}); {hint}")
-
-
 def _unescape(s):
     r"""--separator='\n===\n' as a shell passes it: backslash escapes \n, \t, \r and \\ become the characters
     (taken literally, '\n' would be two characters that never occur, making the whole file one document)."""
@@ -366,7 +337,8 @@ def resolve_source(cfg):
                         + " (offline: stdlib; the hub: fineweb_edu or owner/name; local files: --input=PATH)")
     repo = _FINEWEB if cfg.dataset in ("fineweb_edu", _FINEWEB) else cfg.dataset
     config = cfg.hf_config or ("sample-10BT" if repo == _FINEWEB else None)
-    _check_hub()
+    check_hub("offline, use --dataset=stdlib (the Python standard library) or --input=PATH (local "
+              ".txt/.jsonl/.parquet files)")
     info = {"kind": "hugging face hub", "dataset": repo, "config": config, "split": cfg.split,
             "revision": cfg.revision or "default branch", "text_field": cfg.text_field,
             "license": f"not stated; see https://huggingface.co/datasets/{repo}"}

@@ -460,7 +460,7 @@ def test_help_prints_the_docstring_unbroken(tmp_path):
     # the docstring is raw, so its "\n" is two characters, not a line break in the middle of a sentence
     assert '"\\n"' in next(line for line in lines if "line endings to" in line)
     assert '"\\n" and "\\t"' in next(line for line in lines if "characters other than" in line)
-    assert "  --vocab_size=4096" in lines and not (tmp_path / "data").exists()
+    assert any(line.startswith("  --vocab_size=4096 ") for line in lines) and not (tmp_path / "data").exists()
 
 
 def test_ctrl_c_stops_in_one_line_and_keeps_only_complete_shards(tmp_path):
