@@ -3,43 +3,22 @@ llama.cpp's gguf package and dequantizes it) computes our logits from it, for bo
 storage type; RoPE is checked a second way, with llama.cpp's rotation of adjacent pairs written out over
 the raw tensors; the tokenizer transformers builds from the metadata encodes hostile Unicode as ours
 does, for both split regexes llama.cpp knows; what llama.cpp cannot compute is refused in one line."""
-import dataclasses
 import importlib
 
 import numpy as np
 import pytest
 import torch
 
-import checkpoint
 from bpe import Tokenizer
 from conftest import ENV, ROOT, error_line
 from model import GPT, GPTConfig, apply_rope
 from test_bpe import HOSTILE, real_docs
+from test_export import quiet, save_checkpoint as save, tok  # noqa: F401  (fixtures)
 from test_model import randomise
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 export = importlib.import_module("export")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def quiet():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok(workdir):
-    return Tokenizer.load(str(workdir / "data" / "tiny" / "tokenizer.bpe"))
-
-
-def save(model, tok, path):
-    torch.save({"version": checkpoint.VERSION, "model": model.state_dict(), "tokenizer": tok.dumps(),
-                "model_args": dataclasses.asdict(model.config), "iter_num": 0, "config": {}}, path)
-    return str(path)
 
 
 def tiny(preset, tok, **kw):
