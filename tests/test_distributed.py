@@ -3,15 +3,11 @@ of the gradients through an accumulation window, builds the same initial weights
 any rank holding the whole model, and saves a tied matrix once; the ranks wait for rank 0's checkpoint on
 the CPU; a refusal found on one rank ends every rank at once with one line."""
 import json
-import os
-import shutil
-import subprocess
 import sys
-import time
 
 import torch
 
-from conftest import ENV, ROOT, TINY, TRAIN, train
+from conftest import TRAIN, train
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
