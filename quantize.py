@@ -46,12 +46,13 @@ Two ways to choose the codes:
 The int4 matmul. Int4Linear stores the codes two to a byte, and multiplies with torch's own CPU kernel
 for int4 weights (aten._weight_int4pack_mm_for_cpu, the one torchao's int4 weight-only config calls),
 which unpacks a tile of codes, scales it and multiplies it in registers, so the weights are read from
-memory at 4 bits. It was measured (bench/README.md) against float32 F.linear and against unpacking
-the whole matrix to float32 then F.linear, for the shapes of a 6 x 384 model and its output head, at
-batch 1 and 16: it was the fastest of the three with bfloat16 inputs, but far the slowest with float32
-inputs (another code path), and unpacking first is slower than float32 itself, since it writes and
-reads back the float32 matrix every call. So Int4Linear rounds its input to bfloat16 (8 bits of
-mantissa: far below the int4 rounding of the weights) and the scales and zeros are bfloat16 too.
+memory at 4 bits. It was measured (bench/bench_quantize.py, figures in bench/README.md) against float32
+F.linear and against unpacking the whole matrix to float32 then F.linear, for the shapes of a 6 x 384
+model and its output head, at batch 1 and 16. With bfloat16 inputs it was the fastest of the three on
+every shape but the smallest at batch 1 (384 x 384, a few µs); with float32 inputs it takes another, far
+slower code path; and unpacking first is slower than float32 itself, since every call writes and reads
+back the whole float32 matrix. So Int4Linear rounds its input to bfloat16 (8 bits of mantissa: far
+finer than the int4 rounding of the weights) and keeps the scales and zeros in bfloat16 too.
 Two copies of the codes are kept: the kernel's tiled layout (_convert_weight_to_int4pack_for_cpu),
 which differs with the CPU's vector width (AVX512, AVX2, ...), and a plain one, two codes per byte, that
 state_dict, weight_bytes and the file hold, so a file written on one CPU loads on another. In memory
@@ -168,8 +169,10 @@ class Int4Linear(nn.Module):
 
     def dequantize(self):
         """The (out, in) float32 weights the codes stand for: what forward multiplies by."""
-        sz = self.scales_and_zeros.float().repeat_interleave(self.group_size, dim=0)  # (in, out, 2)
-        return int4_value(self.codes(), sz[..., 0].t(), sz[..., 1].t())
+        N, K = self.out_features, self.in_features
+        scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (out, groups) each
+        codes = self.codes().view(N, K // self.group_size, self.group_size)  # (out, groups, g)
+        return int4_value(codes, scale[..., None], zero[..., None]).view(N, K)
 
     def forward(self, x):
         shape = x.shape
@@ -205,8 +208,8 @@ def gptq(weight, H, group_size=128, symmetric=False, damp=0.01, block=128):
     best change to the weights F not yet rounded is -(w_i - q_i) / [H_F^-1]_ii * [H_F^-1]_{i,:}, where
     H_F^-1 is the inverse Hessian over F. GPTQ rounds the columns in one fixed order for every row,
     so all rows share the sequence of sets F = {i, .., K-1}, and the rows [H_F^-1]_{i, i:} it needs are
-    exactly the rows of U, the upper Cholesky factor of H^-1 (scaled by 1/U_ii): one factorisation
-    replaces K inverse updates (the paper's step 3). Lazy batches (step 2): the update of a column only
+    U_ii * U[i, i:], U the upper Cholesky factor of H^-1: one factorisation replaces K updates of an
+    inverse (the paper's step 3). Lazy batches (step 2): the update of a column only
     matters when it is rounded, so the errors of a batch of `block` columns are applied inside the batch
     one by one, and to the columns after it as one matrix product. With groups, a group's scale and zero
     are taken from its weights as they are when its first column is reached, after the updates so far."""
@@ -216,9 +219,9 @@ def gptq(weight, H, group_size=128, symmetric=False, damp=0.01, block=128):
     dead = H.diagonal() == 0  # inputs that were 0 on every calibration token: their weights never matter
     H[dead, dead] = 1
     W[:, dead] = 0
-    H.diagonal().add_(damp * H.diagonal().mean())  # dampening: lambda = 1% of the mean diagonal (§4)
-    # H^-1 = U^T U with U upper triangular: row i of U, from i on, is row i of the inverse Hessian over
-    # columns i.. (those not yet rounded), divided by sqrt of its diagonal element
+    H.diagonal().add_(damp * H.diagonal().mean())  # dampening: 1% of the mean diagonal (§4, step 3)
+    # H^-1 = U^T U with U upper triangular: U[i, i:] is row i of the inverse Hessian over the columns
+    # i.. (those not yet rounded), divided by the square root of its diagonal element
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros(N, K, dtype=torch.uint8)
     scale, zero = torch.zeros(N, K // group_size), torch.zeros(N, K // group_size)
