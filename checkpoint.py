@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import shutil
+import warnings
 import zipfile
 from typing import NamedTuple, Optional
 
@@ -32,6 +33,7 @@ import torch
 
 import hf
 from atomic import atomic_write
+import quantize
 from bpe import Tokenizer
 from model import GPT, GPTConfig
 
@@ -110,10 +112,13 @@ def find(run_dir, which="best"):
 # ---- reading ------------------------------------------------------------------------------------
 
 def load(path):
-    """The checkpoint dict at path, tensors on the CPU (memory-mapped). Refuses, with a ValueError
-    naming the file, anything that is not a checkpoint of this version or that carries code."""
+    """The checkpoint dict at path, tensors on the CPU (memory-mapped): a checkpoint of this version, or a
+    quantized model (quantize.save_quantized's format). Refuses, with a ValueError naming the file,
+    anything else and anything that carries code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # torch's notice about the int8 weights' storage
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused: it holds pickled Python objects, not only tensors and plain "
                          f"values, and unpickling them could run code ({str(e).splitlines()[0][:120]}); "
@@ -124,6 +129,8 @@ def load(path):
                              f"(train.py and finetune.py write .pt checkpoints); point --model at a run directory "
                              f"or one of its .pt files") from None
         raise ValueError(f"cannot read checkpoint {path}: {' '.join(str(e).split())[:300]}") from None
+    if isinstance(state, dict) and state.get("format") == quantize.FORMAT:
+        return state
     if not isinstance(state, dict) or state.get("version") != VERSION:
         got = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is checkpoint version {got}, this code reads version {VERSION}; use the "
@@ -186,6 +193,9 @@ def open_model(source, which="best"):
                          f"train.py ...), a checkpoint file, a Hugging Face directory or one of "
                          f"{', '.join(hf.GPT2_NAMES)}")
     state = load(path)
+    if state.get("format") == quantize.FORMAT:  # int8 or int4 weights: the quantized model, on the CPU
+        model, tok = quantize.from_state(state, path)
+        return Opened(model, tok, None, path, None, f"{path} ({state['mode']} weights)")
     if "model" not in state:  # a finetune.py LoRA checkpoint: adapters and a reference to the base
         raise ValueError(f"{path} holds LoRA adapters, not a whole model; fold them into one first: "
                          f"python finetune.py --out_dir={os.path.dirname(path) or '.'} --merge=merged.pt")

@@ -56,6 +56,7 @@ from bpe import Tokenizer
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, check_hub, configure, run
 from device import autocast, for_inference, pick_device
+import quantize as q
 from quantize import MODES
 from shards import read_shard
 
@@ -80,7 +81,11 @@ max_new_tokens = 64        # prompts: tokens to generate for each
 temperature = 0.0          # 0 = greedy: the same completions every run
 top_k = None               # prompts: sample from the k likeliest tokens only; None = all
 seed = 1337                # prompts: the sampling seed (with temperature > 0)
-quantize = "none"          # 'none' | 'int8': also score the int8 model (quantize.py, CPU) and report what it costs
+quantize = "none"          # 'none' | 'int8' | 'int4' | 'int4-gptq': also score the quantized model (quantize.py, CPU)
+                           # and report what it costs; int4-gptq calibrates on train shards (calibration_data)
+group_size = 128           # int4: weights per scale and zero (32, 64, 128 or 256)
+calibration_data = ""      # int4-gptq: a prepared dataset folder (data/<name>); "" = the run's own train shards
+save_quantized = ""        # a file to keep the quantized model in: --model=FILE reads it back, calibration done
 out = ""                   # results JSON; "" = eval_<task>.json in the run directory (here for other models)
 device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"             # 'auto' = bfloat16 on GPUs that have it, float32 on CPU | 'float32' | ...
@@ -321,8 +326,9 @@ def main(argv=None):
         raise UserError(f"quantize={quantize!r} is not one of {', '.join(map(repr, MODES))}")
     dev, device_type, ptdtype = pick_device(device, dtype)
     ctx = autocast(device_type, ptdtype)
-    if quantize == "int8" and device_type != "cpu":
-        raise UserError("quantize=int8 runs on the CPU only (torch.ao's int8 kernels); add --device=cpu")
+    if quantize != "none" and device_type != "cpu":
+        raise UserError(f"quantize={quantize} runs on the CPU only (torch's int8 and int4 CPU kernels); add "
+                        f"--device=cpu")
 
     # ---- the model ----------------------------------------------------------------------------------
     opened = open_model(model, ckpt)
@@ -367,12 +373,12 @@ def main(argv=None):
     shown = {"ppl": ("perplexity", "bits_per_byte", "nats_per_token"), "lambada": ("acc", "perplexity"),
              "hellaswag": ("acc", "acc_norm"), "mc": ("acc", "acc_norm"), "none": ()}[task]
     results = [{"metric": k, "value": metrics[k], "count": n} for k in shown]
-    if quantize == "int8":
-        import quantize as q  # serve.py's int8 weights (torch.ao dynamic quantization)
-        int8 = q.quantize(gpt, "int8")
-        qm, _ = evaluate(int8)
-        results += [{"metric": f"{k} (int8)", "value": qm[k], "count": n, "change": qm[k] - metrics[k]} for k in shown]
-        metrics.update(weight_bytes=q.weight_bytes(gpt), weight_bytes_int8=q.weight_bytes(int8))
+    if quantize != "none":
+        quantized = quantized_model(gpt, tok, state, W)
+        qm, _ = evaluate(quantized)
+        results += [{"metric": f"{k} ({quantize})", "value": qm[k], "count": n, "change": qm[k] - metrics[k]}
+                    for k in shown]
+        metrics.update({"weight_bytes": q.weight_bytes(gpt), f"weight_bytes_{quantize}": q.weight_bytes(quantized)})
 
     # ---- completions --------------------------------------------------------------------------------
     completions = []
@@ -413,6 +419,29 @@ def main(argv=None):
         print(f"--- {c['prompt']!r}\n{c['prompt']}{c['completion']}")
     print(f"wrote {dest} ({seconds:.1f}s)", file=sys.stderr)
     return report
+
+
+def quantized_model(gpt, tok, state, window):
+    """The model in `quantize`'s weights, saved to save_quantized if asked. int4-gptq calibrates on
+    calibration rows of a prepared dataset's train shards: the run's own unless calibration_data names one."""
+    if getattr(gpt, "quantization", None):
+        raise UserError(f"--model is already quantized ({gpt.quantization['mode']}); drop --quantize")
+    calibration = None
+    if quantize == "int4-gptq":
+        folder = calibration_data or (os.path.join(data_dir, state["config"]["dataset"]) if state else "")
+        if not folder:
+            raise UserError("quantize=int4-gptq calibrates on train shards: pass --calibration_data=data/<name> "
+                            "(a folder prepare.py wrote)")
+        print(f"GPTQ: calibrating on {folder}", file=sys.stderr)
+        calibration = q.calibration_rows(folder, T=min(window, 512))
+    try:
+        quantized = q.quantize(gpt, quantize, calibration, group_size)
+    except ValueError as e:
+        raise UserError(str(e))
+    if save_quantized:
+        q.save_quantized(quantized, save_quantized, tok)
+        print(f"wrote {save_quantized} ({quantize}): read it back with --model={save_quantized}", file=sys.stderr)
+    return quantized
 
 
 def task_items():

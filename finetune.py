@@ -71,6 +71,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import lora
 import process
+import quantize
 from atomic import atomic_write
 from bpe import Tokenizer
 from configurator import UserError, check_hub, configure, run
@@ -111,6 +112,9 @@ lora_rank = 0                 # the adapters' rank, e.g. 8; 0 = full fine-tuning
 lora_alpha = 16.0             # the update is scaled by alpha / rank
 lora_dropout = 0.0            # dropout on the adapters' input
 lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # any of these projections
+base_bits = 32                # with lora_rank: 4 freezes the blocks' Linears in int4 under the adapters (QLoRA,
+                              # Dettmers et al. 2023): an eighth of float32's bytes, plus scales; CPU only
+base_group_size = 64          # base_bits=4: weights per int4 scale and zero (32, 64, 128, 256)
 # optimizer: AdamW, linear warmup then linear decay to 0
 batch_size = 32               # examples per optimizer step, over all processes
 micro_batch_size = 32         # examples per forward pass per process: lower it if memory runs out
@@ -315,6 +319,12 @@ def build(gpt, tok, spec, head_dropout_p=0.0):
             if s not in known:
                 nn.init.normal_(gpt.transformer.wte.weight[tok.special_tokens[s]], std=0.02)
     if spec["lora"]:
+        if spec["lora"].get("bits", 32) == 4:  # QLoRA: the blocks' Linears in int4 (round to nearest), frozen
+            for block in gpt.transformer.h:
+                for name, m in list(block.named_modules()):
+                    if isinstance(m, nn.Linear):
+                        parent, _, child = name.rpartition(".")
+                        setattr(block.get_submodule(parent), child, quantize.rtn(m, spec["lora"]["group_size"]))
         lora.add(gpt, spec["lora"]["targets"], spec["lora"]["rank"], spec["lora"]["alpha"], spec["lora"]["dropout"])
         first = min(special)
         gpt.transformer.wte = TaskTokens(gpt.transformer.wte, first, tok.vocab_size - first)
@@ -698,8 +708,11 @@ def run_merge(path):
     if spec["lora"]:
         state = merged_state(model, state)
     atomic_write(merge, lambda f: torch.save(state, f))
-    print(f"wrote {merge}: {path} as one standalone model "
-          f"({'LoRA merged into the weights' if spec['lora'] else 'it was already full'})")
+    how = "LoRA merged into the weights" if spec["lora"] else "it was already full"
+    if spec["lora"] and spec["lora"].get("bits", 32) == 4:
+        how += ("; the 4-bit base dequantized to float32, as LoRA's update is not on the 4-bit grid: it computes "
+                "what the QLoRA model did, at float size")
+    print(f"wrote {merge}: {path} as one standalone model ({how})")
 
 
 def run_predict(path, dev, ctx):
@@ -779,8 +792,8 @@ def load_task(max_len, base):
     spec = {"task": task, "text_fields": fields, "choice_fields": cfields, "label_field": label_field,
             "regression": regression, "max_len": max_len, "labels": None, "n_choices": None,
             "context_separator": context_separator, "label_base": label_base,
-            "lora": dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=split_names(lora_targets))
-            if lora_rank else None, "base": base}
+            "lora": dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=split_names(lora_targets),
+                         bits=base_bits, group_size=base_group_size) if lora_rank else None, "base": base}
     check_fields(splits["train"], spec, "train")
     if not regression and task != "multiple_choice":
         spec["labels"] = class_names or label_names(splits["train"], label_field)
@@ -844,7 +857,14 @@ def main(argv=None):
         raise UserError(f"task={task!r} is not one of {', '.join(TASKS)}")
     if regression and task == "multiple_choice":
         raise UserError("regression=True applies to classification, entailment and similarity, not multiple_choice")
+    if base_bits not in (32, 4) or (base_bits == 4 and not lora_rank):
+        raise UserError(f"base_bits={base_bits}: 32 (float), or 4 under LoRA adapters (QLoRA): add --lora_rank=8")
+    if base_bits == 4 and base_group_size not in quantize.GROUP_SIZES:
+        raise UserError(f"base_group_size={base_group_size} is not one of {quantize.GROUP_SIZES}")
     dev, device_type, ptdtype = pick_device(device, dtype)
+    if base_bits == 4 and device_type != "cpu":
+        raise UserError(f"base_bits=4 runs on the CPU (torch's int4 kernel here is a CPU kernel), not {dev}; add "
+                        f"--device=cpu, or fine-tune with base_bits=32")
     ctx = autocast(device_type, ptdtype)
     torch.manual_seed(seed)
 
@@ -993,7 +1013,8 @@ def main(argv=None):
     model, _, _, state = load_finetuned(best_path)
     model.to(dev)
     results = {"best_step": state["iter_num"], "trainable_params": n_train, "optimizer_state_bytes": opt_bytes,
-               "peak_memory_bytes": peak, "train_seconds": time.time() - t_start}
+               "peak_memory_bytes": peak, "train_seconds": time.time() - t_start,
+               "block_weight_bytes": sum(quantize.weight_bytes(b) for b in model.gpt.transformer.h)}
     for split in ("val", "test"):
         if split in examples:
             results[split] = score(model, examples[split], spec, ctx, dev, rank, world)

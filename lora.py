@@ -15,23 +15,31 @@ scales the update so that changing r needs no new learning rate (the paper's §4
 After training, W + B @ A * alpha / r is an ordinary weight: merge() folds it in, and the model is
 again a plain GPT with no extra cost at inference, which export and serving load like any other.
 Our layers are nn.Linear (out, in), so the product needs no transpose (GPT-2's Conv1D would).
+
+QLoRA (Dettmers et al. 2023): the frozen base may be a 4-bit quantize.Int4Linear; gradients still flow
+through it to the layers below, and only the adapters above train. Merging then cannot stay in 4 bits
+(B @ A is not on the 4-bit grid): merged() dequantizes the base, so the merged model computes what the
+adapted one did, at float32 size; quantizing it again is a new rounding.
 """
 import math
 
 import torch
 import torch.nn as nn
 
+from quantize import Int4Linear, dequantized
+
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the projections of model.py
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update B @ A."""
+    """A frozen nn.Linear (or 4-bit Int4Linear) plus a trainable low-rank update B @ A."""
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        device = (base.qweight if isinstance(base, Int4Linear) else base.weight).device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, and peft's
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)  # on the adapter's input only; the base sees x as it is
@@ -40,7 +48,10 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
 
     def merged(self):
-        """The base nn.Linear with B @ A * alpha / r added to its weight (in the weight's dtype)."""
+        """The base nn.Linear with B @ A * alpha / r added to its weight (in the weight's dtype); a 4-bit
+        base is dequantized to float32 first (see the top)."""
+        if isinstance(self.base, Int4Linear):
+            self.base = dequantized(self.base)
         with torch.no_grad():
             delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (out, in)
             self.base.weight += delta.to(self.base.weight.dtype)
@@ -54,7 +65,8 @@ def add(model, targets, rank, alpha, dropout=0.0):
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
     model.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(tuple(targets))]
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Int4Linear))
+             and n.endswith(tuple(targets))]
     for t in targets:
         if not any(n.endswith(t) for n in names):
             raise ValueError(f"LoRA target {t!r} matches no nn.Linear layer; choose from {', '.join(TARGETS)}")
@@ -66,9 +78,11 @@ def add(model, targets, rank, alpha, dropout=0.0):
 
 
 def merge(model):
-    """Fold every LoRALinear in model into a plain nn.Linear, in place. Returns the model."""
+    """Fold every LoRALinear in model into a plain nn.Linear, in place; a 4-bit base's other layers are
+    dequantized too, so the result is one plain float model. Returns the model."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
+        if isinstance(m, (LoRALinear, Int4Linear)) and name:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, m.merged())
+            if getattr(model.get_submodule(parent), child, None) is m:  # not inside one merged already
+                setattr(model.get_submodule(parent), child, m.merged() if isinstance(m, LoRALinear) else dequantized(m))
     return model

@@ -72,7 +72,7 @@ class GPTConfig:
             # 256 byte tokens + 40,000 merges + <|endoftext|> (GPT-1's 40,478 had a character base)
             "gpt1": dict(block_size=512, vocab_size=40257, dropout=0.1, prenorm=False),
             "gpt2": dict(block_size=1024, vocab_size=50257),
-            # tied head: at this size the 50k x 768 table is a third of all weights (README)
+            # tied head: at this size the 50k x 768 table is a third of all weights (bench/README.md)
             "modern": dict(block_size=4096, vocab_size=50257, bias=False, norm="rmsnorm", pos="rope",
                            mlp="swiglu"),
         }

@@ -27,7 +27,7 @@ multiplied back by the row's magnitude: per-token int8, the same for a row alone
 Why not torchao, PyTorch's newer home for quantization (torch.ao prints a deprecation notice, silenced
 here). Its int8 configs on CPU expect torch.compile to generate fused kernels; in eager mode they
 were slower than float32 on this project's 2-core CPU, while torch.ao's Linear calls the int8 GEMM
-directly (README, Measured). torch.ao also ships inside torch, so int8 adds no dependency.
+directly (bench/README.md). torch.ao also ships inside torch, so int8 adds no dependency.
 
 int4 ("int4", "int4-gptq"): weights only, in groups. Sixteen levels are too few for one grid per row:
 each run of group_size consecutive weights of a row (128 by default) gets its own scale s and zero z,
@@ -69,7 +69,6 @@ import copy
 import glob
 import io
 import os
-import pickle
 import warnings
 
 import torch
@@ -176,12 +175,40 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         shape = x.shape
-        x = x.reshape(-1, shape[-1]).bfloat16()  # (N, in); bfloat16: the kernel's fast path (see above)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
-        y = y.float()  # (N, out), back to the model's float32
+        x = x.reshape(-1, shape[-1])  # (N, in)
+        # a frozen base under trainable adapters (QLoRA) still passes gradients on to x
+        y = Int4MatMul.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else self.matmul(x)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+    def matmul(self, x):  # (N, in) -> (N, out) float32; bfloat16 input: the kernel's fast path (see above)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, self.group_size,
+                                                          self.scales_and_zeros).float()
+
+
+class Int4MatMul(torch.autograd.Function):
+    """x W^T with W in 4 bits; backward gives x the gradient g W (the dequantized W) and W none: the
+    weights stay frozen, as the base under QLoRA's adapters (Dettmers et al. 2023)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, g):  # g (N, out) -> (N, in)
+        return g @ ctx.layer.dequantize().to(g.dtype), None
+
+
+def dequantized(layer):
+    """An Int4Linear as the plain nn.Linear of the weights its codes stand for (float32)."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(layer.dequantize())
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    return linear
 
 
 def rtn(linear, group_size=128, symmetric=False):
@@ -360,20 +387,19 @@ def save_quantized(model, path, tokenizer):
 
 
 def load_quantized(path):
-    """(model, tokenizer) from a file of save_quantized: the model on the CPU in eval mode."""
+    """(model, tokenizer) from a file of save_quantized: the model on the CPU in eval mode. The file is
+    read by checkpoint.load, the one reader of .pt files (only tensors and plain values)."""
+    from checkpoint import load
+    state = load(path)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a quantized model of format {FORMAT} (save_quantized writes them)")
+    return from_state(state, path)
+
+
+def from_state(state, source):
+    """(model, tokenizer) from the dict of a save_quantized file (read by checkpoint.load)."""
     from bpe import Tokenizer
     from model import GPT, GPTConfig
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused: it holds pickled Python objects, not only tensors and plain "
-                         f"values ({str(e).splitlines()[0][:120]}); load only files of save_quantized") from None
-    except Exception as e:
-        raise ValueError(f"cannot read quantized model {path}: {' '.join(str(e).split())[:300]}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a quantized model of format {FORMAT} (save_quantized writes them)")
     # the model's shape with empty quantized Linears of the stored kind (RTN on the initial weights:
     # GPTQ's Linears have the same layout), then the stored state over them
     mode = "int8" if state["mode"] == "int8" else "int4"
@@ -381,5 +407,5 @@ def load_quantized(path):
                      symmetric=state["symmetric"])
     model.load_state_dict(state["state"])
     model.quantization = {k: state[k] for k in ("mode", "group_size", "symmetric")}
-    tok = Tokenizer.loads(state["tokenizer"], source=f"{path} (its embedded tokenizer)")
+    tok = Tokenizer.loads(state["tokenizer"], source=f"{source} (its embedded tokenizer)")
     return model.eval(), tok

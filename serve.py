@@ -73,7 +73,8 @@ model_name = ""            # the id clients send as "model"; "" = the last part 
 host = "127.0.0.1"         # 0.0.0.0 listens on every interface: then set an api_key
 port = 8000                # 0 = any free port (printed at start)
 api_key = ""               # require "Authorization: Bearer KEY" on /v1/*; "" = $SERVE_API_KEY, or open
-quantize = "none"          # 'none' | 'int8': Linear weights in int8, CPU only (quantize.py)
+quantize = "none"          # 'none' | 'int8' | 'int4': Linear weights in 8 or 4 bits, CPU only (quantize.py);
+                           # GPTQ's int4 needs calibration: make it with eval.py --save_quantized, serve that file
 max_batch = 16             # rows decoded together in one forward: the batched KV cache's size
 max_queue = 64             # sequences waiting for a row; beyond that, 503 with Retry-After
 drain_seconds = 30.0       # after SIGTERM, how long requests in flight may run before they are cut
@@ -1129,8 +1130,11 @@ def main(argv=None):
                         f"{prefill_chunk}, prefix_cache={prefix_cache}, log_max_mb={log_max_mb}")
     log = RequestLog(log_requests, int(log_max_mb * 2 ** 20)) if log_requests else None
     dev, device_type, ptdtype = pick_device(device, dtype)
-    if quantize == "int8" and device_type != "cpu":
-        raise UserError(f"quantize='int8' runs on the CPU only, but the device is {dev}; add --device=cpu")
+    if quantize == "int4-gptq":
+        raise UserError("quantize=int4-gptq needs calibration data: make the model with eval.py --quantize=int4-gptq "
+                        "--save_quantized=FILE, then serve --model=FILE")
+    if quantize != "none" and device_type != "cpu":
+        raise UserError(f"quantize={quantize!r} runs on the CPU only, but the device is {dev}; add --device=cpu")
     if threads:
         torch.set_num_threads(threads)
     key = api_key or os.environ.get("SERVE_API_KEY", "")
@@ -1143,6 +1147,8 @@ def main(argv=None):
                         f"pick another --port") from None
 
     opened = open_model(model, ckpt)
+    if quantize != "none" and getattr(opened.model, "quantization", None):
+        raise UserError(f"--model is already quantized ({opened.model.quantization['mode']}); drop --quantize")
     gpt = quantize_model(for_inference(opened.model, dev, device_type, ptdtype), quantize)
     tok, where = opened.tokenizer, opened.description
     name = model_name or os.path.basename(os.path.normpath(model))

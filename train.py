@@ -562,7 +562,7 @@ def main(argv=None):
     use_compile = compile
     if use_compile is None:
         # CUDA: fused kernels, the usual large speedup. CPU: measured slower for the quickstart model,
-        # compile time included (README), so off unless asked for.
+        # compile time included (bench/README.md), so off unless asked for.
         use_compile = device_type == "cuda"
     if use_compile and compile_problem(device_type):
         say(f"warning: {compile_problem(device_type)}; running without torch.compile")

@@ -18,6 +18,7 @@ model; then finetune.py runs each row of the table on each task, and a bag-of-wo
 sees before its final evaluation (our "test" split). Rows:
   full     every weight, from the pretrained model (lm_coef 0.5, the paper's)
   lora     rank-8 adapters on all four projections, from the pretrained model
+  qlora    the same adapters over the blocks' Linears frozen in int4 (--base_bits=4, groups of 64)
   lambda0  full fine-tuning without the auxiliary LM loss
   scratch  the same architecture from random weights (train.py's step-0 checkpoint), the task alone
   bow      bag-of-words logistic regression (unigrams and bigrams), no neural network
@@ -50,7 +51,7 @@ epochs = 3
 learning_rate = 3e-4       # full, lambda0 and scratch; GPT-1's 6.25e-5 is for a 117M model
 lora_learning_rate = 1e-3
 max_len = 128
-rows = "full,lora,lambda0,scratch,bow"
+rows = "full,lora,qlora,lambda0,scratch,bow"
 tasks = "sst2,rte"
 threads = 1                # OMP_NUM_THREADS for every run (on 2 shared cores one thread was fastest)
 
@@ -143,6 +144,8 @@ def main():
              "rte": (rte, rte_train, ["sentence1", "sentence2"], "entailment")}
     runs = {"full": (base_run, ["--lm_coef=0.5", f"--learning_rate={learning_rate}"]),
             "lora": (base_run, ["--lm_coef=0.5", "--lora_rank=8", "--lora_alpha=16", f"--learning_rate={lora_learning_rate}"]),
+            "qlora": (base_run, ["--lm_coef=0.5", "--lora_rank=8", "--lora_alpha=16", f"--learning_rate={lora_learning_rate}",
+                                 "--base_bits=4", "--base_group_size=64"]),
             "lambda0": (base_run, ["--lm_coef=0", f"--learning_rate={learning_rate}"]),
             "scratch": (scratch_run, ["--lm_coef=0", f"--learning_rate={learning_rate}"])}
     for t in tasks.split(","):
@@ -168,6 +171,7 @@ def main():
                                    "trainable_params": final["trainable_params"],
                                    "optimizer_state_bytes": final["optimizer_state_bytes"],
                                    "peak_memory_bytes": final["peak_memory_bytes"], "seconds": dt,
+                                   "block_weight_bytes": final.get("block_weight_bytes"),
                                    "best_step": final["best_step"]}
             r = results[t][row]
             print(f"  dev accuracy {r['accuracy']:.3f}, {r['seconds']:.0f} s", flush=True)
@@ -181,12 +185,13 @@ def main():
             continue
         print(f"\n{t}: {results[t]['train_examples']} train examples (10% of them val), GLUE dev "
               f"({results[t]['dev_examples']}) accuracy\n")
-        print("| run | accuracy | trainable params | optimizer state | peak RSS | wall time |\n|---|---|---|---|---|---|")
+        print("| run | accuracy | trainable params | optimizer state | block weights | peak RSS | wall time |\n"
+              "|---|---|---|---|---|---|---|")
         for row in rows.split(","):
             r = results[t].get(row)
             if r:
                 print(f"| {row} | {r['accuracy']:.3f} | {r['trainable_params']:,} | {mib(r['optimizer_state_bytes'])} "
-                      f"| {mib(r['peak_memory_bytes'])} | {r['seconds']:.0f} s |")
+                      f"| {mib(r.get('block_weight_bytes'))} | {mib(r['peak_memory_bytes'])} | {r['seconds']:.0f} s |")
 
 
 if __name__ == "__main__":

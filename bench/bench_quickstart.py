@@ -48,7 +48,7 @@ nanogpt = ""             # path to a nanoGPT checkout (the reference); "" skips 
 text = ""                # a prose file; "" = the first prose_mb MB of the KJV Bible from `bible`
 prose_mb = 1.0
 vocab_size = 4096        # our BPE for the prose (prepare.py --vocab_size): the quick start's size. On ~1 MB
-                         # of prose 4,096 beat 2,048 and 3,072 at equal wall time (README)
+                         # of prose 4,096 beat 2,048 and 3,072 at equal wall time (bench/README.md)
 our_config = "config/quickstart.py"
 our_max_iters = 0        # 0 = the config's max_iters
 our_args = ""            # more train.py flags, space separated

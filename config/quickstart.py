@@ -2,10 +2,9 @@
 # 4,096-token BPE, ~3M train tokens), sized for a 2-core laptop CPU: about 4 minutes of training,
 # then `python sample.py --model=out-quickstart` prints recognisable Python.
 #   python prepare.py --dataset=stdlib && python train.py config/quickstart.py
-# Budget (2 cores, float32, eager; README, Measured): ~0.09 s per 1,024-token step, so 2,400 steps =
-# about 4 minutes = 2.5M tokens, 0.8 epoch; val 1.58 bits per byte at the end, over rows spread across
-# the val split. On ~1 MB of prose, 80 steps of this config (12 s) beat the val bits/byte that
-# nanoGPT's CPU baby GPT ends at after 70-85 s (bench/bench_quickstart.py). A faster machine: raise max_iters.
+# 2,400 steps of 1,024 tokens = 2.5M tokens, 0.8 epoch. Its time, its val bits per byte, and its race
+# against nanoGPT's CPU baby GPT are in bench/README.md (bench/bench_quickstart.py). A faster machine:
+# raise max_iters.
 dataset = "stdlib"
 out_dir = "out-quickstart"
 init_from = "auto"                # a second run of the quick start resumes (or says it is finished)
@@ -21,14 +20,14 @@ n_head = 4
 n_embd = 128
 block_size = 128
 dropout = 0.0                     # under one epoch: no data is seen twice, nothing to regularise
-# an untied head, so the input embedding can take its own 50x learning rate (model.configure_optimizers):
-# at step 1,200 of this config on stdlib, val 1.80 bits/byte tied, 1.77 untied, 1.72 untied at 50x
+# an untied head, so the input embedding can take its own 50x learning rate (model.configure_optimizers),
+# which did best of tied, untied and untied at 50x (bench/README.md)
 tie_weights = False
 embedding_lr_scale = 50.0
 
 # 1,024 tokens per step: on 2 cores a step's time is proportional to its tokens, so a smaller batch buys
 # more updates for the same time, and early in training updates matter more than their precision.
-# Measured on stdlib at equal tokens (README): batch 8 x 2,400 steps beats 16 x 1,200 and 4 x 4,800.
+# At equal tokens on stdlib, batch 8 x 2,400 steps did best of 16 x 1,200, 8 x 2,400 and 4 x 4,800 (bench/README.md).
 batch_size = 8
 gradient_accumulation_steps = 1
 learning_rate = 2e-3              # small models take large steps (nanoGPT's baby GPT: 1e-3)
@@ -39,4 +38,4 @@ beta2 = 0.99                      # few tokens per step: average the second mome
 
 device = "cpu"
 dtype = "float32"                 # bfloat16 autocast only pays on CPUs with AMX/AVX512-BF16
-compile = False                   # measured slower on 2 cores for this size (README, Measured)
+compile = False                   # measured slower on 2 cores for this size (bench/README.md)

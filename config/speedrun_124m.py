@@ -1,6 +1,6 @@
 # A modern fast recipe for a 124M model on FineWeb (GPT-2 tokenizer), aiming at modded-nanogpt's target
-# of 3.28 val loss (nats per token on FineWeb val). NOT YET MEASURED ON A GPU: no GPU was available
-# when this file was written, so its loss and time are unknown; treat it as a starting point.
+# of 3.28 val loss (nats per token on FineWeb val). Not measured on a GPU: its loss and time there are
+# unknown; treat it as a starting point.
 # Sources:
 #   [mod]  Keller Jordan et al., modded-nanogpt (records and README): Muon, RoPE, RMSNorm, an untied head,
 #          a linear warm-down of the learning rate, 3.28 as the target val loss
@@ -8,7 +8,7 @@
 #          for LLM Training" (match_rms_adamw: Muon reuses AdamW's learning rate and weight decay)
 #   [llmc] Karpathy, llm.c #481: 124M reaches 3.28 on FineWeb in ~10B tokens with AdamW
 #   [cpu]  bench/bench_train.py --which=modded: each of [mod]'s changes on this recipe at 6x384, 200 steps,
-#          on CPU (README). Kept what helped there; a 124M GPU run may rank them differently.
+#          on CPU (bench/README.md). Kept what helped there; a 124M GPU run may rank them differently.
 #   python prepare.py --dataset=HuggingFaceFW/fineweb --hf_config=sample-10BT --name=fineweb --tokenizer=gpt2
 #   torchrun --standalone --nproc_per_node=8 train.py config/speedrun_124m.py
 dataset = "fineweb"

@@ -223,6 +223,30 @@ def test_int8_reports_the_cost_of_quantization(tok, tmp_path):
     assert abs(q["change"]) < 0.05 * base  # int8 weights cost little perplexity
 
 
+@pytest.mark.parametrize("mode", ["int4", "int4-gptq"])
+def test_int4_is_scored_saved_and_read_back_without_calibrating_again(tok, tmp_path, workdir, mode):
+    """eval.py scores the int4 model beside the float one; with --save_quantized the quantized model is
+    kept, and --model=FILE (here and in sample.py, serve.py) reads it back with no calibration: the same
+    perplexity, and weights at 4 bits."""
+    import quantize as q
+    model = GPT(GPTConfig.preset("modern", n_layer=2, n_head=2, n_embd=64, block_size=64,
+                                 vocab_size=tok.vocab_size, dropout=0.0))
+    ckpt = save_checkpoint(randomise(model), tok, tmp_path / "m.pt")
+    (tmp_path / "doc.txt").write_text(open(os.path.join(ROOT, "eval.py")).read()[:3000])
+    common = [f"--data={tmp_path / 'doc.txt'}", "--device=cpu", "--group_size=32"]
+    res = ev.main([f"--model={ckpt}", *common, f"--quantize={mode}", f"--calibration_data={workdir / 'data' / 'tiny'}",
+                   f"--save_quantized={tmp_path / 'q.pt'}", f"--out={tmp_path / 'r.json'}"])
+    values = {r["metric"]: r for r in res["results"]}
+    base, quant = values["perplexity"]["value"], values[f"perplexity ({mode})"]["value"]
+    assert quant != base and abs(quant - base) < 0.1 * base
+    assert res["details"][f"weight_bytes_{mode}"] < 0.5 * res["details"]["weight_bytes"]  # the float table stays
+    again = ev.main([f"--model={tmp_path / 'q.pt'}", *common, f"--out={tmp_path / 'r2.json'}"])
+    assert again["results"][0]["value"] == pytest.approx(quant, rel=1e-6)
+    assert again["model"] == f"{tmp_path / 'q.pt'} ({mode} weights)"
+    back, _ = q.load_quantized(str(tmp_path / "q.pt"))
+    assert back.quantization["mode"] == mode and q.weight_bytes(back) == res["details"][f"weight_bytes_{mode}"]
+
+
 def test_bad_input_is_one_line(workdir, tok, tmp_path, monkeypatch):
     """Each mistake ends as one line naming it and the fix, and writes no results file. The first case
     runs as a user runs it (a process: one stderr line, exit 1); the rest through the same run()."""

@@ -157,15 +157,16 @@ def run_engine(model, tok, ptdtype=torch.float32):
         {i: evs[-1] for i, evs in events.items()}, lengths
 
 
-@pytest.mark.parametrize("config", [*MODEL_VARIANTS, {"name": "modern", "int8": True}], ids=str)
+@pytest.mark.parametrize("config", [*MODEL_VARIANTS, {"name": "modern", "quantize": "int8"},
+                                    {"name": "modern", "quantize": "int4"}], ids=str)
 def test_batched_decoding_equals_generate_per_prompt(tmp_path, tok, config):
-    """Every model a GPTConfig describes (test_model.MODEL_VARIANTS: a new switch joins by itself) and
-    int8: each greedy row, decoded beside 15 others at other lengths and beside sampled rows, equals
+    """Every model a GPTConfig describes (test_model.MODEL_VARIANTS: a new switch joins by itself), int8
+    and int4: each greedy row, decoded beside 15 others at other lengths and beside sampled rows, equals
     model.generate on its prompt alone."""
     from quantize import quantize
-    switches = {k: v for k, v in config.items() if k not in ("name", "int8")}
+    switches = {k: v for k, v in config.items() if k not in ("name", "quantize")}
     model = quantize(make_run(str(tmp_path), tok, config["name"], **{"tie_weights": True, **switches}),
-                     "int8" if config.get("int8") else "none")
+                     config.get("quantize", "none"), group_size=32)
     texts, last, lengths = run_engine(model, tok)
     assert all(ev.get("finish_reason") in ("length", "stop") for ev in last.values()), last
     want = {i: greedy(model, tok, PROMPTS[i], lengths[i]) for i in range(16) if i % 4 != 3}
@@ -437,7 +438,9 @@ def test_bad_settings_are_one_line_errors(workdir, run_dir):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
-    cases = [(["--model=out-serve", "--quantize=int4"], "quantize='int4' is not one of 'none', 'int8'"),
+    cases = [(["--model=out-serve", "--quantize=int3"], "quantize='int3' is not one of 'none', 'int8', 'int4', "
+                                                         "'int4-gptq'"),
+             (["--model=out-serve", "--quantize=int4-gptq"], "make the model with eval.py --quantize=int4-gptq"),
              (["--model=nope"], "no model at 'nope'"),
              (["--model=out-serve", f"--port={busy.getsockname()[1]}"], "another server may be there")]
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args], cwd=workdir, env=ENV,
