@@ -178,14 +178,16 @@ def drift_bench():
     prose_text = " ".join(open(f, errors="replace").read() for f in sorted(glob.glob("/usr/share/common-licenses/*"))
                           if os.path.isfile(f))
     words = prose_text.split()
-    prose = [" ".join(words[s:s + 60]) for s in (rng.randrange(len(words) - 60) for _ in range(200))]
+    prose = [tok.decode(tok.encode(" ".join(words[s:s + 60]))[:96])  # 96 tokens, as the val prompts
+             for s in (rng.randrange(len(words) - 60) for _ in range(200))]
     server = Server(run_dir)
     try:
         medians = []
         for label, prompts in (("its own val text", own), ("English prose", prose)):
             before = httpx.get(server.url + "/metrics").text
             for p in prompts:
-                server.stream(p, 1)
+                httpx.post(server.url + "/v1/completions", json={"model": server.name, "prompt": p, "max_tokens": 1},
+                           timeout=60).raise_for_status()
             after = httpx.get(server.url + "/metrics").text
             medians.append((label, median_from_buckets(before, after)))
     finally:
