@@ -351,33 +351,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
         return None, loss.view_as(targets) if reduction == "none" else loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, optimizer="adamw",
-                             embedding_lr_scale=1.0):
-        """Optimizers covering every trainable parameter once; train.py's schedule multiplies each group's
-        "lr_scale". AdamW decays matrices only: decaying a norm gain or bias shrinks a scale, not a feature
-        (GPT-1). optimizer="muon" (Jordan et al. 2024) orthogonalises the blocks' matrix updates so every
-        direction learns alike, sized as AdamW's (match_rms_adamw, Liu et al. 2025). An untied input
-        embedding's rows move only when their token occurs: lr * embedding_lr_scale, no decay (modded-nanogpt)."""
-        if optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer={optimizer!r} is not one of 'adamw', 'muon'")
-        if embedding_lr_scale != 1.0 and self.config.tie_weights:
-            raise ValueError(f"embedding_lr_scale={embedding_lr_scale} needs an untied head (tie_weights=False): "
-                             f"a tied embedding is also the output layer, which a large lr would wreck")
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        hidden = [p for n, p in params if optimizer == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
-        table = [p for n, p in params if n == "transformer.wte.weight" and not self.config.tie_weights]
-        rest = [p for _, p in params if not any(p is q for q in hidden + table)]
-        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
-                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
-        if table:
-            groups.append({"params": table, "weight_decay": 0.0, "lr_scale": embedding_lr_scale,
-                           "lr": learning_rate * embedding_lr_scale})
-        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")]
-        if hidden:
-            optimizers.append(torch.optim.Muon([{"params": hidden, "lr_scale": 1.0}], lr=learning_rate,
-                                               weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
-        return optimizers
-
     def flops_per_token(self, T=None):
         """Training FLOPs per token, PaLM appendix B (Chowdhery et al. 2022): 6N for the weight matmuls plus
         12*L*H*Q*T for attention (L layers, H heads, head size Q, length T; the masked half counted too)."""

@@ -98,10 +98,10 @@ logit_softcap = None          # > 0: logits = cap * tanh(logits / cap) (modded-n
 zero_init = None              # True: the blocks' output projections start at 0
 grad_checkpoint = False       # out of memory? recompute each block in backward: far less activation
                               # memory for ~1/3 more compute (applies to resumed and pretrained models too)
-# optimizer: AdamW (Loshchilov & Hutter 2019), or Muon for the blocks' matrices (model.configure_optimizers)
+# optimizer: AdamW (Loshchilov & Hutter 2019), or Muon for the blocks' matrices (configure_optimizers)
 optimizer = "adamw"           # 'adamw' | 'muon' (Jordan et al. 2024; embeddings, head, norms stay on AdamW)
 learning_rate = 6e-4          # peak, reached after warmup
-embedding_lr_scale = 1.0      # an untied input embedding's lr is learning_rate * this (model.configure_optimizers)
+embedding_lr_scale = 1.0      # an untied input embedding's lr is learning_rate * this (configure_optimizers)
 max_iters = 5000              # optimizer steps of the whole run
 weight_decay = 0.1
 beta1 = 0.9
@@ -272,6 +272,34 @@ def shard(model, weights, dev, ptdtype, rank, world):
             for buf, table in zip((model.rope_cos, model.rope_sin), rope_tables(model.config)):
                 buf.copy_(table)
     return model
+
+
+def configure_optimizers(model, weight_decay, learning_rate, betas, eps, device_type, optimizer="adamw",
+                         embedding_lr_scale=1.0):
+    """Optimizers covering every trainable parameter of model once; the loop multiplies each group's
+    "lr_scale" into get_lr's rate. AdamW decays matrices only: decaying a norm gain or bias shrinks a scale, not a feature
+    (GPT-1). optimizer="muon" (Jordan et al. 2024) orthogonalises the blocks' matrix updates so every
+    direction learns alike, sized as AdamW's (match_rms_adamw, Liu et al. 2025). An untied input
+    embedding's rows move only when their token occurs: lr * embedding_lr_scale, no decay (modded-nanogpt)."""
+    if optimizer not in ("adamw", "muon"):
+        raise ValueError(f"optimizer={optimizer!r} is not one of 'adamw', 'muon'")
+    if embedding_lr_scale != 1.0 and model.config.tie_weights:
+        raise ValueError(f"embedding_lr_scale={embedding_lr_scale} needs an untied head (tie_weights=False): "
+                         f"a tied embedding is also the output layer, which a large lr would wreck")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in params if optimizer == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
+    table = [p for n, p in params if n == "transformer.wte.weight" and not model.config.tie_weights]
+    rest = [p for _, p in params if not any(p is q for q in hidden + table)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    if table:
+        groups.append({"params": table, "weight_decay": 0.0, "lr_scale": embedding_lr_scale,
+                       "lr": learning_rate * embedding_lr_scale})
+    optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")]
+    if hidden:
+        optimizers.append(torch.optim.Muon([{"params": hidden, "lr_scale": 1.0}], lr=learning_rate,
+                                           weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
+    return optimizers
 
 
 def check_settings(config, world):
@@ -610,8 +638,8 @@ def main(argv=None):
                   f"parameters, alpha {distill_alpha}, temperature {distill_temperature}")
 
     # ---- optimizer --------------------------------------------------------------------------------
-    optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), eps, device_type,
-                                                optimizer, embedding_lr_scale)  # a ValueError is one line (run)
+    optimizers = configure_optimizers(raw_model, weight_decay, learning_rate, (beta1, beta2), eps, device_type,
+                                      optimizer, embedding_lr_scale)  # a ValueError is one line (run)
     for opt in optimizers:
         for group in opt.param_groups:
             say(f"optimizer {type(opt).__name__}: {len(group['params'])} tensors, "

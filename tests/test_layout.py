@@ -36,7 +36,6 @@ def test_library_modules_print_nothing(capsys, tmp_path):
     from model import GPT, GPTConfig
     from shards import read_shard, write_shard
     model = GPT(GPTConfig.preset("gpt2", n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=300))
-    model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
     model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
     tok = Tokenizer.train(["some text to learn a few merges from, some text"], 260)
     tok.save(str(tmp_path / "t.bpe"))

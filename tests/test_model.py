@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache, sample_next
+from train import configure_optimizers
 
 PRESETS = ("gpt1", "gpt2", "modern")
 
@@ -233,8 +234,8 @@ def test_gradient_checkpointing_same_gradients(name):
 def test_overfits_one_batch(name):
     torch.manual_seed(0)
     model = GPT(tiny(name, n_embd=64, n_head=4))
-    opt, = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95), eps=1e-8,
-                                      device_type="cpu")
+    opt, = configure_optimizers(model, weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95), eps=1e-8,
+                                device_type="cpu")
     x = torch.randint(0, 100, (4, 16))
     y = torch.roll(x, -1, dims=1)
     y[:, -1] = -1  # ignored position
@@ -277,7 +278,7 @@ def test_modded_nanogpt_switches():
     model = GPT(tiny("modern", zero_init=True))
     with torch.no_grad():
         torch.testing.assert_close(model.hidden_states(x), model.transformer.ln_f(model.transformer.wte(x)))
-    opt, = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), 1e-8, "cpu")
+    opt, = configure_optimizers(model, 0.0, 1e-2, (0.9, 0.95), 1e-8, "cpu")
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     for _ in range(2):  # step 1 moves c_proj only (nothing flows back through a zero matrix); step 2 the rest
         opt.zero_grad()
@@ -290,7 +291,7 @@ def test_modded_nanogpt_switches():
 
 def test_optimizer_groups():
     model = GPT(tiny("gpt2"))
-    opt, = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
+    opt, = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -298,7 +299,7 @@ def test_optimizer_groups():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params(non_embedding=False)
     assert len(decay["params"]) == 2 * 4 + 2
     # Muon takes exactly the 2-D matrices inside the blocks; AdamW keeps wte (= the head), wpe, gains, biases
-    adamw, muon = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", optimizer="muon")
+    adamw, muon = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", optimizer="muon")
     hidden = {id(p) for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
     assert {id(p) for p in muon.param_groups[0]["params"]} == hidden and len(hidden) == 2 * 4
     rest = [p for g in adamw.param_groups for p in g["params"]]
@@ -306,15 +307,15 @@ def test_optimizer_groups():
     assert isinstance(muon, torch.optim.Muon) and muon.param_groups[0]["weight_decay"] == 0.1
     # an untied input embedding: its own group at learning_rate * embedding_lr_scale, without decay
     untied = GPT(tiny("modern", tie_weights=False))
-    adamw, = untied.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", embedding_lr_scale=50.0)
+    adamw, = configure_optimizers(untied, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", embedding_lr_scale=50.0)
     table = adamw.param_groups[2]
     assert table["params"] == [untied.transformer.wte.weight] and table["lr"] == pytest.approx(0.05)
     assert (table["weight_decay"], table["lr_scale"]) == (0.0, 50.0)
     assert not any(untied.transformer.wte.weight is p for g in adamw.param_groups[:2] for p in g["params"])
     with pytest.raises(ValueError, match="embedding_lr_scale=50.0 needs an untied head"):
-        model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", embedding_lr_scale=50.0)
+        configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", embedding_lr_scale=50.0)
     with pytest.raises(ValueError, match="optimizer='sgd' is not one of"):
-        model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", optimizer="sgd")
+        configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, "cpu", optimizer="sgd")
 
 
 def test_flops_and_mfu():
