@@ -96,8 +96,8 @@ text_field = "text"  # column holding the text (hub, .jsonl, .parquet)
 input = ""  # local PATH or glob of .txt / .jsonl / .parquet files; when set, `dataset` is not used
 separator = ""  # .txt only: split each file into documents on this string; "" = one document per file
 name = ""  # output folder data_dir/<name>/ and shard prefix; "" = stdlib, fineweb_edu, or from the input
-license = ""  # licence of a local corpus as you know it, for the data card ("" = unknown)
-data_dir = "data"
+license_id = ""  # licence of a local corpus as you know it, for the data card ("" = unknown)
+data_dir = "data"  # the folder that holds data/<name>/ (train.py reads it from there)
 tokenizer = ""  # "gpt2", a path to a .bpe file, or "train"; "" = train for stdlib, gpt2 otherwise
 vocab_size = 4096  # --tokenizer=train; small for the CPU quick start (GPT-1's recipe: 256 + 40,000 merges + 1)
 bpe_train_mb = 100  # --tokenizer=train: train on the first this many MB (10^6 bytes) of cleaned text
@@ -105,12 +105,12 @@ min_chars = 64  # drop shorter documents (stdlib: empty __init__.py files and on
 max_garbage = 0.25  # drop documents whose characters are more than this fraction U+FFFD or control chars
 shard_size = 100_000_000  # tokens per train shard (llm.c's FineWeb shards: 100M)
 val_tokens = 10_000_000  # validation gets the first min(val_tokens, val_fraction * corpus) tokens
-val_fraction = 0.1
+val_fraction = 0.1  # (see val_tokens): a small corpus gives val this fraction, not 10M tokens
 num_proc = os.cpu_count() or 1  # tokenizer worker processes
 pii = None  # e-mail and public IP addresses to placeholders; None = on for the hub and --input, off for stdlib
 near_dedup = None  # MinHash near-duplicate removal (FineWeb's stage); None = on for the hub and --input, off for stdlib
 minhash_bands = 14  # b bands of r rows: FineWeb's 14 x 8 (112 hashes) drop pairs above Jaccard ~0.7, see NearDuplicates
-minhash_rows = 8
+minhash_rows = 8  # r: rows per band; more rows, a higher Jaccard threshold
 decontaminate = ""  # comma-separated eval files (eval.py's formats): drop training documents sharing a 13-gram with one
 overwrite = False  # start over in a folder that holds another command's output (default: resume, or refuse)
 # -----------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def resolve_source(cfg):
         name = cfg.name or _safe_name(pattern.parent.name if files != [cfg.input] else pattern.stem)
         info = {"kind": "local files", "input": cfg.input, "format": kind.lstrip("."),
                 "files": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)} for f in files[:1000]],
-                "num_files": len(files), "license": cfg.license or "unknown (not stated for local input)"}
+                "num_files": len(files), "license": cfg.license_id or "unknown (not stated for local input)"}
         # what a resume must find unchanged: every file's path and size
         info["fingerprint"] = hashlib.sha256(json.dumps([[os.path.abspath(f), os.path.getsize(f)]
                                                          for f in files]).encode()).hexdigest()[:16]
@@ -738,7 +738,7 @@ def render_card(c):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = configure(globals(), argv)
+    cfg = configure(globals(), argv, renamed={"license": ("license_id", "")})
     from types import SimpleNamespace
     return prepare(SimpleNamespace(**cfg), argv)
 

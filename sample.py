@@ -32,7 +32,7 @@ temperature = 0.8          # < 1 sharpens the distribution, > 1 flattens it, 0 i
 top_k = 200                # sample among the k likeliest tokens only (None: all)
 top_p = None               # nucleus sampling: the smallest set with probability >= top_p (None: off)
 stop_at_eot = True         # end a sample at <|endoftext|>, where the model thinks the document ends
-seed = 1337
+seed = 1337                # the same seed, settings and machine: the same text
 device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"             # 'auto' = bfloat16 on GPUs with bf16 tensor cores, float16 on older GPUs,
                            # float32 on CPU | 'float32' | 'bfloat16' | 'float16'

@@ -76,17 +76,17 @@ log_interval = 10             # steps between log lines; each waits for the GPU
 keep_last = 2                 # step checkpoints to keep, besides best.pt (lowest val loss)
 patience = 0                  # stop after this many evaluations without a better val loss; 0 = off
 wandb_log = False             # Weights & Biases logging (works with WANDB_MODE=offline)
-wandb_project = "gpt"
-wandb_run_name = "run"
+wandb_project = "gpt"         # with wandb_log: the wandb project
+wandb_run_name = "run"        # and the run's name in it
 # data
 shuffle = True                # read each epoch's rows in a random (seeded) order; False: in file order
 batch_size = 12               # sequences per micro-batch per process
 gradient_accumulation_steps = 40  # micro-batches per optimizer step, summed over all processes
 # model: a preset from model.py, plus overrides; None keeps the preset's value
 preset = "gpt2"               # 'gpt1' | 'gpt2' | 'modern'
-n_layer = None
-n_head = None
-n_embd = None
+n_layer = None                # blocks (gpt1, gpt2, modern: 12)
+n_head = None                 # attention heads per block (12)
+n_embd = None                 # the residual stream's width (768)
 block_size = None             # context length (gpt1: 512, gpt2: 1024, modern: 4096)
 dropout = None                # 0 for pretraining on lots of data; 0.1+ against overfitting small data
 bias = None                   # biases in Linear and LayerNorm
@@ -103,13 +103,13 @@ optimizer = "adamw"           # 'adamw' | 'muon' (Jordan et al. 2024; embeddings
 learning_rate = 6e-4          # peak, reached after warmup
 embedding_lr_scale = 1.0      # an untied input embedding's lr is learning_rate * this (configure_optimizers)
 max_iters = 5000              # optimizer steps of the whole run
-weight_decay = 0.1
-beta1 = 0.9
+weight_decay = 0.1            # AdamW's, on matrices and embeddings only
+beta1 = 0.9                   # AdamW's first-moment decay
 beta2 = 0.95                  # 0.95 rather than Adam's 0.999: steadier for large-batch LM training
-eps = 1e-8
+eps = 1e-8                    # added to the second moment's root
 grad_clip = 1.0               # clip the global gradient norm to this; 0 = off
 # learning rate schedule: linear warmup, then cosine decay to min_lr
-warmup_iters = 200
+warmup_iters = 200            # steps of linear warmup from 0 to learning_rate
 lr_decay_iters = 0            # step where the decay reaches min_lr; 0 = max_iters
 min_lr = 6e-5                 # ~learning_rate/10 (Chinchilla, Hoffmann et al. 2022)
 # distillation (Hinton et al. 2015): learn from a trained model's distribution, not only the next token
@@ -122,7 +122,7 @@ parallel = "ddp"              # under torchrun: 'ddp' (a full copy per GPU) | 'f
 device = "auto"               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"                # 'float32' | 'bfloat16' | 'float16'; auto = bfloat16 on GPUs that have it
 compile = None                # torch.compile; None = on for CUDA, off on CPU (see the note below)
-seed = 1337
+seed = 1337                   # initial weights, the row order, dropout (each rank its own)
 # ----------------------------------------------------------------------------------------------
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "tie_weights", "mlp", "qk_norm",

@@ -229,7 +229,7 @@ def test_nfd_and_nfc_spellings_are_one_document(tmp_path, tok_path):
 def test_card_records_source_command_and_tokens(tmp_path, tok_path):
     path = write_jsonl(tmp_path / "c.jsonl", RAW)
     card, out = run(tmp_path, f"--input={path}", f"--tokenizer={tok_path}", "--min_chars=20",
-                    "--license=CC-BY-4.0")
+                    "--license_id=CC-BY-4.0")
     on_disk = json.loads((out / "card.json").read_text())
     assert on_disk == card
     assert card["source"]["files"] == [{"path": os.path.abspath(path), "bytes": os.path.getsize(path)}]
@@ -445,7 +445,7 @@ def test_missing_or_null_text_is_counted_as_such(tmp_path, tok_path):
 
 def test_command_txt_holds_the_preparing_command(tmp_path, tok_path):
     path = write_jsonl(tmp_path / "c.jsonl", BASE)
-    flags = [f"--input={path}", f"--tokenizer={tok_path}", "--license=CC BY 4.0 (see the source's card)"]
+    flags = [f"--input={path}", f"--tokenizer={tok_path}", "--license_id=CC BY 4.0 (see the source's card)"]
     card, out = run(tmp_path, *flags)
     argv = [f"--data_dir={tmp_path / 'data'}", "--name=t", "--num_proc=1", *flags]  # what run() passes
     command = (out / "command.txt").read_text()
