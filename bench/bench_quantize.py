@@ -12,6 +12,9 @@ Two parts.
      GPTQ: bits per byte on `windows` windows of block_size tokens spread over the val shard, the bytes
      of the weights, the time to quantize, and tokens/s of greedy generation at batch 1 and 16 with the
      KV cache (the models take turns, fastest of 5). head_rows adds the int4 models with a float32 head.
+     Then multiple-choice accuracy through eval.py itself (--task=mc --quantize=MODE, which scores the
+     float model and the quantized one side by side): mc_items items from the val text, each a context
+     of 48 tokens and 4 endings of 16 tokens, the true continuation and 3 spans from elsewhere in val.
 
     python prepare.py --dataset=stdlib                      # data/stdlib: ~3M train tokens, offline
     python bench/bench_quantize.py                          # kernels, then the quick start model (~5 min)
@@ -43,6 +46,7 @@ windows = 256               # val windows of block_size tokens to score
 new_tokens = 64             # greedy tokens per generation timing
 head_rows = True            # also score the int4 models with the output head left in float32
 threads = 1                 # torch threads: 2 shared cores, so one thread gives steadier figures
+mc_items = 500              # multiple-choice items for eval.py --task=mc; 0 skips it
 
 RUNS = {  # name: (run directory, train.py arguments)
     "quickstart": ("out-quickstart", ["config/quickstart.py"]),
@@ -67,8 +71,8 @@ def microseconds(fn, calls=50, repeats=7):
 
 @torch.inference_mode()
 def time_kernels():
-    print(f"| Linear (in -> out) | batch | float32 F.linear | int4 kernel, float32 in | int4 kernel, bfloat16 in "
-          f"(Int4Linear) | unpack to float32, F.linear | int8 (Int8Linear) |\n|---|---|---|---|---|---|---|")
+    print("| Linear (in -> out) | batch | float32 F.linear | int4 kernel, float32 in | int4 kernel, bfloat16 in "
+          "(Int4Linear) | unpack to float32, F.linear | int8 (Int8Linear) |\n|---|---|---|---|---|---|---|")
     for name, (K, N) in SHAPES.items():
         torch.manual_seed(0)
         linear = torch.nn.Linear(K, N, bias=False)
@@ -159,6 +163,39 @@ def main(argv=None):
                     m.lm_head = model.lm_head
                     print(f"| {mode}, float32 lm_head | {bits_per_byte(m, val, byte_lengths, T):.4f} | "
                           f"{weight_bytes(m) / 1e6:.2f} MB | | | |", flush=True)
+        if mc_items:
+            print(f"\n{mc_items} multiple-choice items from the val text (4 endings, chance 0.25), eval.py --task=mc\n"
+                  f"| weights | acc | acc_norm |\n|---|---|---|")
+            for mode, (acc, norm) in multiple_choice(name, val, tok).items():
+                print(f"| {'float32' if mode == 'none' else mode} | {acc:.3f} | {norm:.3f} |", flush=True)
+
+
+def multiple_choice(name, val, tok):
+    """eval.py --task=mc on mc_items items cut from the val text, once per quantized mode: {mode: (acc, acc_norm)}."""
+    import json
+    import random
+    run_dir = os.path.join(ROOT, RUNS[name][0])
+    path = os.path.join(run_dir, "mc_val.jsonl")
+    r, n = random.Random(0), len(val) - 64
+    with open(path, "w") as f:
+        for _ in range(mc_items):
+            at = r.randrange(n)
+            spans = [at + 48] + [r.randrange(n) for _ in range(3)]
+            choices = [tok.decode(val[s:s + 16].tolist()) for s in spans]
+            gold = r.randrange(4)
+            choices[0], choices[gold] = choices[gold], choices[0]
+            f.write(json.dumps({"query": tok.decode(val[at:at + 48].tolist()), "choices": choices, "gold": gold}) + "\n")
+    out = {}
+    for mode in modes.split(","):
+        res = os.path.join(run_dir, f"eval_mc_{mode}.json")
+        subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--model={run_dir}", "--task=mc",
+                        f"--data={path}", "--target_delimiter=", f"--quantize={mode}", f"--group_size={group_size}",
+                        "--device=cpu", f"--out={res}"], cwd=ROOT, check=True, capture_output=True)
+        values = {x["metric"]: x["value"] for x in json.load(open(res))["results"]}
+        out.setdefault("none", (values["acc"], values["acc_norm"]))
+        if mode != "none":
+            out[mode] = (values[f"acc ({mode})"], values[f"acc_norm ({mode})"])
+    return out
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def main(argv=None):
                     tps, lat, ttft = asyncio.run(load_test(server.url, name, n_clients, requests))
                 finally:
                     server.stop()
-                rows.append((name, n_params, "int8" if w == "int8" else "float32", serving, n_clients, tps, lat, ttft))
+                rows.append((name, n_params, "float32" if w == "none" else w, serving, n_clients, tps, lat, ttft))
                 print(f"  {name} ({n_params / 1e6:.1f}M) {rows[-1][2]:7s} {serving:13s} {n_clients:2d} clients: "
                       f"{tps:7.0f} tokens/s, latency p50 {pct(lat, 50):.2f} s p99 {pct(lat, 99):.2f} s, "
                       f"TTFT p50 {pct(ttft, 50) * 1000:.0f} ms p99 {pct(ttft, 99) * 1000:.0f} ms", flush=True)
