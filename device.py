@@ -58,6 +58,9 @@ def for_inference(model, device, device_type, dtype):
     16-bit dtype its weights are cast once: under autocast a float32 weight is cast again at every
     call, which for one decoded token is most of the memory traffic. Autocast stays on around it,
     for the reductions it keeps in float32; model.log_probs scores in float32 either way."""
+    if getattr(model, "quantization", None) and device_type != "cpu":  # quantize.py's kernels are CPU kernels
+        raise ValueError(f"the model's weights are {model.quantization['mode']} (quantize.py), which run on the CPU "
+                         f"only; add --device=cpu")
     model = model.to(device)
     return model.to(dtype) if device_type == "cuda" and dtype != torch.float32 else model
 
