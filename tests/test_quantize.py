@@ -161,3 +161,7 @@ def test_int8_api_is_unchanged():
     x = torch.randint(0, 100, (2, 16))
     with torch.no_grad():
         assert (q(x)[0] - model(x)[0]).norm() / model(x)[0].norm() < 0.05
+    # quantized weights run on the CPU kernels only: moving them to a GPU is one clear error, before any copy
+    from device import for_inference
+    with pytest.raises(ValueError, match="int8 .quantize.py., which run on the CPU only; add --device=cpu"):
+        for_inference(q, "cuda", "cuda", torch.bfloat16)
