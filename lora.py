@@ -80,9 +80,9 @@ def add(model, targets, rank, alpha, dropout=0.0):
 def merge(model):
     """Fold every LoRALinear in model into a plain nn.Linear, in place; a 4-bit base's other layers are
     dequantized too, so the result is one plain float model. Returns the model."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, (LoRALinear, Int4Linear)) and name:
-            parent, _, child = name.rpartition(".")
-            if getattr(model.get_submodule(parent), child, None) is m:  # not inside one merged already
-                setattr(model.get_submodule(parent), child, m.merged() if isinstance(m, LoRALinear) else dequantized(m))
+    for kind, fold in ((LoRALinear, LoRALinear.merged), (Int4Linear, dequantized)):  # adapters first
+        for name, m in list(model.named_modules()):
+            if isinstance(m, kind):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, fold(m))
     return model

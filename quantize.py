@@ -61,8 +61,8 @@ an int4 model therefore holds a byte per weight, as int8 does; what a token's ma
 A quantized model as a file. GPTQ takes minutes on a large model and needs the training data, so a
 quantized model can be saved and loaded: save_quantized writes one dict {format, mode, group_size,
 symmetric, model_args, tokenizer, state}, state being the quantized model's state_dict, and
-load_quantized reads it with torch.load(weights_only=True) (only tensors and plain values, as
-checkpoint.py's loader), rebuilds the model with empty quantized Linears of the stored mode and loads
+checkpoint.load reads it (the one reader of .pt files: torch.load(weights_only=True), only tensors and
+plain values); from_state rebuilds the model with empty quantized Linears of the stored mode and loads
 the state into them. int8 models save the same way.
 """
 import copy

@@ -254,8 +254,7 @@ class PrefixCache:
         """Copy the longest cached prefix of ids into row 0 of cache (whole blocks, and at least one
         token short of ids, whose last position must be computed for its logits). Returns its length."""
         n = 0
-        while n + self.BLOCK < len(ids) and tuple(ids[:n + self.BLOCK]) in self.blocks:
-            key = tuple(ids[:n + self.BLOCK])
+        while n + self.BLOCK < len(ids) and (key := tuple(ids[:n + self.BLOCK])) in self.blocks:
             self.blocks.move_to_end(key)
             k, v = self.blocks[key]  # (n_layer, nh, BLOCK, hd) each
             if cache.k is None:
