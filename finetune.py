@@ -1027,6 +1027,7 @@ def main(argv=None):
               f"peak {what} {peak / 2**20:,.0f} MiB")
         log.write({"final": results})
         log.file.close()
+    process.leave_together()
     return results
 
 

@@ -79,6 +79,13 @@ def cpu_group():
     return _cpu_group
 
 
+def leave_together():
+    """At the end of a run every rank waits for the others, on the CPU: a rank that tears its
+    connections down while another is still finishing (writing its log, scoring) makes that one fail."""
+    if dist.is_initialized():
+        dist.barrier(group=_cpu_group)
+
+
 def wait_for_rank0():
     """Every rank waits here, on the CPU, until rank 0 arrives (after writing a file the others will
     read, or a checkpoint): no GPU collective is queued meanwhile, so NCCL's watchdog does not run."""

@@ -750,8 +750,7 @@ def main(argv=None):
                 log(record)
             loss_sum.zero_()
             steps_since_log, t0 = 0, time.time()
-    if distributed:  # leave together: a rank that tears its connections down while another is still
-        dist.barrier()  # finishing would make that one fail
+    process.leave_together()
 
 
 if __name__ == "__main__":
