@@ -48,18 +48,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
+import distill
 import hf
 import process
 from bpe import Tokenizer
 from configurator import UserError, configure, run
-from device import autocast, compile_problem, for_inference, peak_flops, pick_device
-from model import GPT, GPTConfig, rope_tables
+from device import autocast, compile_problem, peak_flops, pick_device
+from fsdp import ShardedInit, shard
+from model import GPT, GPTConfig
 from process import say
 from shards import TokenStream
 
@@ -140,139 +140,7 @@ def get_lr(it, warmup, decay_iters, lr, lr_min):
     return lr_min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - lr_min)
 
 
-class DistillLoss(torch.autograd.Function):
-    """Knowledge distillation (Hinton et al. 2015): alpha * T^2 * KL(teacher_T || student_T) + (1 -
-    alpha) * cross-entropy with the targets, per scored token. Both distributions are softened by T;
-    their gradients shrink as 1/T^2, which the T^2 undoes, so alpha keeps its meaning at any T.
-    logits, teacher_logits (B, T, V); targets (B, T), -1 = not scored.
-
-    Memory. Written out with log_softmax and kl_div, autograd keeps about five float32 (B, T, V)
-    tensors alive (6.6 GB each for gpt2_124m at 32 x 1024). Here the rows go through in chunks of
-    about 4M logits, and each chunk's loss and its gradient with respect to the student's logits,
-        d loss / d logits = alpha * T * (softmax(s/T) - softmax(t/T)) + (1 - alpha) * (softmax(s) - onehot(y)),
-    (each divided by the number of scored tokens) are computed at once; the gradient, one tensor in
-    the logits' dtype, is all that waits for backward. Unscored rows are weighted by 0 rather than
-    dropped with a boolean index, whose size the host would have to wait for."""
-
-    @staticmethod
-    def forward(ctx, logits, teacher_logits, targets, alpha, temperature):
-        V = logits.size(-1)
-        s_all, t_all, y_all = logits.flatten(0, 1), teacher_logits.flatten(0, 1), targets.flatten()
-        weight = (y_all != -1).float()
-        weight /= weight.sum().clamp(min=1)  # a mean over the scored tokens
-        grad = torch.empty(s_all.shape, dtype=logits.dtype, device=logits.device)
-        total = torch.zeros((), device=logits.device)
-        rows = max(1, 2 ** 22 // V)
-        for i in range(0, len(y_all), rows):
-            s, t, w = s_all[i:i + rows].float(), t_all[i:i + rows].float(), weight[i:i + rows]
-            y = y_all[i:i + rows].clamp(min=0)[:, None]  # an unscored row's -1 read as 0, weighted 0
-            student_T = (s / temperature).log_softmax(-1)
-            teacher_T = (t / temperature).log_softmax(-1)
-            student = s.log_softmax(-1)
-            kl = (teacher_T.exp() * (teacher_T - student_T)).sum(-1)
-            ce = -student.gather(1, y)[:, 0]
-            total += ((alpha * temperature ** 2 * kl + (1 - alpha) * ce) * w).sum()
-            g = student_T.exp_().sub_(teacher_T.exp_()).mul_(alpha * temperature)
-            g += student.exp_().scatter_add_(1, y, torch.full_like(student[:, :1], -1.0)).mul_(1 - alpha)
-            grad[i:i + rows] = g.mul_(w[:, None])
-        ctx.save_for_backward(grad)
-        ctx.shape = logits.shape
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output).view(ctx.shape), None, None, None, None
-
-
-def distill_loss(logits, teacher_logits, targets, alpha, temperature):
-    """DistillLoss: the loss, a scalar; logits (B, T, V) from the student get its gradient."""
-    return DistillLoss.apply(logits, teacher_logits, targets, alpha, temperature)
-
-
-def step_loss(model, teacher_model, x, y):
-    """One micro-step's loss: cross-entropy, or with a teacher the distillation loss. Neither model's
-    (B, T, V) logits are kept by the caller, so they are freed as soon as the loss is computed."""
-    if teacher_model is None:
-        return model(x, y)[1]
-    with torch.no_grad():
-        teacher_logits = teacher_model(x)[0]
-    return distill_loss(model(x)[0], teacher_logits, y, distill_alpha, distill_temperature)
-
-
 # ---- the steps of main that are not the loop ------------------------------------------------------
-
-class ShardedInit(TorchDispatchMode):
-    """FSDP: build the model on the meta device, where a tensor is only a shape, so that no rank ever
-    holds the whole model (eight ranks would each build it on the host). Its initialisation is
-    replayed on the CPU, one tensor at a time: each in-place fill of a meta tensor (model.py's
-    normal_, nn.Linear's uniform_, zero_, fill_) runs on a CPU tensor of that shape, drawing from the
-    seeded CPU generator in the same order as a CPU build, and this rank keeps its slice along dim 0
-    (FSDP2's shard). So the weights equal a CPU build's for the same seed, at one tensor of peak memory.
-        with torch.device("meta"), ShardedInit(rank, world) as init:
-            model = GPT(config)"""
-    FILLS = ("aten::normal_", "aten::uniform_", "aten::zero_", "aten::fill_")  # they overwrite every element
-
-    def __init__(self, rank, world):
-        super().__init__()
-        self.rank, self.world, self.slices = rank, world, {}  # id(tensor) -> (tensor, its slice or None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        t = args[0] if args else None
-        if isinstance(t, torch.Tensor) and t.is_meta and func._schema.is_mutable:
-            full = None
-            if func._schema.name in self.FILLS:  # any other in-place op reads the tensor: not replayable
-                full = torch.empty(t.shape, dtype=t.dtype)
-                func(full, *args[1:], **(kwargs or {}))
-            self.slices[id(t)] = (t, None if full is None else local_slice(full, self.rank, self.world))
-        return func(*args, **(kwargs or {}))
-
-    def weights(self, model):
-        """{parameter name: this rank's slice} for the model built under this mode."""
-        out = {}
-        for name, p in model.named_parameters():
-            if self.slices.get(id(p), (None, None))[1] is None:
-                raise ValueError(f"{name} was not initialised by a fill that the meta build can replay")
-            out[name] = self.slices[id(p)][1]
-        return out
-
-
-def local_slice(full, rank, world):
-    """Rank's part of a full tensor as FSDP2 shards it: torch.chunk along dim 0 (the last ranks may get
-    less, or nothing)."""
-    chunks = full.chunk(world)
-    return chunks[rank].clone() if rank < len(chunks) else full[:0].clone()
-
-
-def shard(model, weights, dev, ptdtype, rank, world):
-    """FSDP2: each block, then the rest, becomes one unit whose parameters are sharded across the
-    ranks (DTensors) and gathered for its forward and backward only: per GPU, weights, gradients and
-    AdamW's two moments cost 1/world of the full model. A model built on the meta device is then
-    allocated on dev, its shards filled from `weights` ({name: this rank's slice} from ShardedInit, or
-    a full state dict, e.g. a memory-mapped checkpoint's, from which each rank reads its slice) and its
-    RoPE tables, which are derived rather than saved, recomputed. In bfloat16 the weights are
-    gathered and the blocks compute in bf16 while the gradients are reduce-scattered and kept in
-    float32 (torchtitan's policy): half the traffic of a float32 all-gather, none of the lost precision
-    in the sums. float32 runs keep float32 throughout."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if ptdtype == torch.bfloat16 else MixedPrecisionPolicy()
-    for block in model.transformer.h:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    if weights is None:  # already on the CPU with its weights (GPT-2's): only the shards move to dev
-        return model.to(dev)
-    model.to_empty(device=dev)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            part = weights[name]
-            if part.shape != p.to_local().shape:  # a full tensor: take this rank's slice
-                part = local_slice(part, rank, world)
-            p.to_local().copy_(part)
-        if model.config.pos == "rope":
-            for buf, table in zip((model.rope_cos, model.rope_sin), rope_tables(model.config)):
-                buf.copy_(table)
-    return model
-
 
 def configure_optimizers(model, weight_decay, learning_rate, betas, eps, device_type, optimizer="adamw",
                          embedding_lr_scale=1.0):
@@ -402,26 +270,6 @@ def choose_start(config, tokenizer, tok_path, distributed, rank, world, fsdp):
         raise UserError(f"GPT-2 weights need the gpt2 tokenizer, but {tok_path} has "
                         f"{tokenizer.vocab_size} tokens; prepare the data with --tokenizer=gpt2")
     return model, None, None, None
-
-
-def load_teacher(tokenizer, tok_path, T, dev, device_type, ptdtype, use_compile):
-    """The model to distil from, checked against this run (the same tokenizer, a context of at least
-    T) and frozen: eval mode (no dropout), no gradients, on dev, its weights in the training dtype on
-    a GPU (device.for_inference) and compiled where the student is. Returns (model, where it came from)."""
-    try:
-        model, tok, where = checkpoint.load_model(teacher)
-    except ValueError as e:
-        raise UserError(f"teacher={teacher!r}: {e}")
-    if tok.dumps() != tokenizer.dumps():  # the two distributions must be over the same ids
-        raise UserError(f"teacher {where} uses the {tok.name} tokenizer, not this run's {tok_path}; "
-                        f"distil from a teacher trained on data with the same tokenizer")
-    if model.config.block_size < T:
-        raise UserError(f"teacher {where} has a context of {model.config.block_size}, shorter than block_size={T}")
-    model = for_inference(model.requires_grad_(False), dev, device_type, ptdtype)
-    # the ids are the student's, from the tokenizer both share: checking them against the vocabulary
-    # (min and max) would make the host wait for the GPU at every step
-    model._check_input = lambda idx, start, cache=None: None
-    return torch.compile(model) if use_compile else model, where
 
 
 def check_same_data(train_data, tokenizer, data_dir, world):
@@ -619,8 +467,8 @@ def main(argv=None):
         check_same_data(train_data, tokenizer, data_dir, world)
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=dev)  # for bits per byte
     peak = peak_flops(torch.cuda.get_device_name(dev), dtype_name) if device_type == "cuda" else None
-    teacher_model, teacher_where = load_teacher(tokenizer, tok_path, T, dev, device_type, ptdtype, use_compile) \
-        if teacher else (None, None)
+    teacher_model, teacher_where = distill.load_teacher(teacher, tokenizer, tok_path, T, dev, device_type, ptdtype,
+                                                        use_compile) if teacher else (None, None)
 
     # everything is checked: now the run directory may be written (by rank 0 only)
     if master:
@@ -711,7 +559,7 @@ def main(argv=None):
             last = micro == accum - 1
             with model.no_sync() if ddp and not last else nullcontext():
                 with ctx:
-                    loss = step_loss(model, teacher_model, x, y)
+                    loss = distill.step_loss(model, teacher_model, x, y, distill_alpha, distill_temperature)
                 loss_sum += loss.detach()
                 scaler.scale(loss / accum).backward()  # / accum: the step's gradient is the mean
         for opt in optimizers:

@@ -429,7 +429,7 @@ def test_modded_switches_train_and_are_kept_on_resume(workdir):
 
 def test_distillation_loss_is_hintons():
     """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE, computed here from the definitions."""
-    from train import distill_loss
+    from distill import distill_loss
     torch.manual_seed(0)
     s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
     y = torch.tensor([[1, 2, -1], [0, -1, 6]])
@@ -463,7 +463,7 @@ def distill_loss_written_out(logits, teacher_logits, targets, alpha, temperature
 def test_chunked_distillation_equals_the_written_out_loss_and_its_gradient():
     """Over several chunks (2**22 // V rows each) with unscored rows: the same loss and the same gradient
     with respect to the student's logits as autograd through the written-out definition."""
-    from train import distill_loss
+    from distill import distill_loss
     torch.manual_seed(0)
     B, T, V = 3, 700, 4096  # 2,100 rows: chunks of 1,024, the last one short
     s, t = (3 * torch.randn(B, T, V, dtype=torch.float64)).float(), 3 * torch.randn(B, T, V)
@@ -484,7 +484,7 @@ import sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
-import train
+import distill
 from model import GPT, GPTConfig
 config = GPTConfig.preset("gpt2", vocab_size=4096, n_layer=1, n_head=2, n_embd=32, block_size=256, dropout=0.0)
 torch.manual_seed(0)
@@ -494,7 +494,7 @@ y = torch.randint(0, 4096, (32, 256))
 def peak_rss():  # VmHWM, this process's peak; ru_maxrss would carry over the parent's peak through exec
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 before = peak_rss()
-train.step_loss(student, teacher if sys.argv[2] == "distil" else None, x, y).backward()
+distill.step_loss(student, teacher if sys.argv[2] == "distil" else None, x, y).backward()
 print(peak_rss() - before)
 """
 
