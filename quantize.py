@@ -300,23 +300,23 @@ def gptq_model(model, calibration, group_size=128, symmetric=False, rows_per_for
         pass
     first = []
 
-    def take(module, args):
-        first.append(args)
+    def take(module, args, kwargs):
+        first.append((args[0], kwargs))
         raise Stop
-    hook = model.transformer.h[0].register_forward_pre_hook(take)
+    hook = model.transformer.h[0].register_forward_pre_hook(take, with_kwargs=True)
     for idx in calibration.split(rows_per_forward):
         try:
             model.hidden_states(idx)
         except Stop:
             pass
     hook.remove()
-    xs = torch.cat([args[0] for args in first])  # (n, T, C)
-    rest = first[0][1:]  # (rope, cache, layer, mask, where): the same for every row and block
+    xs = torch.cat([x for x, _ in first])  # (n, T, C)
+    attend = first[0][1]  # {rope, cache, layer, mask, cache_positions}: the same for every row and block
     for block in model.transformer.h:
         names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]  # in the order it calls them
         for name in names:
-            quantize_on(lambda x: block(x, *rest), xs, block, name)
-        xs = run(lambda x: block(x, *rest), xs)  # the next block's input, through the quantized block
+            quantize_on(lambda x: block(x, **attend), xs, block, name)
+        xs = run(lambda x: block(x, **attend), xs)  # the next block's input, through the quantized block
     quantize_on(lambda x: model.lm_head(model.transformer.ln_f(x)), xs, model, "lm_head")
     return model
 
