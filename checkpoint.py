@@ -204,6 +204,15 @@ def open_model(source, which="best"):
                   f"{path} (step {state['iter_num']})")
 
 
+def load_quantized(path):
+    """(model, tokenizer) from a file of quantize.save_quantized: the model on the CPU in eval mode.
+    Anything else is refused, with a ValueError naming the file."""
+    state = load(path)
+    if state.get("format") != quantize.FORMAT:
+        raise ValueError(f"{path} is not a quantized model of format {quantize.FORMAT} (save_quantized writes them)")
+    return quantize.from_state(state, path)
+
+
 def load_model(source, which="best"):
     """(model, tokenizer, description): open_model for the callers that need only those three."""
     opened = open_model(source, which)

@@ -119,19 +119,19 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
         self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
 
-    def update(self, layer, k, v, where):
-        """Write k, v (B, nh, T, hd) at `where` (one column slice, or each row's (B, T) columns); return this
-        layer's (B, nh, L, hd) up to L, the longest row's new length (the attention mask hides the rest)."""
+    def update(self, layer, k, v, positions):
+        """Write k, v (B, nh, T, hd) at cache `positions` (one slice of columns, or each row's own (B, T)); return
+        this layer's (B, nh, L, hd) up to L, the longest row's new length (the attention mask hides the rest)."""
         if self.k is None:
             self.allocate(k, v)
         B, L = k.size(0), int(self.pos[:k.size(0)].max()) + k.size(2)
-        if isinstance(where, slice):
-            self.k[layer, :B, :, where] = k
-            self.v[layer, :B, :, where] = v
+        if isinstance(positions, slice):
+            self.k[layer, :B, :, positions] = k
+            self.v[layer, :B, :, positions] = v
         else:  # advanced indices around a slice: the indexed shape (B, T) comes first, then (nh, hd)
             rows = torch.arange(B, device=k.device)[:, None]
-            self.k[layer, rows, :, where] = k.transpose(1, 2).to(self.k.dtype)
-            self.v[layer, rows, :, where] = v.transpose(1, 2).to(self.v.dtype)
+            self.k[layer, rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[layer, rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :B, :, :L], self.v[layer, :B, :, :L]
 
     def copy_rows(self, dst, src, rows):
@@ -156,9 +156,10 @@ class CausalSelfAttention(nn.Module):
             hd = config.n_embd // config.n_head
             self.q_norm, self.k_norm = nn.RMSNorm(hd, eps=1e-6), nn.RMSNorm(hd, eps=1e-6)
 
-    def forward(self, x, rope=None, cache=None, layer=0, mask=None, where=None):
-        """x (B, T, C). With a cache, k and v go in at `where` and queries see the columns `mask` allows;
-        mask None: causal over T x T (training, a prefill), or every cached column for T = 1."""
+    def forward(self, x, rope=None, cache=None, layer=0, mask=None, cache_positions=None):
+        """x (B, T, C); rope: (cos, sin) of the T new positions. With a cache, this layer's k and v are written
+        at cache_positions (see KVCache.update) and queries see the columns `mask` allows; mask None:
+        causal over T x T (training, a prefill), or every cached column for T = 1."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hd): each head attends independently over its hd = C/nh channels
@@ -169,7 +170,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(layer, k, v, where)  # (B, nh, L, hd)
+            k, v = cache.update(layer, k, v, cache_positions)  # (B, nh, L, hd)
         # is_causal aligns its mask top-left, right only when T_q = T_k; any other case has a mask.
         # bool(): a plain flag even when torch.compile sees T as symbolic
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
@@ -207,11 +208,13 @@ class Block(nn.Module):
         self.ln_1, self.attn = make_norm(config), CausalSelfAttention(config)
         self.ln_2, self.mlp = make_norm(config), MLP(config)
 
-    def forward(self, x, rope=None, *attend):  # attend: cache, layer, mask, where (see CausalSelfAttention)
+    def forward(self, x, rope=None, cache=None, layer=0, mask=None, cache_positions=None):
+        """x (B, T, C) -> (B, T, C); the other arguments are attention's (CausalSelfAttention.forward)."""
         if self.prenorm:  # GPT-2: the residual stream is never normalised, gradients flow straight through
-            x = x + self.attn(self.ln_1(x), rope, *attend)
+            x = x + self.attn(self.ln_1(x), rope, cache, layer, mask, cache_positions)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, rope, *attend))  # GPT-1 / original Transformer: post-norm
+        # GPT-1 / original Transformer: post-norm, the sum after each sublayer is normalised
+        x = self.ln_1(x + self.attn(x, rope, cache, layer, mask, cache_positions))
         return self.ln_2(x + self.mlp(x))
 
 
@@ -290,15 +293,16 @@ class GPT(nn.Module):
         and what a task head reads (finetune.py). cache: a KVCache whose first B rows each continue
         from their own length cache.pos[b]; the T new tokens are appended to them."""
         B, T = idx.shape
-        pos, mask, where, start = torch.arange(T, device=idx.device), None, None, 0  # pos: new positions
+        # pos: the new tokens' positions; cache_positions: the cache columns their keys and values go to
+        pos, mask, cache_positions, start = torch.arange(T, device=idx.device), None, None, 0
         if cache is not None:
             first, start = int(cache.pos[0]), int(cache.pos[:B].max())
             if bool((cache.pos[:B] == first).all()):  # every row at one length: plain column slices
-                pos, where = pos + first, slice(first, first + T)
+                pos, cache_positions = pos + first, slice(first, first + T)
                 if first and T > 1:  # a chunk after a prefix: causal within it, all of the prefix
                     mask = torch.arange(first + T, device=idx.device) <= pos[:, None]  # (T, L)
             else:  # rows at different lengths: each its own positions, blind to the columns past its own
-                pos = where = cache.pos[:B].to(idx.device)[:, None] + pos  # (B, T)
+                pos = cache_positions = cache.pos[:B].to(idx.device)[:, None] + pos  # (B, T)
                 mask = (torch.arange(start + T, device=idx.device) <= pos[..., None])[:, None]  # (B, 1, T, L)
         self._check_input(idx, start, cache)
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -309,12 +313,13 @@ class GPT(nn.Module):
             rope = tuple(t[pos] if pos.dim() == 1 else t[pos][:, None] for t in (self.rope_cos, self.rope_sin))
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
+            attend = dict(rope=rope, cache=cache, layer=layer, mask=mask, cache_positions=cache_positions)
             if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
                 # keep only the block's input; rerun it in backward (non-reentrant: works with
                 # torch.compile, and restores the RNG so dropout masks repeat exactly)
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, **attend, use_reentrant=False)
             else:
-                x = block(x, rope, cache, layer, mask, where)
+                x = block(x, **attend)
         if cache is not None:
             cache.pos[:B] += T
         return self.transformer.ln_f(x)

@@ -73,10 +73,13 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from glob import escape as glob_escape, glob
 from itertools import chain
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 
@@ -468,6 +471,23 @@ def _empty_error(stats, cfg):
 # -----------------------------------------------------------------------------
 # the run
 
+@dataclass
+class Preparation:
+    """One run: its settings and what prepare() makes of them before the long work begins. The pipeline
+    (_prepare) and the data card (make_card) read everything they need from it."""
+    cfg: SimpleNamespace  # the settings at the top of this file, as the command line set them
+    argv: list            # the command's arguments, for the card
+    name: str             # the shard prefix, and the output folder's name
+    out_dir: str          # data_dir/<name>/
+    docs_fn: Callable     # docs_fn(start=None): the source's documents from a resume position (see the sources)
+    source: dict          # the card's account of the source (resolve_source)
+    spec: str             # the tokenizer: "train", "gpt2" or a .bpe path
+    pii: bool             # --pii as it applies to this source
+    eval_sets: dict       # decontamination: {eval file name: its 13-gram hashes} (clean.eval_ngrams)
+    too_short: dict       # {eval file name: items too short to have a 13-gram}
+    identity: dict        # what the output depends on: a re-run compares it with the saved one
+
+
 def prepare(cfg, argv=()):
     """Run the whole pipeline for the settings in cfg (a namespace); return the data card (a dict)."""
     for key in ("shard_size", "num_proc", "bpe_train_mb", "minhash_bands", "minhash_rows"):
@@ -493,6 +513,8 @@ def prepare(cfg, argv=()):
         "tokenizer": None if tok is None else hashlib.sha256(tok.dumps().encode()).hexdigest(),
         "eval_files": {os.path.abspath(p): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in eval_paths}}))
     out_dir = os.path.join(cfg.data_dir, name)
+    prep = Preparation(cfg=cfg, argv=list(argv), name=name, out_dir=out_dir, docs_fn=docs_fn, source=source,
+                       spec=spec, pii=pii, eval_sets=eval_sets, too_short=too_short, identity=identity)
     found = _previous_run(out_dir, name, identity, cfg.overwrite)
     if found and "documents" in found:  # a card: the same command already ran to the end
         shutil.rmtree(os.path.join(out_dir, "resume"), ignore_errors=True)  # a kill just after the card
@@ -509,8 +531,7 @@ def prepare(cfg, argv=()):
         # the command goes in first: it proves the folder is writable before any long work, and train.py
         # names it when the folder turns out to be incomplete
         atomic_write(os.path.join(out_dir, "command.txt"), shlex.join(["python", "prepare.py", *argv]) + "\n")
-        return _prepare(cfg, argv, name, docs_fn, source, spec, tok, out_dir, identity, found, pii, eval_sets,
-                        too_short)
+        return _prepare(prep, tok, found)
     except (Exception, UserError):  # bad input found mid-stream (UserError is a SystemExit, not an Exception):
         # remove what this run made. A Ctrl-C or a kill keeps the complete shards and the resume state, and a
         # failed re-run keeps the old folder; a parent made here goes only if empty (a concurrent run may be
@@ -561,16 +582,19 @@ def _difference(old, new):
     return next((w for k, w in what.items() if old.get(k) != new.get(k)), "another command")
 
 
-def _prepare(cfg, argv, name, docs_fn, source, spec, tok, out_dir, identity, saved, pii, eval_sets, too_short):
+def _prepare(prep, tok, saved):
+    """The long work of prep, in its folder: the tokenizer (trained, unless tok is given), the shards, the card.
+    saved: the resume state of an interrupted run of the same command, or None."""
+    cfg, out_dir, pii, eval_sets = prep.cfg, prep.out_dir, prep.pii, prep.eval_sets
     resume_dir = os.path.join(out_dir, "resume")
     os.makedirs(resume_dir, exist_ok=True)
     state_file, tok_file = os.path.join(resume_dir, "state.json"), os.path.join(resume_dir, "tokenizer.bpe")
-    state = saved or {"identity": identity, "trained": None, "at": None}
+    state = saved or {"identity": prep.identity, "trained": None, "at": None}
     atomic_write(state_file, json.dumps(state))  # first: a kill even mid-training leaves a run to resume
     if tok is None and os.path.exists(tok_file):  # trained before the interruption: the very same merges
         tok = Tokenizer.load(tok_file)
     elif tok is None:
-        tok, state["trained"] = train_tokenizer(cfg, docs_fn, Filters(cfg, pii, eval_sets))
+        tok, state["trained"] = train_tokenizer(cfg, prep.docs_fn, Filters(cfg, pii, eval_sets))
         tok.save(tok_file)
         atomic_write(state_file, json.dumps(state))
     at = state["at"]  # where the last complete shard left the source, the filters and the token stream
@@ -592,11 +616,11 @@ def _prepare(cfg, argv, name, docs_fn, source, spec, tok, out_dir, identity, sav
         state["at"] = {**before, "skip": w.written - start, "shards": w.shards}
         atomic_write(state_file, json.dumps(state))
 
-    writer = ShardWriter(out_dir, name, cfg.shard_size, cfg.val_tokens, cfg.val_fraction,
+    writer = ShardWriter(out_dir, prep.name, cfg.shard_size, cfg.val_tokens, cfg.val_fraction,
                          at["shards"] if at else (), checkpoint)
     ntok, prev = writer.written - skip, filters.snapshot()
     t0 = last = time.time()
-    batches = filters.batches(docs_fn(at["pos"] if at else None))
+    batches = filters.batches(prep.docs_fn(at["pos"] if at else None))
     late = Counter()  # the workers' counts (PII, bytes kept), which arrive in order, after the batch's snapshot
     for tokens, after, counts in encoded_batches(batches, tok, cfg.num_proc, pii):
         late.update(counts)
@@ -615,8 +639,7 @@ def _prepare(cfg, argv, name, docs_fn, source, spec, tok, out_dir, identity, sav
     shards = writer.finish()
     elapsed = time.time() - t0
     tok.save(os.path.join(out_dir, "tokenizer.bpe"))
-    card = make_card(cfg, argv, name, source, stats, shards, tok, spec, state["trained"], elapsed, pii,
-                     eval_sets, too_short, identity)
+    card = make_card(prep, stats, shards, tok, state["trained"], elapsed)
     atomic_write(os.path.join(out_dir, "card.json"), json.dumps(card, indent=2) + "\n")
     atomic_write(os.path.join(out_dir, "README.md"), render_card(card))
     shutil.rmtree(resume_dir)  # the card now says the run is complete
@@ -628,9 +651,11 @@ def _prepare(cfg, argv, name, docs_fn, source, spec, tok, out_dir, identity, sav
 # -----------------------------------------------------------------------------
 # the data card: what exactly a model trained on these shards read
 
-def make_card(cfg, argv, name, source, stats, shards, tok, spec, trained, elapsed, pii, eval_sets, too_short,
-              identity):
+def make_card(prep, stats, shards, tok, trained, elapsed):
+    """The data card of prep's finished run (a dict; render_card writes it as README.md). stats: the counts of
+    every filter step; shards: the files written; trained: what the tokenizer was trained on, or None."""
     import importlib.metadata as md
+    cfg = prep.cfg
     import platform
     ntrain = sum(s["tokens"] for s in shards if s["split"] == "train")
     nval = sum(s["tokens"] for s in shards if s["split"] == "val")
@@ -642,11 +667,11 @@ def make_card(cfg, argv, name, source, stats, shards, tok, spec, trained, elapse
         except md.PackageNotFoundError:
             return None
     return {
-        "name": name,
+        "name": prep.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "prepare.py", *argv]),
+        "command": shlex.join(["python", "prepare.py", *prep.argv]),
         "settings": dict(vars(cfg)),
-        "source": source,
+        "source": prep.source,
         "documents": {
             "read": stats["read"],
             "dropped": {"missing_text": stats["dropped_missing"], "garbage": stats["dropped_garbage"],
@@ -662,12 +687,12 @@ def make_card(cfg, argv, name, source, stats, shards, tok, spec, trained, elapse
                         "bands": cfg.minhash_bands, "rows": cfg.minhash_rows,
                         "threshold": round((1 / cfg.minhash_bands) ** (1 / cfg.minhash_rows), 3)}
                        if cfg.near_dedup else None),
-        "decontamination": {n: {"documents_dropped": stats[f"contaminated:{n}"], "items_too_short": too_short[n],
-                                "ngram": 13} for n in eval_sets},
+        "decontamination": {n: {"documents_dropped": stats[f"contaminated:{n}"],
+                                "items_too_short": prep.too_short[n], "ngram": 13} for n in prep.eval_sets},
         "pii": ({k: {"documents": stats[f"pii_{k}_docs"], "replaced": stats[f"pii_{k}"]}
-                 for k in ("email", "ipv4", "ipv6")} if pii else None),
+                 for k in ("email", "ipv4", "ipv6")} if prep.pii else None),
         "bytes": {"read": stats["bytes_read"], "kept": stats["bytes_kept"]},
-        "tokenizer": {"spec": spec, "name": tok.name, "vocab_size": tok.vocab_size, "eot_token": tok.eot_token,
+        "tokenizer": {"spec": prep.spec, "name": tok.name, "vocab_size": tok.vocab_size, "eot_token": tok.eot_token,
                       "file": "tokenizer.bpe", "trained_on": trained},
         "tokens": {"train": ntrain, "val": nval, "total": ntrain + nval,
                    "bytes_per_token": round(stats["bytes_kept"] / max(text_tokens, 1), 4)},
@@ -678,7 +703,7 @@ def make_card(cfg, argv, name, source, stats, shards, tok, spec, trained, elapse
         "seconds": round(elapsed, 1),
         "software": {"python": platform.python_version(), "numpy": np.__version__,
                      "tiktoken": version("tiktoken"), "datasets": version("datasets")},
-        "identity": identity,  # what a re-run compares to tell the same command from another
+        "identity": prep.identity,  # what a re-run compares to tell the same command from another
     }
 
 
@@ -739,7 +764,6 @@ def render_card(c):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = configure(globals(), argv, renamed={"license": ("license_id", "")})
-    from types import SimpleNamespace
     return prepare(SimpleNamespace(**cfg), argv)
 
 

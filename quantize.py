@@ -60,10 +60,11 @@ an int4 model therefore holds a byte per weight, as int8 does; what a token's ma
 
 A quantized model as a file. GPTQ takes minutes on a large model and needs the training data, so a
 quantized model can be saved and loaded: save_quantized writes one dict {format, mode, group_size,
-symmetric, model_args, tokenizer, state}, state being the quantized model's state_dict, and
-checkpoint.load reads it (the one reader of .pt files: torch.load(weights_only=True), only tensors and
-plain values); from_state rebuilds the model with empty quantized Linears of the stored mode and loads
-the state into them. int8 models save the same way.
+symmetric, model_args, tokenizer, state}, state being the quantized model's state_dict. checkpoint.py
+reads it back (checkpoint.open_model, or load_quantized for a file that must be one): checkpoint.load is
+the one reader of .pt files (torch.load(weights_only=True), only tensors and plain values), and this
+file's from_state rebuilds the model with empty quantized Linears of the stored mode and loads the state
+into them. So checkpoint.py imports this module and never the reverse. int8 models save the same way.
 """
 import copy
 import glob
@@ -73,6 +74,11 @@ import warnings
 
 import torch
 import torch.nn as nn
+
+from atomic import atomic_write
+from bpe import Tokenizer
+from model import GPT, GPTConfig
+from shards import TokenStream
 
 MODES = ("none", "int8", "int4", "int4-gptq")
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel takes
@@ -300,23 +306,23 @@ def gptq_model(model, calibration, group_size=128, symmetric=False, rows_per_for
         pass
     first = []
 
-    def take(module, args):
-        first.append(args)
+    def take(module, args, kwargs):
+        first.append((args[0], kwargs))
         raise Stop
-    hook = model.transformer.h[0].register_forward_pre_hook(take)
+    hook = model.transformer.h[0].register_forward_pre_hook(take, with_kwargs=True)
     for idx in calibration.split(rows_per_forward):
         try:
             model.hidden_states(idx)
         except Stop:
             pass
     hook.remove()
-    xs = torch.cat([args[0] for args in first])  # (n, T, C)
-    rest = first[0][1:]  # (rope, cache, layer, mask, where): the same for every row and block
+    xs = torch.cat([x for x, _ in first])  # (n, T, C)
+    attend = first[0][1]  # {rope, cache, layer, mask, cache_positions}: the same for every row and block
     for block in model.transformer.h:
         names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]  # in the order it calls them
         for name in names:
-            quantize_on(lambda x: block(x, *rest), xs, block, name)
-        xs = run(lambda x: block(x, *rest), xs)  # the next block's input, through the quantized block
+            quantize_on(lambda x: block(x, **attend), xs, block, name)
+        xs = run(lambda x: block(x, **attend), xs)  # the next block's input, through the quantized block
     quantize_on(lambda x: model.lm_head(model.transformer.ln_f(x)), xs, model, "lm_head")
     return model
 
@@ -325,7 +331,6 @@ def calibration_rows(data_dir, n=256, T=128, seed=0):
     """(n, T) token ids: n rows of T tokens drawn at random (seeded) from the train shards in data_dir
     (prepare.py's *_train_*.bin), read as train.py reads them (shards.TokenStream). The paper calibrated
     on 128 segments of 2,048 tokens; contexts here are shorter, so twice the segments by default."""
-    from shards import TokenStream
     files = sorted(glob.glob(os.path.join(glob.escape(data_dir), "*_train_*.bin")))
     if not files:
         raise ValueError(f"no train shards (*_train_*.bin) in {data_dir}/ for GPTQ's calibration; run prepare.py")
@@ -375,7 +380,6 @@ def weight_bytes(model):
 
 def save_quantized(model, path, tokenizer):
     """Write a model from quantize() and its tokenizer (bpe.Tokenizer) to path (see the top)."""
-    from atomic import atomic_write
     q = getattr(model, "quantization", None)
     if q is None:
         raise ValueError("save_quantized takes a model from quantize(model, mode)")
@@ -386,20 +390,8 @@ def save_quantized(model, path, tokenizer):
         atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_quantized(path):
-    """(model, tokenizer) from a file of save_quantized: the model on the CPU in eval mode. The file is
-    read by checkpoint.load, the one reader of .pt files (only tensors and plain values)."""
-    from checkpoint import load
-    state = load(path)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a quantized model of format {FORMAT} (save_quantized writes them)")
-    return from_state(state, path)
-
-
 def from_state(state, source):
     """(model, tokenizer) from the dict of a save_quantized file (read by checkpoint.load)."""
-    from bpe import Tokenizer
-    from model import GPT, GPTConfig
     # the model's shape with empty quantized Linears of the stored kind (RTN on the initial weights:
     # GPTQ's Linears have the same layout), then the stored state over them
     mode = "int8" if state["mode"] == "int8" else "int4"

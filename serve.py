@@ -205,12 +205,13 @@ class TextStream:
 # ---- the engine: one thread, continuous batching --------------------------------------------------
 
 class Sequence:
-    """One choice of one request, from the queue to its finish. emit(event) hands each event to the
-    request's handler (see Engine.deliver): {"index", "text", "logprobs": [(id, logprob, alternatives,
-    text_offset)], "finish_reason": None until the last event}, or {"index", "error"}."""
+    """One choice of one request, from the queue to its finish, drawn with its own settings (sampling, a
+    Sampling) and generator. emit(event) hands each event to the request's handler (see Engine.deliver):
+    {"index", "text", "logprobs": [(id, logprob, alternatives, text_offset)], "finish_reason": None until
+    the last event}, or {"index", "error"}."""
 
     def __init__(self, index, sampling, emit, arrival, device="cpu"):
-        self.index, self.s, self.emit, self.arrival = index, sampling, emit, arrival
+        self.index, self.sampling, self.emit, self.arrival = index, sampling, emit, arrival
         self.generator = torch.Generator(device=device)
         if sampling.seed is None:
             self.generator.seed()  # fresh entropy: unseeded requests differ from each other
@@ -223,6 +224,13 @@ class Sequence:
         if sampling.logit_bias:
             self.bias_ids = torch.tensor(list(sampling.logit_bias), device=device)
             self.bias_values = torch.tensor(list(sampling.logit_bias.values()), device=device)
+
+    def penalise(self, logits):
+        """OpenAI's presence and frequency penalties and logit_bias, on this row's logits (V,), in place."""
+        if self.counts is not None:
+            logits -= self.sampling.frequency_penalty * self.counts + self.sampling.presence_penalty * (self.counts > 0)
+        if self.sampling.logit_bias:
+            logits[self.bias_ids] += self.bias_values
 
 
 class Group:
@@ -527,7 +535,7 @@ class Engine:
                     self.post(s, {"index": s.index, "text": "", "logprobs": g.echo, "finish_reason": None})
             if not seqs:
                 continue
-            if seqs[0].s.max_tokens == 0:  # scoring only: nothing is generated
+            if seqs[0].sampling.max_tokens == 0:  # scoring only: nothing is generated
                 for s in seqs:
                     self.finish(s, "length", "")
                 continue
@@ -550,50 +558,64 @@ class Engine:
 
     def sample(self, seqs, h):
         """The next token of each row, from its final hidden state h (B, C), with its own settings and
-        generator. A row whose settings break the batched draw fails alone; the others are drawn again."""
+        generator, in four steps: draw, read the log-probabilities, count the step, hand out the tokens."""
         lp = self.model.log_probs(h)  # (B, V) float32: what is sampled (softmax ignores the shift) and reported
-        V = lp.size(-1)
-        col = lambda xs: torch.tensor(xs, device=lp.device)[:, None]  # noqa: E731  (B, 1)
-
-        def draw(rows):
-            logits, ss = lp[rows].clone(), [seqs[b] for b in rows]
-            for j, s in enumerate(ss):  # OpenAI's penalties and logit_bias, on this row's logits
-                if s.counts is not None:
-                    logits[j] -= s.s.frequency_penalty * s.counts + s.s.presence_penalty * (s.counts > 0)
-                if s.s.logit_bias:
-                    logits[j, s.bias_ids] += s.bias_values
-            return sample_next(logits, col([s.s.temperature for s in ss]), col([min(s.s.top_k or V, V) for s in ss]),
-                               col([s.s.top_p for s in ss]), [s.generator for s in ss])[:, 0].tolist()
-        try:
-            nxt = draw(list(range(len(seqs))))  # (B,)
-        except Exception:  # one row's settings broke the batched draw: each row alone, the culprit fails
-            nxt = []
-            for b, s in enumerate(seqs):
-                try:
-                    nxt += draw([b])
-                except Exception as e:
-                    self.fail([s], e)
-                    nxt.append(-1)
-        chosen = lp.gather(1, torch.tensor(nxt, device=lp.device).clamp(min=0)[:, None])[:, 0].tolist()
-        want = [b for b, s in enumerate(seqs) if s.s.logprobs is not None and nxt[b] >= 0]
-        entries = {}
-        for b in want:  # the model's own log-probabilities, before temperature and filtering (as vLLM)
-            s = seqs[b]
-            entries[b] = self.logprob_entries(lp[b:b + 1], [nxt[b]], s.s.logprobs, [s.text.chars])
-        now = time.monotonic()
-        self.recent.append((now, len(seqs)))
-        while self.recent[0][0] < now - 10:
-            self.recent.popleft()
-        self.metrics.generation_tokens.inc(len(seqs))
-        for b, (s, t) in enumerate(zip(seqs, nxt)):
+        nxt = self.draw(seqs, lp)                          # 1. (B,) ids; -1 for a row that failed
+        chosen, entries = self.read_logprobs(seqs, lp, nxt)  # 2. for the metrics, and for the rows that asked
+        now = self.count_step(len(seqs))                   # 3. throughput and the token counter
+        for b, (s, t) in enumerate(zip(seqs, nxt)):        # 4. each row takes its token
             if t < 0:
                 continue
             s.logprob_sum += chosen[b]
-            if s.s.presence_penalty or s.s.frequency_penalty:
+            if s.sampling.presence_penalty or s.sampling.frequency_penalty:
                 if s.counts is None:
-                    s.counts = torch.zeros(V, device=lp.device)
+                    s.counts = torch.zeros(lp.size(-1), device=lp.device)
                 s.counts[t] += 1
             self.accept(s, t, entries.get(b, []), now)
+
+    def draw(self, seqs, lp):
+        """Step 1: each row's next token, all rows in one batch. A row whose settings break the batched
+        draw fails alone (its token -1): each row is then drawn by itself, and the others go on."""
+        try:
+            return self.draw_rows(seqs, lp)
+        except Exception:
+            nxt = []
+            for b, s in enumerate(seqs):
+                try:
+                    nxt += self.draw_rows([s], lp[b:b + 1])
+                except Exception as e:
+                    self.fail([s], e)
+                    nxt.append(-1)
+            return nxt
+
+    def draw_rows(self, seqs, lp):
+        """lp (N, V) log-probabilities of N rows -> their N tokens (a list), each drawn after its own
+        penalties and logit_bias, with its own temperature, top_k, top_p and generator (model.sample_next)."""
+        logits, V = lp.clone(), lp.size(-1)
+        for row, s in zip(logits, seqs):
+            s.penalise(row)
+        col = lambda xs: torch.tensor(xs, device=lp.device)[:, None]  # noqa: E731  (N, 1)
+        settings = [s.sampling for s in seqs]
+        temperature = col([x.temperature for x in settings])
+        top_k, top_p = col([min(x.top_k or V, V) for x in settings]), col([x.top_p for x in settings])
+        return sample_next(logits, temperature, top_k, top_p, [s.generator for s in seqs])[:, 0].tolist()
+
+    def read_logprobs(self, seqs, lp, nxt):
+        """Step 2: the model's own log-probability of each row's token (B,), before penalties, temperature and
+        filtering (as vLLM), and {row: logprob entries} for the rows that asked for logprobs."""
+        chosen = lp.gather(1, torch.tensor(nxt, device=lp.device).clamp(min=0)[:, None])[:, 0].tolist()
+        entries = {b: self.logprob_entries(lp[b:b + 1], [t], s.sampling.logprobs, [s.text.chars])
+                   for b, (s, t) in enumerate(zip(seqs, nxt)) if s.sampling.logprobs is not None and t >= 0}
+        return chosen, entries
+
+    def count_step(self, n):
+        """Step 3: n tokens generated now, for tokens_per_second (the last 10 s) and the metrics. Returns now."""
+        now = time.monotonic()
+        self.recent.append((now, n))
+        while self.recent[0][0] < now - 10:
+            self.recent.popleft()
+        self.metrics.generation_tokens.inc(n)
+        return now
 
     def logprob_entries(self, lp, ids, k, offsets):
         """lp (N, V) log-probabilities, ids the N tokens taken -> [(id, logprob, [(alt, logprob)], offset)]."""
@@ -611,10 +633,10 @@ class Engine:
         first = s.last_time is None
         (self.metrics.ttft if first else self.metrics.itl).observe(now - (s.arrival if first else s.last_time))
         s.last_time = now
-        if t == self.tok.eot_token and not s.s.ignore_eos:  # the model ended the document
+        if t == self.tok.eot_token and not s.sampling.ignore_eos:  # the model ended the document
             return self.finish(s, "stop", s.text.push(b"", final=True)[0], logprobs, "eos")
         text, stopped = s.text.push(self.tok.decode_bytes([t]))
-        if not stopped and len(s.tokens) == s.s.max_tokens:  # the last token: flush what was held
+        if not stopped and len(s.tokens) == s.sampling.max_tokens:  # the last token: flush what was held
             rest, stopped = s.text.push(b"", final=True)
             return self.finish(s, "stop" if stopped else "length", text + rest, logprobs)
         if stopped:

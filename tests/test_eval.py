@@ -229,6 +229,7 @@ def test_int4_is_scored_saved_and_read_back_without_calibrating_again(tok, tmp_p
     kept, and --model=FILE (here and in sample.py, serve.py) reads it back with no calibration: the same
     perplexity, and weights at 4 bits."""
     import quantize as q
+    from checkpoint import load_quantized
     model = GPT(GPTConfig.preset("modern", n_layer=2, n_head=2, n_embd=64, block_size=64,
                                  vocab_size=tok.vocab_size, dropout=0.0))
     ckpt = save_checkpoint(randomise(model), tok, tmp_path / "m.pt")
@@ -243,7 +244,7 @@ def test_int4_is_scored_saved_and_read_back_without_calibrating_again(tok, tmp_p
     again = ev.main([f"--model={tmp_path / 'q.pt'}", *common, f"--out={tmp_path / 'r2.json'}"])
     assert again["results"][0]["value"] == pytest.approx(quant, rel=1e-6)
     assert again["model"] == f"{tmp_path / 'q.pt'} ({mode} weights)"
-    back, _ = q.load_quantized(str(tmp_path / "q.pt"))
+    back, _ = load_quantized(str(tmp_path / "q.pt"))
     assert back.quantization["mode"] == mode and q.weight_bytes(back) == res["details"][f"weight_bytes_{mode}"]
 
 

@@ -8,8 +8,8 @@ import torch
 
 from conftest import ROOT
 
-LIBRARIES = {"atomic", "bpe", "checkpoint", "clean", "configurator", "device", "hf", "lora", "model", "process",
-             "quantize", "shards"}
+LIBRARIES = {"atomic", "bpe", "checkpoint", "clean", "configurator", "device", "distill", "fsdp", "hf", "lora",
+             "model", "process", "quantize", "shards"}
 
 
 def imports(path):
@@ -28,6 +28,22 @@ def test_scripts_import_library_modules_never_each_other():
         assert imports(modules[lib]) & scripts == set(), lib
     for bench in glob.glob(os.path.join(ROOT, "bench", "*.py")):  # bench scripts may time prepare.py,
         assert imports(bench) & (scripts - {"prepare"}) == set(), bench  # but reuse no other script
+
+
+def test_library_modules_import_each_other_without_a_circle():
+    """Each library module is read after the ones it imports (lazy imports inside functions count too):
+    two that import each other would be one module in two files, each working only once the other has."""
+    modules = {lib: os.path.join(ROOT, f"{lib}.py") for lib in LIBRARIES}
+    graph = {lib: imports(path) & LIBRARIES - {lib} for lib, path in modules.items()}
+
+    def circle(path):  # depth first from path[-1]: the first path that comes back to a module on it
+        for o in sorted(graph[path[-1]]):
+            found = path[path.index(o):] + [o] if o in path else circle(path + [o])
+            if found:
+                return found
+    circles = [" -> ".join(c) for c in map(circle, ([lib] for lib in sorted(LIBRARIES))) if c]
+    assert circles == []
+    assert graph["checkpoint"] >= {"model", "quantize"} and graph["quantize"] >= {"model"}  # the graph is read
 
 
 def test_library_modules_print_nothing(capsys, tmp_path):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import quantize as Q
+from checkpoint import load_quantized
 from model import GPT, GPTConfig
 
 GROUP = 32  # two groups per row of the 64-wide model below, so groups are not whole rows
@@ -139,7 +140,7 @@ def test_save_and_load_give_identical_outputs(trained, rtn_and_gptq, tmp_path, w
     q = rtn_and_gptq[1] if which == "gptq" else Q.quantize(model, "int8")
     path = tmp_path / "q.pt"
     Q.save_quantized(q, str(path), tok)
-    loaded, tok2 = Q.load_quantized(str(path))
+    loaded, tok2 = load_quantized(str(path))
     assert tok2.dumps() == tok.dumps() and loaded.quantization == q.quantization
     x = calibration[:4]
     with torch.no_grad():
@@ -149,7 +150,7 @@ def test_save_and_load_give_identical_outputs(trained, rtn_and_gptq, tmp_path, w
         assert torch.equal(loaded.generate(x[:, :8], 8, temperature=0), q.generate(x[:, :8], 8, temperature=0))
     with pytest.raises(ValueError, match="not a quantized model"):
         torch.save({"version": 2}, tmp_path / "other.pt")
-        Q.load_quantized(str(tmp_path / "other.pt"))
+        load_quantized(str(tmp_path / "other.pt"))
 
 
 def test_int8_api_is_unchanged():
