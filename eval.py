@@ -56,6 +56,7 @@ from bpe import Tokenizer
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, check_hub, configure, run
 from device import autocast, for_inference, pick_device
+from model import sampling_problem
 import quantize as q
 from quantize import MODES
 from score import bits_per_byte, pad_right, target_log_probs
@@ -312,6 +313,8 @@ def main(argv=None):
         raise UserError(f"need batch_size >= 1, max_new_tokens >= 1 and limit, window, stride >= 0; got "
                         f"batch_size={batch_size}, max_new_tokens={max_new_tokens}, limit={limit}, window={window}, "
                         f"stride={stride}")
+    if problem := sampling_problem(temperature, top_k, None):  # before the scoring, not after it
+        raise UserError(problem[1])
     if task == "mc" and not data:
         raise UserError("task=mc needs --data=FILE.jsonl, one {\"query\", \"choices\", \"gold\"} per line")
     if task == "none" and not prompts:

@@ -61,7 +61,7 @@ from starlette.exceptions import HTTPException
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
 from device import autocast, for_inference, pick_device
-from model import KVCache, sample_next
+from model import KVCache, sample_next, sampling_problem
 from quantize import MODES, quantize as quantize_model, weight_bytes
 from score import bits_per_byte, log_prob_chunks
 
@@ -105,9 +105,11 @@ class StreamOptions(Body):
 
 class Common(Body):  # every number is bounded here, at the edge, to what the engine's tensors hold
     model: str
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=1, le=2 ** 31 - 1)
+    # what sampling can take at all (temperature >= 0, top_k >= 1, 0 < top_p <= 1) is model.sampling_problem's
+    # call, the check every script shares, made in Service.sampling; a temperature above 2 is OpenAI's limit
+    temperature: float = Field(1.0, le=2)
+    top_p: float = 1.0
+    top_k: Optional[int] = Field(None, le=2 ** 31 - 1)
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -738,6 +740,8 @@ class Service:
         if req.model != self.name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.name!r} "
                            f"(GET /v1/models)", "model", "model_not_found")
+        if problem := sampling_problem(req.temperature, req.top_k, req.top_p):
+            raise APIError(400, problem[1], problem[0])
         n, bs = len(prompts) * req.n, self.block_size
         if n > self.engine.max_batch:
             raise APIError(400, f"n={req.n} for {len(prompts)} prompt(s) is {n} sequences; this server decodes "
