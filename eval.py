@@ -56,8 +56,10 @@ from bpe import Tokenizer
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, check_hub, configure, run
 from device import autocast, for_inference, pick_device
+from model import sampling_problem
 import quantize as q
 from quantize import MODES
+from score import bits_per_byte, pad_right, target_log_probs
 from shards import read_shard
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
@@ -119,25 +121,18 @@ def score(model, rows, batch_size, ctx=None, device="cpu", desc="scoring"):
                mininterval=2)
     for b in range(0, len(order), batch_size):
         batch = [rows[i] for i in order[b:b + batch_size]]
-        T = max(len(t) - 1 for t, _ in batch)
-        x = torch.zeros(len(batch), T, dtype=torch.long)  # right-padded: causal, so padding after a
-        r, c, y = [], [], []                               # token never changes what it sees
+        x = pad_right([tokens[:-1] for tokens, _ in batch])  # (B, T), right-padded: see score.py
+        r, c, y = [], [], []
         for j, (tokens, k) in enumerate(batch):
             n = len(tokens) - 1
-            x[j, :n] = torch.as_tensor(np.asarray(tokens[:-1], dtype=np.int64))
             r += [j] * k
             c += range(n - k, n)
             y += [int(t) for t in tokens[n - k + 1:]]
         with ctx if ctx is not None else nullcontext():
             h = model.hidden_states(x.to(device))  # (B, T, C)
             hs = h[torch.tensor(r, device=device), torch.tensor(c, device=device)]  # (N, C) scored positions
-            logp, greedy = [], []
-            for s in range(0, len(hs), 4096):  # (4096, vocab) float32 at a time
-                lp = model.log_probs(hs[s:s + 4096])
-                tgt = torch.tensor(y[s:s + 4096], device=device)
-                logp.append(lp.gather(1, tgt[:, None])[:, 0])
-                greedy.append(lp.argmax(-1) == tgt)
-        logp, greedy = torch.cat(logp).cpu(), torch.cat(greedy).cpu()
+            logp, greedy = target_log_probs(model, hs, torch.tensor(y, device=device))
+        logp, greedy = logp.cpu(), greedy.cpu()
         at = 0
         for j, (_, k) in enumerate(batch):  # float32 sums, as lm-eval sums its log-probabilities
             out[order[b + j]] = (float(logp[at:at + k].sum()), bool(greedy[at:at + k].all()))
@@ -176,7 +171,7 @@ def perplexity(model, docs, token_bytes, prefix, window, stride, batch_size, ctx
     per_token = nats / max(ntok, 1)
     return {"documents": len(docs), "windows": len(rows), "tokens": ntok, "bytes": nbytes,
             "nats_per_token": per_token, "perplexity": math.exp(per_token),
-            "bits_per_byte": nats / math.log(2) / max(nbytes, 1)}
+            "bits_per_byte": bits_per_byte(nats, max(nbytes, 1))}
 
 
 def text_documents(path, field):
@@ -318,6 +313,8 @@ def main(argv=None):
         raise UserError(f"need batch_size >= 1, max_new_tokens >= 1 and limit, window, stride >= 0; got "
                         f"batch_size={batch_size}, max_new_tokens={max_new_tokens}, limit={limit}, window={window}, "
                         f"stride={stride}")
+    if problem := sampling_problem(temperature, top_k, None):  # before the scoring, not after it
+        raise UserError(problem[1])
     if task == "mc" and not data:
         raise UserError("task=mc needs --data=FILE.jsonl, one {\"query\", \"choices\", \"gold\"} per line")
     if task == "none" and not prompts:

@@ -78,6 +78,7 @@ from configurator import UserError, check_hub, configure, run
 from device import autocast, pick_device
 from model import CausalSelfAttention
 from process import say
+from score import pad_right
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
 # I/O
@@ -190,10 +191,8 @@ def collate(examples, special, device):
     idx (N, T) every sequence, right-padded; last (N,) each one's extract position; targets (N, T)
     the next text token at each position, -1 where there is none (padding, task tokens)."""
     seqs = [s for ex in examples for s in ex["seqs"]]
-    T = max(map(len, seqs))
-    idx = torch.zeros(len(seqs), T, dtype=torch.long)  # pad with id 0: read by no earlier position
-    for i, s in enumerate(seqs):
-        idx[i, :len(s)] = torch.tensor(s)
+    idx = pad_right(seqs)  # (N, T), padded with id 0: read by no earlier position
+    T = idx.size(1)
     last = torch.tensor([len(s) - 1 for s in seqs])
     targets = torch.full_like(idx, -1)
     targets[:, :-1] = idx[:, 1:]

@@ -372,9 +372,8 @@ class GPT(nn.Module):
         eos_token keeps emitting it; the stream stops once every row has. Call model.eval() first. The
         model sees the last block_size tokens; past that every step re-runs the cropped window (dropping
         the oldest token changes every hidden state after it), so greedy output equals recomputing."""
-        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-            raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got temperature="
-                             f"{temperature}, top_k={top_k}, top_p={top_p}")
+        if problem := sampling_problem(temperature, top_k, top_p):
+            raise ValueError(problem[1])
         bs = self.config.block_size
         cache = KVCache(self.config.n_layer, idx.size(0), min(bs, idx.size(-1) + max_new_tokens))
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -398,6 +397,16 @@ class GPT(nn.Module):
         every row). See generate_stream."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token))
         return torch.cat([idx, *new], dim=1)
+
+
+def sampling_problem(temperature, top_k, top_p):
+    """(the first setting sample_next cannot take, one line with every valid range), or None if all can be."""
+    for name, good in (("temperature", isinstance(temperature, (int, float)) and temperature >= 0),  # NaN fails
+                       ("top_k", top_k is None or isinstance(top_k, int) and top_k >= 1),
+                       ("top_p", top_p is None or isinstance(top_p, (int, float)) and 0 < top_p <= 1)):
+        if not good:
+            return name, (f"need temperature >= 0, top_k None or an int >= 1, and top_p None or in (0, 1]; got "
+                          f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generators=None):

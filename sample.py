@@ -20,6 +20,7 @@ import torch
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
 from device import autocast, compile_problem, for_inference, pick_device
+from model import sampling_problem
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
 model = "out"              # a run directory (train.py's default out_dir) | a .pt file | 'gpt2', 'gpt2-medium',
@@ -45,10 +46,8 @@ def main(argv=None):
     # every setting is checked before anything is loaded or written
     if num_samples < 1 or max_new_tokens < 1:
         raise UserError(f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must be at least 1")
-    if temperature < 0 or (top_k is not None and (type(top_k) is not int or top_k < 1)) or \
-            (top_p is not None and not 0 < top_p <= 1):
-        raise UserError(f"need temperature >= 0, top_k None or an int >= 1, and top_p None or in (0, 1]; got "
-                        f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    if problem := sampling_problem(temperature, top_k, top_p):
+        raise UserError(problem[1])
     prompt = start
     if prompt.startswith("FILE:"):
         try:

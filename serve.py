@@ -40,7 +40,6 @@ import collections
 import contextlib
 import hmac
 import json
-import math
 import os
 import signal
 import socket
@@ -62,8 +61,9 @@ from starlette.exceptions import HTTPException
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
 from device import autocast, for_inference, pick_device
-from model import KVCache, sample_next
+from model import KVCache, sample_next, sampling_problem
 from quantize import MODES, quantize as quantize_model, weight_bytes
+from score import bits_per_byte, log_prob_chunks
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
 model = "out"              # a run directory (train.py's default out_dir) | a .pt file | 'gpt2', 'gpt2-medium',
@@ -105,9 +105,11 @@ class StreamOptions(Body):
 
 class Common(Body):  # every number is bounded here, at the edge, to what the engine's tensors hold
     model: str
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=1, le=2 ** 31 - 1)
+    # what sampling can take at all (temperature >= 0, top_k >= 1, 0 < top_p <= 1) is model.sampling_problem's
+    # call, the check every script shares, made in Service.sampling; a temperature above 2 is OpenAI's limit
+    temperature: float = Field(1.0, le=2)
+    top_p: float = 1.0
+    top_k: Optional[int] = Field(None, le=2 ** 31 - 1)
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -307,6 +309,7 @@ class Engine:
         self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, prefill_chunk
         self.prefixes = PrefixCache(prefix_cache) if prefix_cache else None
         self.score_prompts = score_prompts
+        self.token_bytes = tok.token_byte_lengths()  # for the prompts' bits per byte
         self.device, self.device_type, self.ptdtype = next(model.parameters()).device, device_type, ptdtype
         self.cache = KVCache(model.config.n_layer, max_batch, model.config.block_size)  # row b: active[b]
         self.active = []                # active[b] owns row b of the cache
@@ -504,15 +507,13 @@ class Engine:
         targets = g.ids[start + 1:start + 1 + len(h)]
         if not targets or not (self.score_prompts or g.prompt_logprobs is not None):
             return
-        for a in range(0, len(targets), 512):  # (512, V) float32 at a time
-            ids = targets[a:a + 512]
-            lp = self.model.log_probs(h[a:a + len(ids)])  # (n, V)
-            chosen = lp.gather(1, torch.tensor(ids, device=lp.device)[:, None])[:, 0]
+        g.bytes += sum(self.token_bytes[t] for t in targets)
+        for a, lp, chosen in log_prob_chunks(self.model, h[:len(targets)], torch.tensor(targets, device=h.device)):
             g.nats -= float(chosen.sum())
-            g.bytes += sum(len(self.tok.decode_bytes([t])) for t in ids)
             if g.prompt_logprobs is not None:  # echo: each prompt token's logprob given the ones before it
                 first = start + 1 + a
-                g.echo += self.logprob_entries(lp, ids, g.prompt_logprobs, g.offsets[first:first + len(ids)])
+                g.echo += self.logprob_entries(lp, targets[a:a + len(lp)], g.prompt_logprobs,
+                                               g.offsets[first:first + len(lp)])
 
     def start(self, groups, cache, rows, h):
         """Groups whose prompts are prefilled (row rows[i] of cache): copy each prompt's keys and values
@@ -523,7 +524,7 @@ class Engine:
             for s in g.seqs:
                 if s.cancelled:
                     self.finish(s, "abort", "")
-            bpb = g.nats / math.log(2) / g.bytes if g.bytes else None
+            bpb = bits_per_byte(g.nats, g.bytes) if g.bytes else None
             if bpb is not None and self.score_prompts:
                 self.metrics.prompt_bpb.observe(bpb)
             self.metrics.prompt_tokens.inc(len(g.ids))
@@ -761,6 +762,8 @@ class Service:
         if req.model != self.name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.name!r} "
                            f"(GET /v1/models)", "model", "model_not_found")
+        if problem := sampling_problem(req.temperature, req.top_k, req.top_p):
+            raise APIError(400, problem[1], problem[0])
         n, bs = len(prompts) * req.n, self.block_size
         if n > self.engine.max_batch:
             raise APIError(400, f"n={req.n} for {len(prompts)} prompt(s) is {n} sequences; this server decodes "

@@ -61,6 +61,7 @@ from device import autocast, compile_problem, peak_flops, pick_device
 from fsdp import ShardedInit, shard
 from model import GPT, GPTConfig
 from process import say
+from score import bits_per_byte
 from shards import TokenStream
 
 # ----------------------------------------------------------------------------------------------
@@ -339,8 +340,8 @@ def evaluate(model, train_data, val_data, token_bytes, ctx, fsdp, rank, world):
             dist.all_reduce(stats)
         loss_sum, n, nbytes = stats.tolist()
         out[split] = loss_sum / n
-        if split == "val":  # nats -> bits, per token -> per byte of the text those tokens spell
-            out["val_bpb"] = loss_sum * stream.B * stream.T / math.log(2) / nbytes
+        if split == "val":  # the mean batch loss times tokens per batch: the batches' total nats
+            out["val_bpb"] = bits_per_byte(loss_sum * stream.B * stream.T, nbytes)
     model.train()
     return out
 

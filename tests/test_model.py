@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, sample_next
+from model import GPT, GPTConfig, KVCache, sample_next, sampling_problem
 from train import configure_optimizers
 
 PRESETS = ("gpt1", "gpt2", "modern")
@@ -211,6 +211,27 @@ def test_sampling_filters():
     assert set(sample_next(logits, 1.0, top_p=0.8).flatten().tolist()) == {0, 1}
     assert set(sample_next(logits, 1.0, top_p=1e-6).flatten().tolist()) == {0}
     assert len(set(sample_next(logits, 1.0).flatten().tolist())) == 5
+
+
+# (temperature, top_k, top_p) -> the setting named, or None: sample.py, eval.py and serve.py all ask this
+@pytest.mark.parametrize("settings, bad", [
+    ((0, None, None), None), ((0.8, 200, 0.9), None), ((2.0, 1, 1.0), None), ((1, 5, 1), None),
+    ((-1.0, None, None), "temperature"), ((float("nan"), 5, 0.5), "temperature"), (("1", None, None), "temperature"),
+    ((1.0, 0, None), "top_k"), ((1.0, 2.5, None), "top_k"), ((1.0, "200", None), "top_k"),
+    ((1.0, None, 0.0), "top_p"), ((1.0, None, 1.5), "top_p"), ((1.0, None, float("nan")), "top_p"),
+    ((-1.0, 0, 0.0), "temperature")])  # several bad: the first is named, the line gives every range
+def test_sampling_settings_are_checked_in_one_place(settings, bad):
+    problem = sampling_problem(*settings)
+    assert (problem and problem[0]) == bad
+    if bad:
+        name, line = problem
+        value = dict(zip(("temperature", "top_k", "top_p"), settings))[name]
+        assert "\n" not in line and f"{name}={value}" in line
+        assert "need temperature >= 0, top_k None or an int >= 1, and top_p None or in (0, 1]" in line
+        with pytest.raises(ValueError, match="need temperature >= 0"):
+            GPT(tiny("gpt2")).generate(torch.zeros(1, 1, dtype=torch.long), 2, *settings)
+    else:
+        assert GPT(tiny("gpt2")).eval().generate(torch.zeros(1, 1, dtype=torch.long), 2, *settings).shape == (1, 3)
 
 
 @pytest.mark.parametrize("name", PRESETS)

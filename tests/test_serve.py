@@ -329,6 +329,8 @@ def test_errors_have_statuses_and_openai_bodies(servers):
         (dict(model="out-serve", prompt="x " * 1100, max_tokens=1), 400, "context_length_exceeded"),
         (dict(model="out-serve", prompt="x", n=17), 400, "n"),
         (dict(model="out-serve", prompt="x", temperature=-1), 400, "temperature"),
+        (dict(model="out-serve", prompt="x", top_p=0), 400, "top_p"),
+        (dict(model="out-serve", prompt="x", extra_body={"top_k": 0}), 400, "top_k"),
         (dict(model="out-serve", prompt="x", extra_body={"max_tokens": "5"}), 400, "max_tokens"),  # wrong type
         (dict(model="out-serve", prompt=[10 ** 6]), 400, "prompt"),
         (dict(model="out-serve", prompt="x", stop=["a", "b", "c", "d", "e"]), 400, "stop"),
