@@ -8,8 +8,8 @@ import torch
 
 from conftest import ROOT
 
-LIBRARIES = {"atomic", "bpe", "checkpoint", "clean", "configurator", "device", "hf", "lora", "model", "process",
-             "quantize", "shards"}
+LIBRARIES = {"atomic", "bpe", "checkpoint", "clean", "configurator", "device", "distill", "fsdp", "hf", "lora",
+             "model", "process", "quantize", "shards", "training"}
 
 
 def imports(path):
