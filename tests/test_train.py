@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 from bpe import Tokenizer
 from conftest import ENV, ROOT, TINY, TRAIN, error_line, train
 from shards import TokenStream, read_shard, write_shard
@@ -283,6 +284,11 @@ def test_finetune_from_local_hf_dir_with_early_stopping(workdir, tmp_path):
     start = load(workdir / "out-ft-run/ckpt_000000.pt")
     assert start["config"]["init_from"] == "out-ft" and all(torch.equal(w, best["model"][k])
                                                             for k, w in start["model"].items())
+    import quantize  # a quantized copy reads like any model, but its int8 weights cannot train
+    model, tok, _ = checkpoint.load_model(str(workdir / "out-ft"))
+    quantize.save_quantized(quantize.quantize(model, "int8"), str(tmp_path / "q8.pt"), tok)
+    line = error_line(train(workdir, "--out_dir=out-ft-x", f"--init_from={tmp_path / 'q8.pt'}", check=False))
+    assert "holds int8 weights, which do not train; start from the float checkpoint" in line
     assert not (workdir / "out-ft-x").exists()
 
 
