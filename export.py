@@ -194,7 +194,8 @@ def training_section(state, run_dir, block_size, data_card):
         return ["No train.py settings in the checkpoint: the weights were trained elsewhere."]
     keys = ("preset", "n_layer", "n_head", "n_embd", "block_size", "dropout", "optimizer", "learning_rate", "min_lr",
             "warmup_iters", "max_iters", "weight_decay", "beta1", "beta2", "grad_clip", "batch_size",
-            "gradient_accumulation_steps", "dtype", "device", "seed", "init_from", "task", "lora_rank", "epochs")
+            "gradient_accumulation_steps", "dtype", "device", "seed", "init_from", "model", "task", "lora_rank",
+            "epochs")
     L = ["The run's settings (from the checkpoint):", "", "| setting | value |", "|---|---|",
          *[f"| {k} | {cfg[k]!r} |" for k in keys if cfg.get(k) is not None], ""]
     step = state["iter_num"]
@@ -228,6 +229,7 @@ def model_card(name, kind, model, tok, n_params, state, source, run_dir, data_ca
     """README.md: the front matter, then the card, every figure taken from the run's files."""
     c = model.config
     cfg = (state or {}).get("config") or {}
+    base = cfg.get("model") or cfg.get("init_from")  # finetune.py's base: --model, --init_from in older runs
     origin = (f"trained with this repository's {'finetune.py' if head else 'train.py'} and exported from "
               f"`{source}` at step {state['iter_num']:,}" if state else f"exported from `{source}`")
     specials = ", ".join(s.replace("|", "\\|") for s in tok.special_tokens)  # \| keeps the table's columns
@@ -247,8 +249,7 @@ def model_card(name, kind, model, tok, n_params, state, source, run_dir, data_ca
          f"| vocabulary | {c.vocab_size:,} tokens (`{tok.name}`; special: {specials}) |", "",
          "## Training data", "",
          *(finetune_data_section(head["finetune"], cfg, training_record(state, run_dir) if run_dir else None)
-           + ["", "The pretrained model it started from: " + (f"`{cfg.get('init_from')}`." if cfg.get("init_from")
-                                                              else "not recorded.")]
+           + ["", "The pretrained model it started from: " + (f"`{base}`." if base else "not recorded.")]
            if head else data_section(data_card, data_card_path, cfg, card_note)), "",
          "## Training", "", *training_section(state, run_dir, c.block_size, data_card), ""]
     if head:

@@ -2,8 +2,8 @@
 finetune.py: supervised fine-tuning of a pretrained GPT for a labelled task, as GPT-1 did (Radford et
 al. 2018, §3.2-3.3 and figure 1), fully or with LoRA adapters (lora.py).
 
-    python finetune.py config/finetune_gpt1.py --init_from=gpt2 --data=nyu-mll/glue --data_config=sst2
-    python finetune.py config/finetune_gpt1.py --init_from=out-gpt1 --task=entailment \\
+    python finetune.py config/finetune_gpt1.py --model=gpt2 --data=nyu-mll/glue --data_config=sst2
+    python finetune.py config/finetune_gpt1.py --model=out-gpt1 --task=entailment \\
         --data=data/rte --text_fields=sentence1,sentence2 --lora_rank=8 --learning_rate=5e-4
     python finetune.py --out_dir=out-finetune --predict=new.jsonl     # label new inputs
     python finetune.py --out_dir=out-finetune --merge=merged.pt       # one standalone checkpoint
@@ -26,6 +26,9 @@ L = task loss + lm_coef * LM loss, lm_coef = lambda = 0.5, which "improves gener
 speeds convergence; the LM loss scores each next token of the text (not the task tokens).
 
 Design choices
+- Mechanics. The optimizer groups, the learning-rate schedule, the optimizer step and the DDP wrap
+  are training.py's, shared with train.py; the base model comes through checkpoint.open_model, as
+  every script's --model does.
 - Data. A Hugging Face dataset by name (datasets.load_dataset(data, data_config)), or local files
   through the same datasets code: a folder with train.*, val.* (or validation, dev) and test.*
   files in .jsonl/.json/.csv/.tsv, or one file (train only). With no val split, val_fraction of
@@ -51,7 +54,6 @@ Design choices
   checkpoint is the trained tensors only, so best.pt stays small for LoRA.
 """
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -66,24 +68,23 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import lora
 import process
 import quantize
+import training
 from atomic import atomic_write
 from bpe import Tokenizer
 from configurator import UserError, check_hub, configure, run
 from device import autocast, pick_device
-from model import CausalSelfAttention
 from process import say
 from score import pad_right
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
 # I/O
-init_from = "gpt2"            # the pretrained model: a train.py run dir (its best.pt), a .pt file,
-                              # 'gpt2', 'gpt2-medium', ... or a local Hugging Face dir
+model = "gpt2"                # the pretrained model, as every script's --model= takes it: a train.py run
+                              # dir (its best.pt), a .pt file, 'gpt2', 'gpt2-medium', ... or a Hugging Face dir
 out_dir = "out-finetune"      # best.pt and log.jsonl go here
 # data
 data = ""                     # a hub dataset ('nyu-mll/glue'), a folder of train/val/test files, one file
@@ -286,15 +287,6 @@ def grow_vocab(gpt, vocab_size):
         gpt.transformer.wte, gpt.lm_head = bigger, head
         if c.tie_weights:
             gpt.transformer.wte.weight = gpt.lm_head.weight
-
-
-def set_dropout(gpt, p):
-    gpt.config.dropout = p
-    for m in gpt.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-        if isinstance(m, CausalSelfAttention):
-            m.dropout = p  # the attention's own dropout, passed to scaled_dot_product_attention
 
 
 def fingerprint(gpt):
@@ -752,16 +744,15 @@ def run_predict(path, dev, ctx):
 
 
 def load_base():
-    """The pretrained model init_from names: (gpt, tokenizer, description, base), base being how a
-    LoRA checkpoint finds it again: an absolute path (a run's best.pt by its file name) or a hub name."""
+    """The pretrained model the setting `model` names (checkpoint.open_model): (gpt, tokenizer,
+    description, base), base being how a LoRA checkpoint finds it again: the absolute path of the file
+    or Hugging Face directory read (a run's best.pt by its file name), or a hub name."""
     try:
-        run_dir = os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json"))
-        base = os.path.abspath(checkpoint.find(init_from, "best")) if run_dir else \
-            os.path.abspath(init_from) if os.path.exists(init_from) else init_from
-        gpt, tok, where = checkpoint.load_model(base)
+        opened = checkpoint.open_model(model)
     except ValueError as e:
-        raise UserError(f"init_from={init_from!r}: {e}")
-    return gpt, tok, where, base
+        raise UserError(f"model={model!r}: {e}")
+    base = os.path.abspath(opened.path) if os.path.exists(opened.path) else opened.path
+    return opened.model, opened.tokenizer, opened.description, base
 
 
 def load_task(max_len, base):
@@ -823,23 +814,12 @@ def encode(splits, spec, tok):
     return examples
 
 
-def make_optimizer(model, device_type):
-    """AdamW over the parameters that train, weight decay on matrices and embeddings only. Returns
-    (optimizer, [(name, parameter) that train])."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for _, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for _, p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), eps=eps,
-                             fused=device_type == "cuda"), trainable
-
-
 def save_finetuned(model, tok, spec, config, trainable, step, m):
     """Write step's model as out_dir's best.pt (and its one step checkpoint): the trained tensors, the
     head, the tokenizer with its task tokens, and spec with the val metrics m."""
     gpt = model.gpt
-    state = {"version": checkpoint.VERSION, "iter_num": step, "model_args": dataclasses.asdict(gpt.config),
-             "tokenizer": tok.dumps(), "head": model.head.state_dict(), "config": config,
-             "finetune": {**spec, "metrics": m}}
+    state = training.checkpoint_entries(gpt.config, step, tok, config, head=model.head.state_dict(),
+                                        finetune={**spec, "metrics": m})
     if spec["lora"]:  # the trained tensors only; the base is named in spec
         state["adapters"] = {n.removeprefix("gpt."): p.detach() for n, p in trainable if n.startswith("gpt.")}
     else:
@@ -848,7 +828,7 @@ def save_finetuned(model, tok, spec, config, trainable, step, m):
 
 
 def main(argv=None):
-    config = configure(globals(), argv)
+    config = configure(globals(), argv, renamed={"init_from": ("model", "gpt2")})  # the flag's old name
     for k in ("batch_size", "micro_batch_size", "eval_interval", "log_interval", "epochs"):
         if config[k] < 1:
             raise UserError(f"{k}={config[k]} must be at least 1")
@@ -903,7 +883,7 @@ def main(argv=None):
     splits, spec = load_task(T, base)
     spec["base_fingerprint"] = fingerprint(gpt) if lora_rank else None
     torch.manual_seed(seed)  # the same head, task tokens and A matrices on every rank
-    set_dropout(gpt, dropout)
+    training.set_dropout(gpt, dropout)
     try:
         model, tok = build(gpt, tok, spec, head_dropout)
     except ValueError as e:
@@ -920,19 +900,19 @@ def main(argv=None):
     # ---- optimizer, and the run directory -----------------------------------------------------------
     model.to(dev)
     torch.manual_seed(seed + rank)  # dropout masks differ between ranks
-    optimizer, trainable = make_optimizer(model, device_type)
+    optimizers = training.configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), eps, device_type)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_train = sum(p.numel() for _, p in trainable)
     n_all = sum(p.numel() for p in model.parameters())
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     # lm_coef = 0 with an untied head leaves lm_head unused, which DDP must be told
-    wrapped = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
-                  find_unused_parameters=lm_coef == 0) if distributed else model
+    wrapped = training.wrap_ddp(model, local_rank, device_type, find_unused=lm_coef == 0) if distributed else model
     if master:
         os.makedirs(out_dir, exist_ok=True)
     process.check_shared(out_dir)  # every rank reads best.pt back at the end: refuse an unshared out_dir now
     if master:
         log = process.Log(os.path.join(out_dir, "log.jsonl"), total)
-        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
+        training.print_config(config)
         print(f"model: {where}, {tok.name} tokenizer + {', '.join(SPECIAL)} at ids {spec['special']}")
         print(f"{'LoRA rank ' + str(lora_rank) if lora_rank else 'full fine-tuning'}: {n_train:,} of {n_all:,} "
               f"parameters train ({n_train / n_all:.2%})")
@@ -949,11 +929,8 @@ def main(argv=None):
         order = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         at = (step % steps_per_epoch) * batch_size
         batch = [train_ex[i] for i in order[at:at + batch_size][rank::world]]
-        # linear warmup, then linear decay to 0 at the last step (GPT-1)
-        lr = learning_rate * ((step + 1) / warmup_iters if step < warmup_iters else
-                              max(0.0, (total - step) / max(1, total - warmup_iters)))
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = training.get_lr(step, warmup_iters, total, learning_rate, 0.0, decay="linear")  # to 0 at the end (GPT-1)
+        training.set_lr(optimizers, lr)
         chunks = [batch[i:i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
         for j, chunk in enumerate(chunks):
             y = labels_tensor(chunk, spec).to(dev)
@@ -962,11 +939,7 @@ def main(argv=None):
                     loss, task_sum, lm_sum = objective(wrapped, collate(chunk, spec["special"], dev), y, spec, lm_coef)
                 scaler.scale(loss / per_rank).backward()  # / per_rank: the batch mean (DDP averages ranks)
             sums += torch.stack([loss.detach(), task_sum.detach(), lm_sum.detach()]).float()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_([p for _, p in trainable], grad_clip or float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        training.optimizer_step(optimizers, scaler, model.parameters(), grad_clip)
         step += 1
 
         if step % log_interval == 0 or step == total:
@@ -980,8 +953,7 @@ def main(argv=None):
                      "loss": L, "task_loss": tl, "lm_loss": ll, "lr": lr, "ms_per_step": 1000 * dt,
                      "examples_per_s": batch_size / dt,
                      "eta": process.duration((total - step) * (time.time() - t_start) / step)})
-            if not math.isfinite(L):
-                raise UserError(f"the loss is {L} at step {step}; lower learning_rate, or use bfloat16/float32")
+            training.stop_if_not_finite(L, "the loss", step, out_dir)
             sums.zero_()
             t0 = time.time()
         if step % eval_interval == 0 or step == total:
@@ -1004,8 +976,8 @@ def main(argv=None):
             t0 += time.time() - t_eval  # evaluating and saving do not count against the step time
 
     # ---- the best model, reloaded from disk: its val and test scores --------------------------------
-    opt_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                    if torch.is_tensor(t))
+    opt_bytes = sum(t.numel() * t.element_size() for opt in optimizers for s in opt.state.values()
+                    for t in s.values() if torch.is_tensor(t))
     peak, what = peak_memory(device_type)
     process.wait_for_rank0()  # rank 0 has written best.pt
     best_path = os.path.join(out_dir, "best.pt")

@@ -93,15 +93,28 @@ def wait_for_rank0():
         dist.barrier(group=_cpu_group)
 
 
-def check_shared(path):
-    """Every rank must see the folder rank 0 writes (path, which exists on rank 0): rank 0 leaves a
-    fresh file in it and every rank looks for that file. Under torchrun across nodes a folder that is
-    not on a shared filesystem is then refused at the start, not when a rank reads it back."""
+def check_shared(path, files=None):
+    """Every rank must see the folder rank 0 writes, path: under torchrun across nodes a folder that is
+    not on a shared filesystem is refused at the start, not when a rank reads it back. Given files (what
+    this rank finds in path, such as its checkpoints; path need not exist yet), every rank must find
+    the same ones: train.py's rank 0 would otherwise start afresh beside a run the others resume.
+    Without files, rank 0 leaves a fresh file in path (which exists on rank 0) and every rank looks
+    for that file."""
     if not dist.is_initialized():
+        return
+    shared = "out_dir must be on a filesystem every node shares"
+    rank = dist.get_rank()
+    if files is not None:
+        zeros = [files]
+        dist.broadcast_object_list(zeros, src=0, group=_cpu_group)  # every rank gets rank 0's list
+        diff = sorted(set(zeros[0]) ^ set(files))
+        mine = bool(diff) and diff[-1] in files  # the newest file one side lacks: is it this rank's?
+        agree(f"rank {rank} {'sees' if mine else 'cannot see'} {diff[-1]}, which rank 0 "
+              f"{'cannot see' if mine else 'sees'}: {shared}" if diff else None)
         return
     probe = os.path.join(path, ".shared_check")
     token = [f"{socket.gethostname()} {os.getpid()} {time.time()}"]  # unique to this run's rank 0
-    if dist.get_rank() == 0:
+    if rank == 0:
         with open(probe, "w") as f:
             f.write(token[0])
     dist.broadcast_object_list(token, src=0, group=_cpu_group)  # after rank 0's write
@@ -111,10 +124,9 @@ def check_shared(path):
     except OSError:
         seen = False
     try:
-        agree(None if seen else f"rank {dist.get_rank()} cannot see {path}/, where rank 0 writes: out_dir must "
-                                f"be on a filesystem every node shares")
+        agree(None if seen else f"rank {rank} cannot see {path}/, where rank 0 writes: {shared}")
     finally:
-        if dist.get_rank() == 0:
+        if rank == 0:
             os.remove(probe)
 
 

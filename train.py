@@ -10,22 +10,19 @@ GPU, or many GPUs and nodes through torchrun.
 
 The settings below are plain variables; config files, then --key=value flags, override them
 (configurator.py; `--help` lists them). main() then reads in the order the run happens: setup, data,
-model, optimizer, and the loop that evaluates, logs and checkpoints; the steps that are not the loop
-(choosing the start, restoring a run, the distributed save) are the named functions above it.
+model, optimizer, and the loop that evaluates, logs and checkpoints. Choosing the start and evaluating
+are the named functions above it; what every training loop does (optimizer groups, the schedule, the
+optimizer step, saving and restoring a run, stop signals) is training.py's, which finetune.py shares.
 
 Design choices
 - Data. shards.TokenStream: the train shards as one endless stream cut into rows, every token an
   input once per epoch, an epoch's rows in a seeded random order (reading sorted data in file order
   makes a model fit one region and forget the rest; the README has the measurement). Under DDP rank r
   of W reads micro-batches r, r+W, ..., so W ranks read exactly the rows one process would.
-- Exact resume. A checkpoint (checkpoint.py) holds everything the next step depends on: weights,
-  AdamW moments, GradScaler, step, data position and every rank's RNG states (dropout masks). On CPU
-  in float32, N steps + resume + N steps gives the same losses and weights as 2N steps, bit for bit.
-- Crash safety. Checkpoints are written atomically, so a crash or SIGKILL mid-save leaves the previous
-  ones intact. SIGTERM (a preempted machine) and Ctrl-C finish the current step, save, and exit
-  cleanly; only a second Ctrl-C stops at once (a SIGTERM that arrives twice, from the scheduler and
-  from torchrun, still saves). Under DDP the ranks vote every step, so all of them save the same step
-  well inside torchrun's 30 s grace before SIGKILL.
+- Exact resume and crash safety (training.py). A checkpoint holds everything the next step depends
+  on, RNG states and data position included: on CPU in float32, N steps + resume + N steps gives the
+  same losses and weights as 2N steps, bit for bit. Saves are atomic; SIGTERM and Ctrl-C finish the
+  step, save and exit, every rank at the same step.
 - No host syncs in the step: the loss is summed on the device and read (.item(), which waits for the
   GPU) only every log_interval steps, so the CPU queues work ahead of the GPU. The stop vote travels
   over a separate CPU (gloo) group, so it does not wait for the GPU either.
@@ -35,26 +32,21 @@ Design choices
   resume and all ranks read it; rank 0 writes). data/ may be a copy per node, but every rank checks
   that it holds the same train tokens and tokenizer as rank 0.
 """
-import dataclasses
 import glob
 import hashlib
-import math
 import os
-import signal
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import distill
-import hf
 import process
+import training
 from bpe import Tokenizer
 from configurator import UserError, configure, run
 from device import autocast, compile_problem, peak_flops, pick_device
@@ -70,7 +62,8 @@ from shards import TokenStream
 dataset = "stdlib"            # reads data/<dataset>/*_train_*.bin, *_val_*.bin and tokenizer.bpe
 out_dir = "out"               # checkpoints ckpt_XXXXXX.pt, best.pt and log.jsonl go here
 init_from = "scratch"         # 'scratch' | 'resume' (latest ckpt in out_dir) | 'auto' (resume if out_dir
-                              # has checkpoints, else scratch) | 'gpt2'... | a local Hugging Face dir
+                              # has checkpoints, else scratch) | a model to start a new run from, as other
+                              # scripts' --model= names one: 'gpt2'..., a Hugging Face dir, a run dir, a .pt
 eval_interval = 250           # steps between evaluations; each evaluation also saves a checkpoint
 eval_iters = 20               # batches per split in an evaluation: fixed rows spread over the split
 log_interval = 10             # steps between log lines; each waits for the GPU
@@ -99,10 +92,10 @@ logit_softcap = None          # > 0: logits = cap * tanh(logits / cap) (modded-n
 zero_init = None              # True: the blocks' output projections start at 0
 grad_checkpoint = False       # out of memory? recompute each block in backward: far less activation
                               # memory for ~1/3 more compute (applies to resumed and pretrained models too)
-# optimizer: AdamW (Loshchilov & Hutter 2019), or Muon for the blocks' matrices (configure_optimizers)
+# optimizer: AdamW (Loshchilov & Hutter 2019), or Muon for the blocks' matrices (training.configure_optimizers)
 optimizer = "adamw"           # 'adamw' | 'muon' (Jordan et al. 2024; embeddings, head, norms stay on AdamW)
 learning_rate = 6e-4          # peak, reached after warmup
-embedding_lr_scale = 1.0      # an untied input embedding's lr is learning_rate * this (configure_optimizers)
+embedding_lr_scale = 1.0      # an untied input embedding's lr is learning_rate * this
 max_iters = 5000              # optimizer steps of the whole run
 weight_decay = 0.1            # AdamW's, on matrices and embeddings only
 beta1 = 0.9                   # AdamW's first-moment decay
@@ -130,46 +123,7 @@ SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "t
               "logit_softcap", "zero_init")  # model overrides
 
 
-def get_lr(it, warmup, decay_iters, lr, lr_min):
-    """Linear warmup from ~0 to lr over `warmup` steps, then half a cosine down to lr_min at
-    decay_iters, flat after (the GPT-1 / GPT-2 / Chinchilla schedule)."""
-    if it < warmup:
-        return lr * (it + 1) / (warmup + 1)
-    if it >= decay_iters:
-        return lr_min
-    progress = (it - warmup) / max(1, decay_iters - warmup)  # 0 -> 1
-    return lr_min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - lr_min)
-
-
 # ---- the steps of main that are not the loop ------------------------------------------------------
-
-def configure_optimizers(model, weight_decay, learning_rate, betas, eps, device_type, optimizer="adamw",
-                         embedding_lr_scale=1.0):
-    """Optimizers covering every trainable parameter of model once; the loop multiplies each group's
-    "lr_scale" into get_lr's rate. AdamW decays matrices only: decaying a norm gain or bias shrinks a scale, not a feature
-    (GPT-1). optimizer="muon" (Jordan et al. 2024) orthogonalises the blocks' matrix updates so every
-    direction learns alike, sized as AdamW's (match_rms_adamw, Liu et al. 2025). An untied input
-    embedding's rows move only when their token occurs: lr * embedding_lr_scale, no decay (modded-nanogpt)."""
-    if optimizer not in ("adamw", "muon"):
-        raise ValueError(f"optimizer={optimizer!r} is not one of 'adamw', 'muon'")
-    if embedding_lr_scale != 1.0 and model.config.tie_weights:
-        raise ValueError(f"embedding_lr_scale={embedding_lr_scale} needs an untied head (tie_weights=False): "
-                         f"a tied embedding is also the output layer, which a large lr would wreck")
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    hidden = [p for n, p in params if optimizer == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
-    table = [p for n, p in params if n == "transformer.wte.weight" and not model.config.tie_weights]
-    rest = [p for _, p in params if not any(p is q for q in hidden + table)]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
-    if table:
-        groups.append({"params": table, "weight_decay": 0.0, "lr_scale": embedding_lr_scale,
-                       "lr": learning_rate * embedding_lr_scale})
-    optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")]
-    if hidden:
-        optimizers.append(torch.optim.Muon([{"params": hidden, "lr_scale": 1.0}], lr=learning_rate,
-                                           weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
-    return optimizers
-
 
 def check_settings(config, world):
     """Refuse settings that cannot work together, before anything is loaded."""
@@ -204,28 +158,18 @@ def find_data(data_dir):
         raise UserError(f"{e}; re-run: {remake}")
 
 
-def choose_start(config, tokenizer, tok_path, distributed, rank, world, fsdp):
+def choose_start(config, tokenizer, tok_path, rank, world, fsdp):
     """The model the run starts from, per init_from: 'scratch' builds the preset with the overrides,
     'resume' reads out_dir's newest checkpoint, 'auto' resumes if there is one and else starts from
-    scratch, anything else names GPT-2 weights (a hub name or a local Hugging Face directory).
+    scratch, anything else names weights to start from (checkpoint.open_model: GPT-2 by name, a
+    Hugging Face directory, a run directory or checkpoint), which must use the data's tokenizer.
     Returns (model on the CPU, its weights for shard() or None, the checkpoint dict or None, its path
     or None); the model is None when the run to resume has already reached max_iters. Under FSDP a new
     or resumed model is built on the meta device and its weights are this rank's slices (ShardedInit)
     or the memory-mapped checkpoint's, which shard() puts in place."""
-    # every rank must see the same checkpoints: with an out_dir that is not shared, a rank 0 on a node
-    # without them would start from scratch, and the others would resume (or refuse) (the docstring)
-    mine = checkpoint.step_checkpoints(out_dir)
-    every = [mine]
-    if distributed:
-        every = [None] * world
-        dist.all_gather_object(every, mine, group=process.cpu_group())
-    odd = next((r for r in range(world) if every[r] != every[0]), None)
-    if odd is not None:
-        diff = sorted(set(every[0]) ^ set(every[odd]))[-1]
-        process.agree(f"rank {odd} {'cannot see' if diff in every[0] else 'sees'} {diff}, which rank 0 "
-                      f"{'sees' if diff in every[0] else 'cannot see'}: out_dir must be on a filesystem "
-                      f"every node shares")
-    found = every[0][-1] if every[0] else None
+    found = checkpoint.step_checkpoints(out_dir)
+    process.check_shared(out_dir, found)  # every rank sees the same checkpoints (the docstring's multi-node)
+    found = found[-1] if found else None
     overrides = {k: config[k] for k in SHAPE_KEYS if config[k] is not None}
     if init_from == "resume" and not found:
         raise UserError(f"init_from='resume' but {out_dir}/ has no ckpt_*.pt; start with "
@@ -263,14 +207,19 @@ def choose_start(config, tokenizer, tok_path, distributed, rank, world, fsdp):
                 model = GPT(new)
             return model, init.weights(model), None, None
         return GPT(new), None, None, None
-    try:  # OpenAI's GPT-2 weights (a name, or a local Hugging Face directory) to fine-tune
-        model = hf.from_pretrained(init_from, dropout=dropout)
+    try:
+        opened = checkpoint.open_model(init_from)
     except ValueError as e:
         raise UserError(f"init_from={init_from!r}: {e}")
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"GPT-2 weights need the gpt2 tokenizer, but {tok_path} has "
-                        f"{tokenizer.vocab_size} tokens; prepare the data with --tokenizer=gpt2")
-    return model, None, None, None
+    if opened.tokenizer.dumps() != tokenizer.dumps():  # the same text must be the same ids
+        raise UserError(f"init_from={init_from!r} uses the {opened.tokenizer.name} tokenizer, not this run's "
+                        f"{tok_path}; prepare the data with its tokenizer (GPT-2's weights: --tokenizer=gpt2)")
+    if getattr(opened.model, "quantization", None):
+        raise UserError(f"init_from={init_from!r} holds {opened.model.quantization['mode']} weights, which do not "
+                        f"train; start from the float checkpoint it was quantized from")
+    if dropout is not None:
+        training.set_dropout(opened.model, dropout)
+    return opened.model.train(), None, None, None
 
 
 def check_same_data(train_data, tokenizer, data_dir, world):
@@ -282,40 +231,6 @@ def check_same_data(train_data, tokenizer, data_dir, world):
         bad = next(r for r, other in enumerate(every) if other != every[0])
         raise UserError(f"rank {bad} has {every[bad][0]:,} train tokens and tokenizer {every[bad][1]}, rank 0 "
                         f"{every[0][0]:,} and {every[0][1]}: every node needs the same {data_dir}/")
-
-
-def restore(ckpt, found, raw_model, optimizers, scaler, train_data, rank, world, device_type):
-    """Continue a run where its checkpoint stopped: optimizer state, GradScaler, data position and this
-    rank's RNG states. Returns (iter_num, best_val_loss, evals_since_best).
-    The saved groups carry the old run's settings (fused=False from a CPU run, old betas, eps,
-    weight_decay): the config's win, and what changed is said. The optimizer state is keyed by
-    parameter name (torch.distributed.checkpoint's full state dict), the same under DDP, FSDP or one
-    process, so a run can resume in another of them."""
-    saved, changed = ckpt["optimizer"], set()
-    for g_saved, g_now in zip(saved["param_groups"], [g for opt in optimizers for g in opt.param_groups]):
-        for k, v in g_now.items():
-            was = g_saved.get(k)
-            was = tuple(was) if isinstance(v, tuple) and was is not None else was  # betas: saved as a list
-            if k not in ("params", "lr", "initial_lr") and was != v:
-                changed.add(f"{k} {was} -> {v}")
-                g_saved[k] = v
-    if saved["state"]:  # a step-0 checkpoint has none, and the fresh optimizer already matches it
-        set_optimizer_state_dict(raw_model, optimizers, saved, options=StateDictOptions(full_state_dict=True))
-    if changed:
-        say(f"optimizer settings from the config, not the checkpoint: {', '.join(sorted(changed))}")
-    if scaler.is_enabled() and ckpt["scaler"]:  # a float32/bfloat16 run saved an empty scaler
-        scaler.load_state_dict(ckpt["scaler"])
-    if not train_data.load_state(ckpt["data"]):
-        say(f"warning: the train shards changed since the checkpoint ({ckpt['data']['rows_per_epoch']} -> "
-            f"{train_data.rows} rows per epoch); reading them from the start")
-    rngs = ckpt["rng"]
-    if len(rngs) == world:  # restored after the model was built, since init drew from the RNG
-        checkpoint.set_rng_state(rngs[rank], device_type)
-    else:
-        say(f"warning: checkpoint has RNG states of {len(rngs)} processes, this run has {world}; "
-            f"dropout masks will differ from an uninterrupted run")
-    say(f"resumed from {found} at step {ckpt['iter_num']}")
-    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["evals_since_best"]
 
 
 @torch.no_grad()
@@ -346,71 +261,6 @@ def evaluate(model, train_data, val_data, token_bytes, ctx, fsdp, rank, world):
     return out
 
 
-def save_checkpoint(raw_model, optimizers, fsdp, device_type, is_best, **entries):
-    """Write a checkpoint of the weights, the optimizer state, every rank's RNG states and `entries`
-    (the step, the losses, the data position...). Every rank contributes its RNG state (and, under
-    FSDP, its shards); rank 0 writes. FSDP's shards are gathered into one full state dict on rank 0's
-    CPU, so every checkpoint has one format, which sample.py, eval.py and export.py read without
-    knowing how it was trained (at 1.5B parameters the gather costs seconds per save; sharded files
-    through torch.distributed.checkpoint would save faster but need a converter for every reader)."""
-    distributed = dist.is_initialized()
-    master = not distributed or dist.get_rank() == 0
-    rngs = [checkpoint.rng_state(device_type)]
-    if distributed:
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, checkpoint.rng_state(device_type))
-    if master or fsdp:  # under DDP the other ranks hold copies of rank 0's state
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: every rank sends its shards
-        weights = get_model_state_dict(raw_model, options=full) if fsdp else raw_model.state_dict()
-        if fsdp and master and raw_model.config.tie_weights:  # gathered as two tensors: save it once
-            weights["lm_head.weight"] = weights["transformer.wte.weight"]
-        # a fresh optimizer (the save at step 0) has no state; DCP would create it by taking a step with
-        # zero gradients, which leaves AdamW's step count at 1 and so changes the run that saved
-        moments = get_optimizer_state_dict(raw_model, optimizers, options=full) \
-            if all(opt.state for opt in optimizers) else {"state": {}, "param_groups": []}
-    if master:
-        path = checkpoint.save_step({"version": checkpoint.VERSION, "model": weights,
-                                     "model_args": dataclasses.asdict(raw_model.config), "optimizer": moments,
-                                     "rng": rngs, **entries}, out_dir, is_best, keep_last)
-        print(f"saved {path}" + (" (best so far)" if is_best else ""), flush=True)
-    # the others wait on the CPU while rank 0 writes (minutes for a large model on a network disk):
-    # queued on the GPU, their next all-reduce would be timed by NCCL's watchdog (process.py)
-    process.wait_for_rank0()
-
-
-def catch_stop_signals():
-    """SIGTERM (a preempted machine) and Ctrl-C ask the loop to finish its step, save and exit: the
-    handler records the signal in the returned dict, which the loop reads. A second Ctrl-C stops at once."""
-    stop = {"signal": None, "sigints": 0}
-
-    def on_signal(signum, frame):
-        stop["sigints"] += signum == signal.SIGINT
-        if stop["sigints"] >= 2:
-            raise KeyboardInterrupt  # Ctrl-C twice: stop at once, without saving
-        stop["signal"] = stop["signal"] or signum
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
-
-
-def open_wandb(config):
-    try:
-        import wandb  # imported only when asked for: never a requirement
-    except ImportError:
-        raise UserError("wandb_log=True needs the wandb package: pip install wandb") from None
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-    return wandb
-
-
-def stop_if_not_finite(value, what, step):
-    if not math.isfinite(value):
-        kept = checkpoint.step_checkpoints(out_dir)
-        raise UserError(f"{what} is {value} at step {step}; stopped without saving (last good checkpoint: "
-                        f"{kept[-1] if kept else 'none'}). Lower learning_rate, keep grad_clip on, or use "
-                        f"bfloat16/float32 instead of float16")
-
-
 # ---- the run ---------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -431,16 +281,13 @@ def main(argv=None):
         raise UserError(f"parallel='fsdp' trains in bfloat16 or float32; use --dtype="
                         f"{'bfloat16' if native else 'float32 (this GPU has no bfloat16 tensor cores)'}")
     process.start(dev)
-    vote_group = process.cpu_group()  # the stop vote is a CPU flag: over gloo it is summed without waiting for the GPU
     ctx = autocast(device_type, ptdtype)
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls on Ampere+
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
-    use_compile = compile
-    if use_compile is None:
-        # CUDA: fused kernels, the usual large speedup. CPU: measured slower for the quickstart model,
-        # compile time included (bench/README.md), so off unless asked for.
-        use_compile = device_type == "cuda"
+    # torch.compile on CUDA: fused kernels, the usual large speedup. CPU: measured slower for the quickstart
+    # model, compile time included (bench/README.md), so off unless asked for.
+    use_compile = device_type == "cuda" if compile is None else compile
     if use_compile and compile_problem(device_type):
         say(f"warning: {compile_problem(device_type)}; running without torch.compile")
         use_compile = False
@@ -449,7 +296,7 @@ def main(argv=None):
     data_dir = os.path.join("data", dataset)
     tok_path = os.path.join(data_dir, "tokenizer.bpe")
     tokenizer, train_files, val_files = find_data(data_dir)
-    model, weights, ckpt, found = choose_start(config, tokenizer, tok_path, distributed, rank, world, fsdp)
+    model, weights, ckpt, found = choose_start(config, tokenizer, tok_path, rank, world, fsdp)
     if model is None:  # the run is already at max_iters
         return
     if rank:  # from here on ranks draw different dropout masks
@@ -475,8 +322,8 @@ def main(argv=None):
     if master:
         os.makedirs(out_dir, exist_ok=True)
         log = process.Log(os.path.join(out_dir, "log.jsonl"), max_iters, append=ckpt is not None,
-                          wandb=open_wandb(config) if wandb_log else None)
-        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
+                          wandb=training.open_wandb(wandb_project, wandb_run_name, config) if wandb_log else None)
+        training.print_config(config)
         print(f"model: {raw_model.num_params(non_embedding=False):,} parameters "
               f"({raw_model.num_params():,} non-embedding), {model.config}")
         print(f"global batch: {gradient_accumulation_steps} micro-batches x {batch_size} x {T} = "
@@ -487,52 +334,44 @@ def main(argv=None):
                   f"parameters, alpha {distill_alpha}, temperature {distill_temperature}")
 
     # ---- optimizer --------------------------------------------------------------------------------
-    optimizers = configure_optimizers(raw_model, weight_decay, learning_rate, (beta1, beta2), eps, device_type,
-                                      optimizer, embedding_lr_scale)  # a ValueError is one line (run)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            say(f"optimizer {type(opt).__name__}: {len(group['params'])} tensors, "
-                f"{sum(p.numel() for p in group['params']):,} parameters, peak lr "
-                f"{learning_rate * group['lr_scale']:.2e}, weight_decay {group['weight_decay']}")
+    optimizers = training.configure_optimizers(raw_model, weight_decay, learning_rate, (beta1, beta2), eps, device_type,
+                                               optimizer, embedding_lr_scale)  # a ValueError is one line (run)
+    say("\n".join(training.describe(optimizers, learning_rate)))
     # float16 has a narrow range: scale the loss up so small gradients do not flush to zero
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     iter_num, best_val_loss, evals_since_best = 0, float("inf"), 0
     if ckpt is not None:
-        iter_num, best_val_loss, evals_since_best = restore(ckpt, found, raw_model, optimizers, scaler, train_data,
-                                                            rank, world, device_type)
+        iter_num, best_val_loss, evals_since_best = training.restore(ckpt, found, raw_model, optimizers, scaler,
+                                                                     train_data, rank, world, device_type)
         ckpt = None  # free the memory
     if use_compile:
         model = torch.compile(model)
     if ddp:
-        # broadcast_buffers=False: the only buffers (RoPE tables) are computed identically on every
-        # rank, so broadcasting them each forward is wasted work, and a collective inside forward
-        # would hang an evaluation in which some ranks have no batch
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+        model = training.wrap_ddp(model, local_rank, device_type)
     decay_iters = lr_decay_iters or max_iters
 
     def save(is_best):  # the checkpoint's plain entries, as they stand now
-        save_checkpoint(raw_model, optimizers, fsdp, device_type, is_best, scaler=scaler.state_dict(),
-                        iter_num=iter_num, best_val_loss=best_val_loss, evals_since_best=evals_since_best,
-                        config=config, tokenizer=tokenizer.dumps(), data=train_data.state())
+        training.save_checkpoint(raw_model, optimizers, fsdp, device_type, out_dir, keep_last, is_best, iter_num,
+                                 tokenizer, config, scaler=scaler.state_dict(), best_val_loss=best_val_loss,
+                                 evals_since_best=evals_since_best, data=train_data.state())
 
     # ---- the loop -----------------------------------------------------------------------------
-    stop = catch_stop_signals()
+    stop = training.StopSignals()
     start_iter = iter_num
     resumed = start_iter > 0
     loss_sum = torch.zeros((), device=dev)  # summed on the device between log lines: no sync
     steps_since_log, t0, train_time, stopping = 0, time.time(), 0.0, False
     while True:
         if stopping:  # a signal arrived: the step in flight has finished
-            say(f"received {signal.Signals(stop['signal'] or signal.SIGTERM).name} at step {iter_num}: "
-                f"saving and exiting")
+            say(f"received {stop.name} at step {iter_num}: saving and exiting")
             save(False)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # saved: a repeated SIGTERM must not kill
-            break                                          # the exit (Python resets handlers at exit)
+            stop.saved()
+            break
         # evaluate and checkpoint every eval_interval steps and at the end (not again right after a resume)
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (resumed and iter_num == start_iter):
             t_eval = time.time()
             losses = evaluate(model, train_data, val_data, token_bytes, ctx, fsdp, rank, world)
-            stop_if_not_finite(losses["val"], "the val loss", iter_num)
+            training.stop_if_not_finite(losses["val"], "the val loss", iter_num, out_dir)
             is_best = losses["val"] < best_val_loss
             best_val_loss, evals_since_best = (losses["val"], 0) if is_best else (best_val_loss, evals_since_best + 1)
             if master:
@@ -546,10 +385,8 @@ def main(argv=None):
         if iter_num >= max_iters:
             break
 
-        lr = get_lr(iter_num, warmup_iters, decay_iters, learning_rate, min_lr)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+        lr = training.get_lr(iter_num, warmup_iters, decay_iters, learning_rate, min_lr)
+        training.set_lr(optimizers, lr)
         for micro in range(accum):
             x, y = train_data.next_batch()
             # DDP all-reduces the gradients on the last micro-step only; the others accumulate locally,
@@ -563,28 +400,16 @@ def main(argv=None):
                     loss = distill.step_loss(model, teacher_model, x, y, distill_alpha, distill_temperature)
                 loss_sum += loss.detach()
                 scaler.scale(loss / accum).backward()  # / accum: the step's gradient is the mean
-        for opt in optimizers:
-            scaler.unscale_(opt)  # true gradients, for clipping and the norm we log
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or float("inf"))
-        for opt in optimizers:
-            scaler.step(opt)  # skipped by the scaler if float16 gradients overflowed
-            opt.zero_grad(set_to_none=True)
-        scaler.update()
+        grad_norm = training.optimizer_step(optimizers, scaler, raw_model.parameters(), grad_clip)
         iter_num += 1
         steps_since_log += 1
-
-        # a stop signal may reach one rank only: every step the ranks vote (a CPU flag), so that all
-        # of them save the same step
-        votes = torch.tensor([float(stop["signal"] is not None)])
-        if distributed:
-            dist.all_reduce(votes, group=vote_group)
-        stopping = votes.item() > 0
+        stopping = stop.requested()  # on any rank: every rank votes, so all of them save this step
         # a log step is the one place the loop waits for the device
         if iter_num % log_interval == 0 or iter_num == max_iters or stopping:
             if distributed:
                 dist.all_reduce(loss_sum)
             train_loss = loss_sum.item() / (steps_since_log * gradient_accumulation_steps)
-            stop_if_not_finite(train_loss, "the training loss", iter_num)
+            training.stop_if_not_finite(train_loss, "the training loss", iter_num, out_dir)
             dt = (time.time() - t0) / steps_since_log
             train_time += dt * steps_since_log
             if master:

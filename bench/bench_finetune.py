@@ -162,7 +162,7 @@ def main():
                 base, extra = runs[row]
                 out = os.path.join(work_abs, f"out-{t}-{row}")
                 shutil.rmtree(out, ignore_errors=True)
-                dt = sh([PY, "finetune.py", "config/finetune_gpt1.py", f"--init_from={base}", f"--data={d}",
+                dt = sh([PY, "finetune.py", "config/finetune_gpt1.py", f"--model={base}", f"--data={d}",
                          f"--task={kind}", f"--text_fields={','.join(fields)}", f"--out_dir={out}", f"--epochs={epochs}",
                          f"--max_len={max_len}", "--eval_interval=50", "--patience=0", "--device=cpu", "--dtype=float32",
                          *extra], os.path.join(logs, f"{t}-{row}.log"))

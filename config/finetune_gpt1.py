@@ -1,9 +1,9 @@
 # GPT-1's supervised fine-tuning (Radford et al. 2018, "Improving Language Understanding by Generative
 # Pre-Training"), §3.2 and §4.1 "Fine-tuning details". Pick the model, data and task on the command line:
-#   python finetune.py config/finetune_gpt1.py --init_from=gpt2 --data=nyu-mll/glue --data_config=sst2
-#   python finetune.py config/finetune_gpt1.py --init_from=gpt2 --data=nyu-mll/glue --data_config=rte \
+#   python finetune.py config/finetune_gpt1.py --model=gpt2 --data=nyu-mll/glue --data_config=sst2
+#   python finetune.py config/finetune_gpt1.py --model=gpt2 --data=nyu-mll/glue --data_config=rte \
 #       --task=entailment --text_fields=sentence1,sentence2
-#   python finetune.py config/finetune_gpt1.py --init_from=gpt2 --data=nyu-mll/glue --data_config=stsb \
+#   python finetune.py config/finetune_gpt1.py --model=gpt2 --data=nyu-mll/glue --data_config=stsb \
 #       --task=similarity --text_fields=sentence1,sentence2 --regression=True
 out_dir = "out-finetune-gpt1"
 

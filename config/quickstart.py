@@ -20,7 +20,7 @@ n_head = 4
 n_embd = 128
 block_size = 128
 dropout = 0.0                     # under one epoch: no data is seen twice, nothing to regularise
-# an untied head, so the input embedding can take its own 50x learning rate (train.configure_optimizers),
+# an untied head, so the input embedding can take its own 50x learning rate (training.configure_optimizers),
 # which did best of tied, untied and untied at 50x (bench/README.md)
 tie_weights = False
 embedding_lr_scale = 50.0

@@ -1,6 +1,7 @@
 """Shared by every test: the repository's top level is importable (model, bpe, checkpoint, ...) however
 pytest is started (`pytest tests/test_config.py`, `python -m pytest`, from any directory); a tiny
 prepared dataset, and helpers to run the scripts as a user does."""
+import importlib
 import os
 import subprocess
 import sys
@@ -55,7 +56,8 @@ def error_line(p):
 
 def fake_clock(module, seconds, set=setattr):
     """Give module (a script) a clock, module.time.time(), that stands still except when one of the
-    script's functions named in seconds runs: then it moves on by that many seconds. set: how to
+    functions named in seconds runs: then it moves on by that many seconds. A name is the script's own
+    function, or "library.function" for one the script calls from a library module. set: how to
     replace them (pytest's monkeypatch.setattr undoes it after the test)."""
     now = [0.0]
 
@@ -66,4 +68,6 @@ def fake_clock(module, seconds, set=setattr):
         return timed
     set(module, "time", types.SimpleNamespace(time=lambda: now[0]))
     for name, s in seconds.items():
-        set(module, name, taking(s, getattr(module, name)))
+        library, _, function = name.rpartition(".")
+        owner = importlib.import_module(library) if library else module
+        set(owner, function, taking(s, getattr(owner, function)))

@@ -68,7 +68,7 @@ CASES = [
     ("sample.py", ["--model=out-base", "--max_new_tokens=0"], {}, "max_new_tokens=0 must be at least 1"),
     ("sample.py", ["--model=gpt2"], {"HF_HUB_OFFLINE": "1"}, "could not download gpt2"),
     ("sample.py", ["--model=gpt2"], REFUSING_HUB, "could not download gpt2"),
-    ("finetune.py", ["--data=a_file", "--device=cpu"], REFUSING_HUB, "init_from='gpt2': could not download gpt2"),
+    ("finetune.py", ["--data=a_file", "--device=cpu"], REFUSING_HUB, "model='gpt2': could not download gpt2"),
     ("sample.py", ["--model=a_file"], {}, "cannot read checkpoint a_file: it is not a checkpoint, not a file torch.save wrote"),
     ("sample.py", ["--model=llama_dir"], {}, "holds a llama model; only GPT-2"),
     ("sample.py", ["--model=nohf"], {}, "no model.safetensors or pytorch_model.bin in nohf"),

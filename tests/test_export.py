@@ -264,7 +264,7 @@ def test_a_fine_tuned_run_and_its_merge_export_round_trip_and_publish_no_local_p
         rows = [{"text": "".join(r.choice("abc") for _ in range(5)), "label": r.choice(["yes", "no"])} for _ in range(n)]
         (tmp_path / "data").mkdir(exist_ok=True)
         (tmp_path / "data" / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
-    common = ["--device=cpu", "--dtype=float32", f"--init_from={base}", f"--data={tmp_path / 'data'}",
+    common = ["--device=cpu", "--dtype=float32", f"--model={base}", f"--data={tmp_path / 'data'}",
               "--text_fields=text", "--max_iters=2", "--batch_size=8", "--micro_batch_size=8", "--eval_interval=1"]
     full, lora_run = tmp_path / "ft", tmp_path / "ft-lora"
     finetune.main([*common, f"--out_dir={full}"])

@@ -38,7 +38,7 @@ def byte_tokenizer():
 
 
 def write_base(path, n_embd=32, seed=0):
-    """A (random) 'pretrained' model as train.py saves one: what --init_from reads."""
+    """A (random) 'pretrained' model as train.py saves one: what --model reads."""
     tok = byte_tokenizer()
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig.preset("gpt2", n_layer=2, n_head=2, n_embd=n_embd, block_size=32, vocab_size=tok.vocab_size))
@@ -290,7 +290,7 @@ def test_lora_matches_peft():
 @pytest.mark.parametrize("task", list(TASKS))
 def test_a_tiny_model_learns_each_task_type(task, tmp_path):
     base = write_base(tmp_path / "base.pt")
-    res = finetune_main(f"--init_from={base}", f"--out_dir={tmp_path / 'out'}", "--eval_interval=50",
+    res = finetune_main(f"--model={base}", f"--out_dir={tmp_path / 'out'}", "--eval_interval=50",
                         *make_task(tmp_path / "data", task))
     assert res["val"]["accuracy"] >= 0.95 and res["test"]["accuracy"] >= 0.95, res
     model, _, _, _ = finetune.load_finetuned(str(tmp_path / "out/best.pt"))
@@ -300,7 +300,7 @@ def test_a_tiny_model_learns_each_task_type(task, tmp_path):
 def test_early_stopping_keeps_the_best_and_prediction_writes_the_labels(tmp_path, capsys):
     base = write_base(tmp_path / "base.pt")
     out = tmp_path / "out"
-    res = finetune_main(f"--init_from={base}", f"--out_dir={out}", "--epochs=50", "--eval_interval=25", "--patience=3",
+    res = finetune_main(f"--model={base}", f"--out_dir={out}", "--epochs=50", "--eval_interval=25", "--patience=3",
                         *make_task(tmp_path / "data", "classification"), "--epochs=50")
     text = capsys.readouterr().out
     evals = [json.loads(line) for line in open(out / "log.jsonl") if "val_accuracy" in line]
@@ -328,16 +328,43 @@ def test_step_time_leaves_out_evaluations_between_log_lines(tmp_path, monkeypatc
     # objective runs once per micro-batch, and here a step is one micro-batch
     fake_clock(finetune, {"objective": 1.0, "score": 100.0}, set=monkeypatch.setattr)
     out = tmp_path / "out"
-    finetune_main(f"--init_from={write_base(tmp_path / 'base.pt')}", f"--out_dir={out}", "--max_iters=8",
+    finetune_main(f"--model={write_base(tmp_path / 'base.pt')}", f"--out_dir={out}", "--max_iters=8",
                   "--eval_interval=3", "--log_interval=2", *make_task(tmp_path / "data", "classification", 64, 16))
     steps = [json.loads(line) for line in open(out / "log.jsonl") if "ms_per_step" in line]
     assert [r["step"] for r in steps] == [2, 4, 6, 8] and [r["ms_per_step"] for r in steps] == [1000.0] * 4
 
 
+def test_model_takes_a_run_directory_or_a_hugging_face_directory_and_the_old_flag_with_a_note(tmp_path, capsys):
+    """--model names the base as every script's --model does (checkpoint.open_model): a run directory (its
+    best.pt) or a Hugging Face directory export.py wrote. A LoRA checkpoint records the file or directory
+    read, and finds its base there again. --init_from, the flag's old name, works with one note line."""
+    import export
+    (tmp_path / "run").mkdir()
+    base = write_base(tmp_path / "run" / "best.pt")
+    export.main([f"--model={base}", f"--hf_dir={tmp_path / 'hf'}", "--check=False"])
+    task = make_task(tmp_path / "data", "classification", 64, 16)
+    for flag, source, read in (("--model", tmp_path / "run", f"{base} (step 0)"),
+                               ("--model", tmp_path / "hf", str(tmp_path / "hf")),
+                               ("--init_from", tmp_path / "run", f"{base} (step 0)")):
+        out = tmp_path / f"out-{source.name}{flag}"
+        capsys.readouterr()
+        finetune_main(f"{flag}={source}", f"--out_dir={out}", "--max_iters=2", "--lora_rank=2", *task)
+        stdout, stderr = capsys.readouterr()
+        assert f"model: {read}, bpe-257 tokenizer" in stdout
+        assert [line for line in stderr.splitlines() if line.startswith("note:")] == (
+            [f"note: --init_from is deprecated in finetune.py; use --model={source}"] if flag == "--init_from" else [])
+        state = torch.load(out / "best.pt", weights_only=True)
+        assert state["finetune"]["base"] == read.removesuffix(" (step 0)") and state["config"]["model"] == str(source)
+        finetune.load_finetuned(str(out / "best.pt"))  # the adapters find their base again
+    # the old name given its old default changes nothing, and says so
+    assert "no data" in one_line_error(capsys, f"--model={base}", "--init_from=gpt2")
+    assert "note: --init_from=gpt2 is deprecated in finetune.py and changes nothing: drop it" in capsys.readouterr().err
+
+
 def test_lora_run_saves_only_adapters_and_merges_into_a_standalone_model(tmp_path):
     base = write_base(tmp_path / "base.pt", n_embd=64)
     out = tmp_path / "out"
-    res = finetune_main(f"--init_from={base}", f"--out_dir={out}", "--eval_interval=100", "--lora_rank=4",
+    res = finetune_main(f"--model={base}", f"--out_dir={out}", "--eval_interval=100", "--lora_rank=4",
                         "--lora_alpha=8", "--learning_rate=1e-2", "--lora_targets=attn.c_attn,mlp.c_fc",
                         *make_task(tmp_path / "data", "classification"))
     assert res["val"]["accuracy"] >= 0.95, res
@@ -381,7 +408,7 @@ def test_qlora_learns_on_a_4_bit_base_and_merges_into_a_float_model(tmp_path, ca
     import quantize
     base = write_base(tmp_path / "base.pt", n_embd=64)
     task = make_task(tmp_path / "data", "classification")
-    flags = [f"--init_from={base}", "--eval_interval=100", "--lora_rank=4", "--lora_alpha=8", "--learning_rate=1e-2",
+    flags = [f"--model={base}", "--eval_interval=100", "--lora_rank=4", "--lora_alpha=8", "--learning_rate=1e-2",
              *task]
     full = finetune_main(*flags, f"--out_dir={tmp_path / 'lora'}")
     four = finetune_main(*flags, "--base_bits=4", "--base_group_size=32", f"--out_dir={tmp_path / 'qlora'}")
@@ -417,7 +444,7 @@ def test_regression_scores_pearson_and_carves_val_off_train(tmp_path, capsys):
         rows.append({"s1": text(r, "a" * p), "s2": text(r, "a" * h), "score": float(p + h)})
     write(tmp_path / "all.jsonl", rows, "jsonl")
     base = write_base(tmp_path / "base.pt")
-    res = finetune_main(f"--init_from={base}", f"--out_dir={tmp_path / 'out'}", f"--data={tmp_path / 'all.jsonl'}",
+    res = finetune_main(f"--model={base}", f"--out_dir={tmp_path / 'out'}", f"--data={tmp_path / 'all.jsonl'}",
                         "--task=similarity", "--text_fields=s1,s2", "--label_field=score", "--regression=True",
                         "--epochs=5", "--eval_interval=100", "--val_fraction=0.2")
     assert "120 of the 600 train rows carved off as val" in capsys.readouterr().out
@@ -452,9 +479,9 @@ def test_hub_datasets_go_through_load_dataset_with_class_names(tmp_path, monkeyp
     monkeypatch.setattr(datasets, "load_dataset", offline)
     assert "cannot load data='nyu-mll/glue' data_config='sst2': ConnectionError: Couldn't reach" in one_line_error(
         capsys, f"--out_dir={tmp_path / 'out-offline'}", "--data=nyu-mll/glue", "--data_config=sst2",
-        f"--init_from={write_base(tmp_path / 'base.pt')}")
+        f"--model={write_base(tmp_path / 'base.pt')}")
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    res = finetune_main(f"--init_from={write_base(tmp_path / 'base.pt')}", f"--out_dir={tmp_path / 'out'}",
+    res = finetune_main(f"--model={write_base(tmp_path / 'base.pt')}", f"--out_dir={tmp_path / 'out'}",
                         "--data=nyu-mll/glue", "--data_config=sst2", "--epochs=5", "--eval_interval=100")
     assert calls == [("nyu-mll/glue", "sst2")]
     state = torch.load(tmp_path / "out/best.pt", weights_only=True)
@@ -464,7 +491,7 @@ def test_hub_datasets_go_through_load_dataset_with_class_names(tmp_path, monkeyp
 
 def test_bad_input_is_one_line_naming_the_row(tmp_path, capsys):
     base = write_base(tmp_path / "base.pt")
-    args = [f"--init_from={base}", "--epochs=1", "--batch_size=4", "--micro_batch_size=4"]
+    args = [f"--model={base}", "--epochs=1", "--batch_size=4", "--micro_batch_size=4"]
     good = [{"premise": "ab", "hypothesis": "a", "label": "yes"}, {"premise": "bc", "hypothesis": "a", "label": "no"}] * 4
 
     def case(name, train, val, *extra):
@@ -535,7 +562,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     import sys
     from conftest import ENV, ROOT
     base = write_base(tmp_path / "base.pt")
-    args = [*FAST, f"--init_from={base}", *make_task(tmp_path / "data", "classification"), "--max_iters=10",
+    args = [*FAST, f"--model={base}", *make_task(tmp_path / "data", "classification"), "--max_iters=10",
             "--eval_interval=5", "--log_interval=1", "--micro_batch_size=8"]
     script = f"{ROOT}/finetune.py"
     for out, cmd in (("one", [sys.executable, script]),
@@ -571,7 +598,7 @@ def test_story_cloze_csv_fine_tunes_with_flags_alone(tmp_path, capsys):
             right, wrong = c + "e", r.choice([x for x in LETTERS if x != c]) + "e"
             k = r.randint(1, 2)
             w.writerow([f"id-{i}", f"{c}b, c.", "d", "e", "f"] + ([right, wrong] if k == 1 else [wrong, right]) + [k])
-    flags = [f"--init_from={write_base(tmp_path / 'base.pt')}", f"--data={path}", "--task=multiple_choice",
+    flags = [f"--model={write_base(tmp_path / 'base.pt')}", f"--data={path}", "--task=multiple_choice",
              "--text_fields=InputSentence1,InputSentence2,InputSentence3,InputSentence4",
              "--choice_fields=RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2", "--label_field=AnswerRightEnding",
              "--max_iters=2", "--batch_size=8", "--micro_batch_size=8"]
@@ -606,7 +633,7 @@ def test_sts_b_files_fine_tune_with_flags_alone(tmp_path, capsys):
     for split, n in (("train", 64), ("dev", 16), ("test", 16)):
         (d / f"sts-{split}.csv").write_text("".join(sts_line(r, i, extra=i % 10 == 3) for i in range(n)))
     data = f"--data=train={d / 'sts-train.csv'},val={d / 'sts-dev.csv'},test={d / 'sts-test.csv'}"
-    flags = [f"--init_from={write_base(tmp_path / 'base.pt')}", data, "--task=similarity", "--max_iters=2",
+    flags = [f"--model={write_base(tmp_path / 'base.pt')}", data, "--task=similarity", "--max_iters=2",
              "--batch_size=8", "--micro_batch_size=8"]
     # the first line is data, not a header: the message says so
     message = one_line_error(capsys, *flags, "--text_fields=5,6", "--label_field=4", f"--out_dir={tmp_path / 'o1'}")
@@ -630,7 +657,7 @@ def test_a_tab_separated_csv_is_read_by_its_content_and_merge_needs_a_file(tmp_p
     path.write_text("text\tlabel\n" + "".join(f"{x['text']}\t{x['label']}\n" for x in
                                                (classification(r) for _ in range(40))))
     base = write_base(tmp_path / "base.pt")
-    res = finetune_main(f"--init_from={base}", f"--data={path}", "--text_fields=text", "--max_iters=2",
+    res = finetune_main(f"--model={base}", f"--data={path}", "--text_fields=text", "--max_iters=2",
                         "--batch_size=8", "--micro_batch_size=8", f"--out_dir={tmp_path / 'out'}")
     assert "accuracy" in res["val"]
     assert torch.load(tmp_path / "out/best.pt", weights_only=True)["finetune"]["labels"] == ["no", "yes"]
@@ -659,7 +686,7 @@ def test_a_refusal_on_one_rank_ends_every_rank_with_one_line(tmp_path):
     base = write_base(tmp_path / "base.pt")
     (tmp_path / "per_rank.py").write_text(PER_RANK_DIR)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    args = [*FAST, f"--init_from={base}", *make_task(tmp_path / "data", "classification", n_train=64, n_val=16),
+    args = [*FAST, f"--model={base}", *make_task(tmp_path / "data", "classification", n_train=64, n_val=16),
             "--max_iters=2"]
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "ckpt_000004.pt").write_bytes(b"")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache, sample_next, sampling_problem
-from train import configure_optimizers
+from training import configure_optimizers
 
 PRESETS = ("gpt1", "gpt2", "modern")
 

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 from bpe import Tokenizer
 from conftest import ENV, ROOT, TINY, TRAIN, error_line, train
 from shards import TokenStream, read_shard, write_shard
-from train import get_lr
+from training import get_lr
 
 def records(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
@@ -212,7 +213,7 @@ root = os.path.dirname(sys.argv[1])
 sys.path[:0] = [root, os.path.join(root, "tests")]
 import train
 from conftest import fake_clock
-fake_clock(train, {"get_lr": 1.0, "evaluate": 100.0})  # get_lr runs once a step: a step takes 1 s
+fake_clock(train, {"training.get_lr": 1.0, "evaluate": 100.0})  # get_lr runs once a step: a step takes 1 s
 sys.argv = sys.argv[1:]
 train.run(train.main)
 """
@@ -261,11 +262,16 @@ def test_sigterm_saves_and_exits_cleanly(workdir):
 
 def test_finetune_from_local_hf_dir_with_early_stopping(workdir, tmp_path):
     """init_from=<a save_pretrained directory> loads GPT-2-format weights; with learning_rate 0 the val
-    loss never improves, so patience=1 ends the run at the second evaluation."""
+    loss never improves, so patience=1 ends the run at the second evaluation. The weights come through
+    checkpoint.open_model, as every script's --model does: a directory whose tokenizer is not the
+    data's is refused, and a run directory starts a new run from its weights."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=512, n_positions=64, n_embd=32,
                                                               n_layer=2, n_head=2))
     hf.save_pretrained(tmp_path / "hf")
+    line = error_line(train(workdir, "--out_dir=out-ft-x", f"--init_from={tmp_path / 'hf'}", check=False))
+    assert "its tokenizer (gpt2) 50257; put the matching tokenizer.bpe beside config.json" in line  # 512 tokens
+    shutil.copy(workdir / "data/tiny/tokenizer.bpe", tmp_path / "hf")  # the data's own tokenizer
     p = train(workdir, "--out_dir=out-ft", f"--init_from={tmp_path / 'hf'}", "--learning_rate=0.0",
               "--warmup_iters=0", "--min_lr=0.0", "--patience=1", "--eval_interval=2", "--max_iters=50")
     assert "early stop" in p.stdout
@@ -274,6 +280,16 @@ def test_finetune_from_local_hf_dir_with_early_stopping(workdir, tmp_path):
     best = load(workdir / "out-ft/best.pt")
     assert best["iter_num"] == 0 and best["model_args"]["block_size"] == 64
     assert torch.equal(best["model"]["transformer.wpe.weight"], hf.transformer.wpe.weight.detach())
+    train(workdir, "--out_dir=out-ft-run", "--init_from=out-ft", "--max_iters=0")  # a run's best.pt, step 0 again
+    start = load(workdir / "out-ft-run/ckpt_000000.pt")
+    assert start["config"]["init_from"] == "out-ft" and all(torch.equal(w, best["model"][k])
+                                                            for k, w in start["model"].items())
+    import quantize  # a quantized copy reads like any model, but its int8 weights cannot train
+    model, tok, _ = checkpoint.load_model(str(workdir / "out-ft"))
+    quantize.save_quantized(quantize.quantize(model, "int8"), str(tmp_path / "q8.pt"), tok)
+    line = error_line(train(workdir, "--out_dir=out-ft-x", f"--init_from={tmp_path / 'q8.pt'}", check=False))
+    assert "holds int8 weights, which do not train; start from the float checkpoint" in line
+    assert not (workdir / "out-ft-x").exists()
 
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
