@@ -14,7 +14,7 @@ same context in which the draft drew d_i from its own q_i. Each round emits 1 to
 The rule. For i = 1 .. k: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)). At the first
 rejection, emit a token drawn from norm(max(0, p_i - q_i)) instead and end the round; if all k are
 accepted, emit a bonus token drawn from p_{k+1}. Why the emitted token is distributed exactly as p
-(Leviathan et al. appendix A.1): x comes out accepted with probability q(x) min(1, p(x)/q(x)) =
+(proved in Leviathan et al.'s appendix A): x comes out accepted with probability q(x) min(1, p(x)/q(x)) =
 min(p(x), q(x)), or after a rejection, which happens with probability r = 1 - sum_y min(p(y), q(y)) and
 is followed by x with probability max(0, p(x) - q(x)) / r (that residual sums to r as well); together
 min(p(x), q(x)) + max(0, p(x) - q(x)) = p(x). Every later position is conditioned on the token that was

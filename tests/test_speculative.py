@@ -147,7 +147,8 @@ def test_a_draft_with_another_tokenizer_is_one_line(runs):
                        text=True, timeout=120)
     assert error_line(p) == (f"error: the draft {runs / 'other.pt'} (step 1) and the target {runs / 'target.pt'} "
                              f"(step 1) differ in tokenizer or vocabulary (draft: bpe-290, 290 tokens; target: "
-                             f"bpe-300, 300 tokens); pass a --draft trained on data prepared with the target's tokenizer")
+                             f"bpe-300, 300 tokens); pass a --draft trained on data prepared with the target's "
+                             f"tokenizer")
     # the same tokenizer but another vocabulary size (a model whose rows outnumber its tokenizer's ids)
     target, draft = (checkpoint.open_model(str(runs / f"{n}.pt")) for n in ("target", "draft"))
     wider = draft._replace(model=GPT(dataclasses.replace(draft.model.config, vocab_size=320)))
