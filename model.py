@@ -107,7 +107,9 @@ class KVCache:
     """Every layer's keys and values so far, k, v: (n_layer, B, nh, capacity, hd). Row b has its own length
     pos[b] (on the CPU: no device sync to read), so generations at different points (serve.py) decode in
     one forward. Allocated at the first write, k and v each in the dtype the layer gave (under autocast
-    a QK-normed key is float32, a value bf16)."""
+    a QK-normed key is float32, a value bf16). Lowering pos[b] drops row b's last positions at no cost
+    (speculative.py rolls back rejected tokens so): attention never reads a column past a row's length,
+    and the row's next tokens overwrite it."""
 
     def __init__(self, n_layer, batch, capacity):
         self.n_layer, self.capacity = n_layer, capacity
@@ -409,18 +411,18 @@ def sampling_problem(temperature, top_k, top_p):
                           f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generators=None):
-    """(B, V) next-token logits -> (B, 1) ids. Each setting is one value, or (B, 1) per-row values
-    (serve.py batches requests): temperature 0 or top_k 1 is greedy; top_k keeps the k likeliest
-    tokens (None: all), top_p the fewest whose probability reaches it (None or 1: all). generators:
-    one torch.Generator per row, so a row's seed alone decides its tokens; None: torch's global RNG."""
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """sample_next's settings applied to (B, V) logits -> (greedy, logits, order), what it draws from.
+    greedy (B, 1): the rows that take the argmax. logits (B, n) float32: divided by the temperature, -inf
+    outside top_k and top_p; order (B, n): their token ids, or None when n = V in vocabulary order.
+    logits and order are None when every row is greedy. speculative.py turns them into probabilities."""
     B, V = logits.shape
     col = lambda x, off: torch.as_tensor(off if x is None else x, dtype=torch.float32,  # noqa: E731
                                          device=logits.device).expand(B, 1)  # (B, 1)
     temperature, top_k, top_p = col(temperature, 1.0), col(top_k, V), col(top_p, 1.0)
-    greedy, best = (temperature == 0) | (top_k == 1), logits.argmax(dim=-1, keepdim=True)  # (B, 1) each
+    greedy = (temperature == 0) | (top_k == 1)  # (B, 1)
     if bool(greedy.all()):
-        return best
+        return greedy, None, None
     logits = logits.float() / torch.where(greedy, 1.0, temperature)
     k, order = int(top_k.max()), None  # order None: the tokens stay in vocabulary order
     if k < V:  # the k best of each row, in descending order: much cheaper than sorting all V
@@ -433,6 +435,19 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generators=None
         # already reaches top_p, which always keeps the most likely token
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+    return greedy, logits, order
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generators=None):
+    """(B, V) next-token logits -> (B, 1) ids. Each setting is one value, or (B, 1) per-row values
+    (serve.py batches requests): temperature 0 or top_k 1 is greedy; top_k keeps the k likeliest
+    tokens (None: all), top_p the fewest whose probability reaches it (None or 1: all). generators:
+    one torch.Generator per row, so a row's seed alone decides its tokens; None: torch's global RNG."""
+    B = logits.size(0)
+    best = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    greedy, logits, order = filter_logits(logits, temperature, top_k, top_p)
+    if logits is None:
+        return best
     # inverse-CDF sampling: one uniform draw per row, from the row's own generator where it has one
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V or k)
     u = torch.rand(B, 1, device=logits.device) if generators is None else \

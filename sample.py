@@ -4,10 +4,13 @@ sample.py: write text with a model trained by train.py, or with OpenAI's GPT-2 w
     python sample.py --model=out-quickstart                        # best checkpoint of a run
     python sample.py --model=out-quickstart --ckpt=last --start="def fib(n):"
     python sample.py --model=gpt2 --start=FILE:prompt.txt --top_p=0.9
+    python sample.py --model=gpt2-xl --draft=gpt2 --temperature=0         # speculative decoding
 
 A checkpoint carries its own tokenizer (train.py embeds the .bpe file's text), so nothing else needs
 pointing at. Tokens are printed the moment they are generated: model.generate_stream keeps a KV cache,
-so each step runs the model on one new token instead of the whole sequence. A token can end in the
+so each step runs the model on one new token instead of the whole sequence. With --draft, a smaller
+model guesses --draft_k tokens and the model checks them in one forward (speculative.py): the same text
+in distribution (greedy: the same text), sooner when the draft is much cheaper. A token can end in the
 middle of a multi-byte UTF-8 character, so bytes go through an incremental decoder that holds back an
 unfinished character until its last byte arrives. Same seed, same settings, same machine, same text.
 """
@@ -21,6 +24,7 @@ from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
 from device import autocast, compile_problem, for_inference, pick_device
 from model import sampling_problem
+from speculative import SpeculativeDecoder, check_draft
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
 model = "out"              # a run directory (train.py's default out_dir) | a .pt file | 'gpt2', 'gpt2-medium',
@@ -38,6 +42,8 @@ device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:
 dtype = "auto"             # 'auto' = bfloat16 on GPUs with bf16 tensor cores, float16 on older GPUs,
                            # float32 on CPU | 'float32' | 'bfloat16' | 'float16'
 compile = False            # torch.compile the model in place (dynamic shapes: the cache grows each step)
+draft = ""                 # speculative decoding: a smaller model with the same tokenizer, any --model form
+draft_k = 4                # tokens the draft proposes per round (speculative.py)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -48,6 +54,8 @@ def main(argv=None):
         raise UserError(f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must be at least 1")
     if problem := sampling_problem(temperature, top_k, top_p):
         raise UserError(problem[1])
+    if type(draft_k) is not int or draft_k < 1:
+        raise UserError(f"draft_k={draft_k!r}: the draft must propose an int >= 1 tokens per round")
     prompt = start
     if prompt.startswith("FILE:"):
         try:
@@ -59,9 +67,17 @@ def main(argv=None):
     torch.manual_seed(seed)  # on CPU and every GPU: the same seed gives the same samples
 
     opened = open_model(model, ckpt)
+    if draft:  # a draft of another vocabulary is refused before anything is printed
+        drafted = open_model(draft)
+        check_draft(opened, drafted)
     gpt, tok = for_inference(opened.model, dev, device_type, ptdtype), opened.tokenizer
     print(f"sampling {opened.description}: {gpt.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
           f"{tok.name} tokenizer, on {dev} in {str(ptdtype).removeprefix('torch.')}", file=sys.stderr)
+    spec = None
+    if draft:
+        spec = SpeculativeDecoder(gpt, for_inference(drafted.model, dev, device_type, ptdtype), draft_k)
+        print(f"drafting {draft_k} tokens a round with {drafted.description}: "
+              f"{spec.draft.num_params(non_embedding=False) / 1e6:.2f}M parameters", file=sys.stderr)
     if compile:
         if compile_problem(device_type):
             print(f"warning: {compile_problem(device_type)}; sampling without torch.compile", file=sys.stderr)
@@ -69,6 +85,8 @@ def main(argv=None):
             # in place: generate_stream calls the module's own forward, which a torch.compile(model)
             # wrapper would never see. dynamic=True: one graph for every cache length, not one each
             gpt.compile(dynamic=True)
+            if spec:  # its guesses go through forward; the target's scoring of them calls hidden_states
+                spec.draft.compile(dynamic=True)
 
     # an empty prompt begins a new document: prepare.py puts <|endoftext|> before every document
     ids = tok.encode(prompt, allowed_special="all") if prompt else [tok.eot_token]
@@ -85,8 +103,9 @@ def main(argv=None):
         sys.stdout.write(prompt)
         n, t0 = 0, time.time()
         with autocast(device_type, ptdtype):
-            for token in gpt.generate_stream(x, max_new_tokens, temperature, top_k, top_p, eot):
-                t = token.item()
+            # row 0 of each step's (1, 1) token, or of each speculative round's 1 to draft_k + 1 tokens
+            stream = (spec or gpt).generate_stream(x, max_new_tokens, temperature, top_k, top_p, eot)
+            for t in (t for new in stream for t in new[0].tolist()):
                 n += 1
                 if t == eot:
                     break
@@ -96,7 +115,8 @@ def main(argv=None):
         if i < num_samples - 1:
             sys.stdout.write("-" * 40 + "\n")
         dt = time.time() - t0
-        print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tokens/s]", file=sys.stderr)
+        accepted = f", {spec.acceptance:.0%} of draft tokens accepted" if spec else ""
+        print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tokens/s{accepted}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT
 
 LIBRARIES = {"atomic", "bpe", "checkpoint", "clean", "configurator", "device", "distill", "fsdp", "hf", "lora",
-             "model", "process", "quantize", "score", "shards", "training"}
+             "model", "process", "quantize", "score", "shards", "speculative", "training"}
 
 
 def imports(path):
