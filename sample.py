@@ -10,6 +10,7 @@ pointing at. Tokens are printed the moment they are generated: model.generate_st
 so each step runs the model on one new token instead of the whole sequence. A token can end in the
 middle of a multi-byte UTF-8 character, so bytes go through an incremental decoder that holds back an
 unfinished character until its last byte arrives. Same seed, same settings, same machine, same text.
+--compile=True compiles the one-token decode step first (decode.py), once, then decodes faster.
 """
 import codecs
 import sys
@@ -19,6 +20,7 @@ import torch
 
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
+from decode import Decoder
 from device import autocast, compile_problem, for_inference, pick_device
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
@@ -36,7 +38,7 @@ seed = 1337                # the same seed, settings and machine: the same text
 device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"             # 'auto' = bfloat16 on GPUs with bf16 tensor cores, float16 on older GPUs,
                            # float32 on CPU | 'float32' | 'bfloat16' | 'float16'
-compile = False            # torch.compile the model in place (dynamic shapes: the cache grows each step)
+compile = False            # compile the decode step first (seconds, said once) for faster tokens (decode.py)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -63,13 +65,11 @@ def main(argv=None):
     gpt, tok = for_inference(opened.model, dev, device_type, ptdtype), opened.tokenizer
     print(f"sampling {opened.description}: {gpt.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
           f"{tok.name} tokenizer, on {dev} in {str(ptdtype).removeprefix('torch.')}", file=sys.stderr)
-    if compile:
-        if compile_problem(device_type):
-            print(f"warning: {compile_problem(device_type)}; sampling without torch.compile", file=sys.stderr)
-        else:
-            # in place: generate_stream calls the module's own forward, which a torch.compile(model)
-            # wrapper would never see. dynamic=True: one graph for every cache length, not one each
-            gpt.compile(dynamic=True)
+    decoder = None
+    if compile and compile_problem(device_type):
+        print(f"warning: {compile_problem(device_type)}; sampling without torch.compile", file=sys.stderr)
+    elif compile:
+        decoder = Decoder(gpt, device_type)
 
     # an empty prompt begins a new document: prepare.py puts <|endoftext|> before every document
     ids = tok.encode(prompt, allowed_special="all") if prompt else [tok.eot_token]
@@ -79,6 +79,10 @@ def main(argv=None):
               f"keeping its last {block_size - 1} tokens", file=sys.stderr)
         ids = ids[-(block_size - 1):]
     x = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)
+    if decoder:  # paid here, before the generation that is timed
+        with autocast(device_type, ptdtype):
+            seconds = decoder.warm_up(decoder.cache(1, len(ids) + max_new_tokens))
+        print(f"compiling the decode step: {seconds:.0f} s, once", file=sys.stderr)
 
     eot = tok.eot_token if stop_at_eot else None
     for i in range(num_samples):
@@ -86,7 +90,7 @@ def main(argv=None):
         sys.stdout.write(prompt)
         n, t0 = 0, time.time()
         with autocast(device_type, ptdtype):
-            for token in gpt.generate_stream(x, max_new_tokens, temperature, top_k, top_p, eot):
+            for token in gpt.generate_stream(x, max_new_tokens, temperature, top_k, top_p, eot, decoder):
                 t = token.item()
                 n += 1
                 if t == eot:
