@@ -104,37 +104,39 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Every layer's keys and values so far, k, v: (n_layer, B, nh, capacity, hd). Row b has its own length
-    pos[b] (on the CPU: no device sync to read), so generations at different points (serve.py) decode in
-    one forward. Allocated at the first write, k and v each in the dtype the layer gave (under autocast
-    a QK-normed key is float32, a value bf16). Lowering pos[b] drops row b's last positions at no cost
-    (speculative.py rolls back rejected tokens so): attention never reads a column past a row's length,
-    and the row's next tokens overwrite it."""
+    """Every layer's keys and values so far, k[layer] and v[layer]: (B, nh, capacity, hd). Row b has its own
+    length pos[b] (on the CPU: no device sync to read), so generations at different points (serve.py) decode
+    in one forward. Allocated at the first write, in the dtypes the layer gave (under autocast a QK-normed key
+    is float32, a value bf16). static: one shape for every step, pos on `device`, for decode.py to compile.
+    Lowering pos[b] drops row b's last positions at no cost (speculative.py rolls back rejected tokens so):
+    attention never reads a column past a row's length, and the row's next tokens overwrite it."""
 
-    def __init__(self, n_layer, batch, capacity):
-        self.n_layer, self.capacity = n_layer, capacity
-        self.pos = torch.zeros(batch, dtype=torch.long)
+    def __init__(self, n_layer, batch, capacity, static=False, device="cpu"):
+        self.n_layer, self.capacity, self.static = n_layer, capacity, static
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.k = self.v = None
 
     def allocate(self, k, v):  # k, v: one layer's (B', nh, T, hd), for the head shape and the dtypes
-        shape = (self.n_layer, len(self.pos), k.size(1), self.capacity, k.size(3))
-        self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-        self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        # a tensor per layer: torch.compile writes into a whole tensor in place, but one it writes through a
+        # view (k[layer] of a single tensor) it copies whole, at every step
+        shape = (len(self.pos), k.size(1), self.capacity, k.size(3))
+        self.k = [torch.zeros(shape, dtype=k.dtype, device=k.device) for _ in range(self.n_layer)]
+        self.v = [torch.zeros(shape, dtype=v.dtype, device=v.device) for _ in range(self.n_layer)]
 
     def update(self, layer, k, v, positions):
         """Write k, v (B, nh, T, hd) at cache `positions` (one slice of columns, or each row's own (B, T)); return
-        this layer's (B, nh, L, hd) up to L, the longest row's new length (the attention mask hides the rest)."""
+        this layer's (B, nh, L, hd), L the longest row's new length (static: the capacity; the mask hides the rest)."""
         if self.k is None:
             self.allocate(k, v)
-        B, L = k.size(0), int(self.pos[:k.size(0)].max()) + k.size(2)
+        (K, V), B = (self.k[layer], self.v[layer]), k.size(0)
+        L = self.capacity if self.static else int(self.pos[:B].max()) + k.size(2)
         if isinstance(positions, slice):
-            self.k[layer, :B, :, positions] = k
-            self.v[layer, :B, :, positions] = v
+            K[:B, :, positions], V[:B, :, positions] = k, v
         else:  # advanced indices around a slice: the indexed shape (B, T) comes first, then (nh, hd)
             rows = torch.arange(B, device=k.device)[:, None]
-            self.k[layer, rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
-            self.v[layer, rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[layer, :B, :, :L], self.v[layer, :B, :, :L]
+            K[rows, :, positions] = k.transpose(1, 2).to(K.dtype)
+            V[rows, :, positions] = v.transpose(1, 2).to(V.dtype)
+        return K[:B, :, :L], V[:B, :, :L]
 
     def copy_rows(self, dst, src, rows):
         """Rows `rows` of the cache src (keys, values, lengths) into rows dst of this one: serve.py moves
@@ -142,9 +144,9 @@ class KVCache:
         if self.k is None:
             self.allocate(src.k[0], src.v[0])
         n = int(src.pos[rows].max())
-        self.k[:, dst, :, :n] = src.k[:, rows, :, :n]
-        self.v[:, dst, :, :n] = src.v[:, rows, :, :n]
-        self.pos[dst] = src.pos[rows]
+        for mine, theirs in zip(self.k + self.v, src.k + src.v):
+            mine[dst, :, :n] = theirs[rows, :, :n]
+        self.pos[dst] = src.pos[rows].to(self.pos.device)  # a static cache keeps its lengths on the device
 
 
 class CausalSelfAttention(nn.Module):
@@ -297,7 +299,11 @@ class GPT(nn.Module):
         B, T = idx.shape
         # pos: the new tokens' positions; cache_positions: the cache columns their keys and values go to
         pos, mask, cache_positions, start = torch.arange(T, device=idx.device), None, None, 0
-        if cache is not None:
+        if cache is not None and cache.static:  # the rows-at-different-lengths path over the whole capacity and
+            # no host reads; start stays 0 (its length check is the caller's, decode.Decoder, which knows it)
+            pos = cache_positions = cache.pos[:B, None] + pos  # (B, T)
+            mask = (torch.arange(cache.capacity, device=idx.device) <= pos[..., None])[:, None]  # (B, 1, T, cap)
+        elif cache is not None:
             first, start = int(cache.pos[0]), int(cache.pos[:B].max())
             if bool((cache.pos[:B] == first).all()):  # every row at one length: plain column slices
                 pos, cache_positions = pos + first, slice(first, first + T)
@@ -369,23 +375,26 @@ class GPT(nn.Module):
         return self.flops_per_token(T) * tokens_per_sec / peak_flops
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
+                        decoder=None):
         """Continue idx (B, T), yielding each new (B, 1) token; sampling as sample_next. A row that emits
         eos_token keeps emitting it; the stream stops once every row has. Call model.eval() first. The
-        model sees the last block_size tokens; past that every step re-runs the cropped window (dropping
-        the oldest token changes every hidden state after it), so greedy output equals recomputing."""
+        model sees the last block_size tokens; past that every step re-runs the cropped window (dropping the
+        oldest token changes every hidden state after it), so greedy output equals recomputing. decoder: a
+        decode.Decoder, to run the decode steps compiled."""
         if problem := sampling_problem(temperature, top_k, top_p):
             raise ValueError(problem[1])
-        bs = self.config.block_size
-        cache = KVCache(self.config.n_layer, idx.size(0), min(bs, idx.size(-1) + max_new_tokens))
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            if cache.pos[0] == 0 or idx.size(1) > bs:  # prefill: the prompt, or the window that slid on
+        bs, B, n = self.config.block_size, idx.size(0), min(self.config.block_size, idx.size(1) + max_new_tokens)
+        cache = decoder.cache(B, n) if decoder else KVCache(self.config.n_layer, B, n)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for i in range(max_new_tokens):
+            if i == 0 or idx.size(1) > bs:  # prefill: the prompt, or the window that slid on
                 cache.pos.zero_()
-                logits, _ = self(idx[:, -bs:], cache=cache)
+                x, start = idx[:, -bs:], 0
             else:  # decode: one token at position cache.pos, attending to everything cached
-                logits, _ = self(idx[:, -1:], cache=cache)
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+                x, start = idx[:, -1:], idx.size(1) - 1
+            h = decoder(x, cache, start) if decoder else self.hidden_states(x, cache)
+            nxt = sample_next(self.head(h[:, -1:])[:, -1], temperature, top_k, top_p)  # (B, 1)
             if eos_token is not None:
                 nxt = torch.where(done[:, None], eos_token, nxt)
                 done |= nxt[:, 0] == eos_token
@@ -394,10 +403,10 @@ class GPT(nn.Module):
             if eos_token is not None and bool(done.all()):
                 return
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None, decoder=None):
         """idx (B, T) -> (B, T + n) with n <= max_new_tokens new tokens (fewer only if eos_token stops
         every row). See generate_stream."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token, decoder))
         return torch.cat([idx, *new], dim=1)
 
 

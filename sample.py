@@ -13,6 +13,7 @@ model guesses --draft_k tokens and the model checks them in one forward (specula
 in distribution (greedy: the same text), sooner when the draft is much cheaper. A token can end in the
 middle of a multi-byte UTF-8 character, so bytes go through an incremental decoder that holds back an
 unfinished character until its last byte arrives. Same seed, same settings, same machine, same text.
+--compile=True compiles the one-token decode step first (decode.py), once, then decodes faster.
 """
 import codecs
 import sys
@@ -22,6 +23,7 @@ import torch
 
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
+from decode import Decoder
 from device import autocast, compile_problem, for_inference, pick_device
 from model import sampling_problem
 from speculative import SpeculativeDecoder, check_draft
@@ -41,7 +43,7 @@ seed = 1337                # the same seed, settings and machine: the same text
 device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"             # 'auto' = bfloat16 on GPUs with bf16 tensor cores, float16 on older GPUs,
                            # float32 on CPU | 'float32' | 'bfloat16' | 'float16'
-compile = False            # torch.compile the model in place (dynamic shapes: the cache grows each step)
+compile = False            # compile the decode step first (seconds, said once) for faster tokens (decode.py)
 draft = ""                 # speculative decoding: a smaller model with the same tokenizer, any --model form
 draft_k = 4                # tokens the draft proposes per round (speculative.py)
 # --------------------------------------------------------------------------------------------------
@@ -56,6 +58,9 @@ def main(argv=None):
         raise UserError(problem[1])
     if type(draft_k) is not int or draft_k < 1:
         raise UserError(f"draft_k={draft_k!r}: the draft must propose an int >= 1 tokens per round")
+    if draft and compile:  # speculative rounds move both caches' lengths back, which the static cache cannot
+        raise UserError("--compile=True and --draft= cannot be combined: speculative decoding runs eager; "
+                        "drop one of them")
     prompt = start
     if prompt.startswith("FILE:"):
         try:
@@ -78,15 +83,11 @@ def main(argv=None):
         spec = SpeculativeDecoder(gpt, for_inference(drafted.model, dev, device_type, ptdtype), draft_k)
         print(f"drafting {draft_k} tokens a round with {drafted.description}: "
               f"{spec.draft.num_params(non_embedding=False) / 1e6:.2f}M parameters", file=sys.stderr)
-    if compile:
-        if compile_problem(device_type):
-            print(f"warning: {compile_problem(device_type)}; sampling without torch.compile", file=sys.stderr)
-        else:
-            # in place: generate_stream calls the module's own forward, which a torch.compile(model)
-            # wrapper would never see. dynamic=True: one graph for every cache length, not one each
-            gpt.compile(dynamic=True)
-            if spec:  # its guesses go through forward; the target's scoring of them calls hidden_states
-                spec.draft.compile(dynamic=True)
+    decoder = None
+    if compile and compile_problem(device_type):
+        print(f"warning: {compile_problem(device_type)}; sampling without torch.compile", file=sys.stderr)
+    elif compile:
+        decoder = Decoder(gpt, device_type)
 
     # an empty prompt begins a new document: prepare.py puts <|endoftext|> before every document
     ids = tok.encode(prompt, allowed_special="all") if prompt else [tok.eot_token]
@@ -96,6 +97,10 @@ def main(argv=None):
               f"keeping its last {block_size - 1} tokens", file=sys.stderr)
         ids = ids[-(block_size - 1):]
     x = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)
+    if decoder:  # paid here, before the generation that is timed
+        with autocast(device_type, ptdtype):
+            seconds = decoder.warm_up(decoder.cache(1, len(ids) + max_new_tokens))
+        print(f"compiling the decode step: {seconds:.0f} s, once", file=sys.stderr)
 
     eot = tok.eot_token if stop_at_eot else None
     for i in range(num_samples):
@@ -104,7 +109,8 @@ def main(argv=None):
         n, t0 = 0, time.time()
         with autocast(device_type, ptdtype):
             # row 0 of each step's (1, 1) token, or of each speculative round's 1 to draft_k + 1 tokens
-            stream = (spec or gpt).generate_stream(x, max_new_tokens, temperature, top_k, top_p, eot)
+            stream = spec.generate_stream(x, max_new_tokens, temperature, top_k, top_p, eot) if spec else \
+                gpt.generate_stream(x, max_new_tokens, temperature, top_k, top_p, eot, decoder)
             for t in (t for new in stream for t in new[0].tolist()):
                 n += 1
                 if t == eot:

@@ -27,7 +27,9 @@ cache (model.py's KVCache keeps one per row: it sets the row's position and mask
 it). Each row has its own temperature, top_k, top_p, stop strings and torch.Generator (seeded from
 the request's seed), all handed to model.sample_next, so a request's tokens do not depend on what it
 was batched with (in float32; in bf16 a matmul's rounding can depend on the batch's shape). A
-finished or abandoned row leaves at the step boundary; the last row moves into its place.
+finished or abandoned row leaves at the step boundary; the last row moves into its place. With
+--compile=True the decode step is compiled at start for each batch size up to max_batch rounded up to a
+power of two (decode.py), the batch padded to its size with idle rows.
 
 Faults. A bad request gets a 4xx with OpenAI's error body {"error": {message, type, param, code}};
 a full queue (max_queue) gets 503 with Retry-After. A client that disconnects frees its row at the
@@ -60,7 +62,8 @@ from starlette.exceptions import HTTPException
 
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
-from device import autocast, for_inference, pick_device
+from decode import Decoder, bucket
+from device import autocast, compile_problem, for_inference, pick_device
 from model import KVCache, sample_next, sampling_problem
 from quantize import MODES, quantize as quantize_model, weight_bytes
 from score import bits_per_byte, log_prob_chunks
@@ -81,6 +84,7 @@ drain_seconds = 30.0       # after SIGTERM, how long requests in flight may run 
 device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"             # 'auto' = bf16/fp16 autocast on GPUs, float32 on CPU | 'float32' | ...
 threads = 1                # torch threads: 1 leaves a core to the event loop (bench/README.md); 0 = all
+compile = False            # compile the decode step at start, per batch-size bucket (decode.py): faster steps
 prefill_chunk = 512        # a longer prompt is prefilled this many tokens per step, between decode steps; 0 = whole
 prefix_cache = 2048        # tokens of prompt prefixes kept for requests that share them (a system prompt); 0 = off
 score_prompts = True       # each prompt's bits per byte under the model, for /metrics (costs a head over the prompt)
@@ -221,6 +225,7 @@ class Sequence:
             self.generator.manual_seed(sampling.seed % 2 ** 64)
         self.text = TextStream(sampling.stop)
         self.tokens, self.finish, self.cancelled, self.last_time = [], None, False, None
+        self.prompt_len = 0  # set at admission: the row then holds prompt_len + len(tokens) - 1 tokens
         self.logprob_sum, self.prompt_bpb = 0.0, None  # for the output-health metrics and the request log
         self.counts = None  # (V,) how often each token was generated: for the presence/frequency penalties
         if sampling.logit_bias:
@@ -269,7 +274,8 @@ class PrefixCache:
             k, v = self.blocks[key]  # (n_layer, nh, BLOCK, hd) each
             if cache.k is None:
                 cache.allocate(k, v)
-            cache.k[:, 0, :, n:n + self.BLOCK], cache.v[:, 0, :, n:n + self.BLOCK] = k, v
+            for layer in range(len(k)):  # the cache keeps a tensor per layer
+                cache.k[layer][0, :, n:n + self.BLOCK], cache.v[layer][0, :, n:n + self.BLOCK] = k[layer], v[layer]
             n += self.BLOCK
         cache.pos[0] = n
         return n
@@ -281,8 +287,8 @@ class PrefixCache:
             if key in self.blocks:
                 self.blocks.move_to_end(key)
                 continue
-            self.blocks[key] = (cache.k[:, row, :, end - self.BLOCK:end].clone(),
-                                cache.v[:, row, :, end - self.BLOCK:end].clone())
+            k, v = ([t[row, :, end - self.BLOCK:end] for t in layers] for layers in (cache.k, cache.v))
+            self.blocks[key] = torch.stack(k), torch.stack(v)  # (n_layer, nh, BLOCK, hd) each
             while len(self.blocks) > self.capacity:
                 self.blocks.popitem(last=False)
 
@@ -301,17 +307,19 @@ class Engine:
     """Owns the model on its own thread. submit() queues groups from any thread; the loop admits them
     at step boundaries and decodes every active row together. A prompt longer than prefill_chunk tokens
     (0: no limit) is prefilled a chunk per step, between decode steps, so it never stalls the others
-    for long; prefix_cache tokens of prompt prefixes are kept for reuse (0: off)."""
+    for long; prefix_cache tokens of prompt prefixes are kept for reuse (0: off). decoder: a decode.Decoder,
+    to run the decode steps compiled."""
 
     def __init__(self, model, tok, max_batch=16, max_queue=64, metrics=None, device_type="cpu",
-                 ptdtype=torch.float32, prefill_chunk=0, prefix_cache=0, score_prompts=True):
+                 ptdtype=torch.float32, prefill_chunk=0, prefix_cache=0, score_prompts=True, decoder=None):
         self.model, self.tok, self.metrics = model, tok, metrics or Metrics()
         self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, prefill_chunk
         self.prefixes = PrefixCache(prefix_cache) if prefix_cache else None
-        self.score_prompts = score_prompts
+        self.score_prompts, self.decoder = score_prompts, decoder
         self.token_bytes = tok.token_byte_lengths()  # for the prompts' bits per byte
         self.device, self.device_type, self.ptdtype = next(model.parameters()).device, device_type, ptdtype
-        self.cache = KVCache(model.config.n_layer, max_batch, model.config.block_size)  # row b: active[b]
+        n, bs = model.config.n_layer, model.config.block_size
+        self.cache = decoder.cache(max_batch, bs) if decoder else KVCache(n, max_batch, bs)  # row b: active[b]
         self.active = []                # active[b] owns row b of the cache
         self.prefilling = collections.deque()  # groups whose prompts are being prefilled a chunk at a time
         self.waiting = collections.deque()
@@ -370,7 +378,7 @@ class Engine:
 
     # -- the engine thread --
     def loop(self):
-        if self.cache.k is None and not self.guard([], self.warm_up):
+        if self.cache.k is None and self.guard([], self.warm_up) is None:
             self.broken = self.broken or "the KV cache could not be allocated"
         while True:
             with self.cond:
@@ -463,13 +471,17 @@ class Engine:
 
     def warm_up(self):
         """Allocate the batch's KV cache now, in the dtypes the layers give, so a max_batch too large for
-        the device's memory fails at start, not under the first traffic."""
+        the device's memory fails at start, not under the first traffic; with a decoder, compile its step
+        for every batch size a step may pad to. Returns the seconds compiling took."""
         with torch.inference_mode(), autocast(self.device_type, self.ptdtype):
             one = KVCache(self.model.config.n_layer, 1, 1)
             self.model.hidden_states(torch.zeros(1, 1, dtype=torch.long, device=self.device), one)
             self.cache.copy_rows([0], one, [0])
             self.cache.pos.zero_()
-        return True
+            if not self.decoder:
+                return 0.0
+            sizes = sorted({bucket(b, self.max_batch) for b in range(1, self.max_batch + 1)})  # 1, 2, 4, ..., max_batch
+            return self.decoder.warm_up(self.cache, sizes)
 
     def prefill(self, groups):
         """Run G prompts of one length T through the model together, (G, T), and start them."""
@@ -540,6 +552,8 @@ class Engine:
                 for s in seqs:
                     self.finish(s, "length", "")
                 continue
+            for s in seqs:
+                s.prompt_len = len(g.ids)
             r = len(self.active)  # the prompt's keys and values, once for each of its choices
             self.cache.copy_rows(list(range(r, r + len(seqs))), cache, [i] * len(seqs))
             self.active += seqs
@@ -553,7 +567,10 @@ class Engine:
         KVCache keeps each row's length) and its next token comes out."""
         seqs = self.active
         tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (B, 1)
-        h = self.model.hidden_states(tokens, self.cache)                            # (B, 1, C)
+        if self.decoder:  # it checks the step against the longest row's length, known here without a device read
+            h = self.decoder(tokens, self.cache, max(s.prompt_len + len(s.tokens) - 1 for s in seqs))
+        else:
+            h = self.model.hidden_states(tokens, self.cache)                        # (B, 1, C)
         self.metrics.batch_size.observe(len(seqs))
         self.sample(seqs, h[:, -1])
 
@@ -1154,6 +1171,8 @@ def main(argv=None):
                         f"{prefill_chunk}, prefix_cache={prefix_cache}, log_max_mb={log_max_mb}")
     log = RequestLog(log_requests, int(log_max_mb * 2 ** 20)) if log_requests else None
     dev, device_type, ptdtype = pick_device(device, dtype)
+    if compile and compile_problem(device_type):
+        raise UserError(f"--compile=True: {compile_problem(device_type)}; or serve without it")
     if quantize == "int4-gptq":
         raise UserError("quantize=int4-gptq needs calibration data: make the model with eval.py --quantize=int4-gptq "
                         "--save_quantized=FILE, then serve --model=FILE")
@@ -1178,12 +1197,14 @@ def main(argv=None):
     name = model_name or os.path.basename(os.path.normpath(model))
     metrics = Metrics()
     engine = Engine(gpt, tok, max_batch, max_queue, metrics, device_type, ptdtype, prefill_chunk, prefix_cache,
-                    score_prompts)
+                    score_prompts, Decoder(gpt, device_type) if compile else None)
     try:
-        engine.warm_up()
+        seconds = engine.warm_up()
     except torch.OutOfMemoryError:
         raise UserError(f"the KV cache of max_batch={max_batch} rows x {gpt.config.block_size} positions does not "
                         f"fit in {dev}'s memory; lower --max_batch") from None
+    if compile:
+        print(f"compiling the decode step: {seconds:.0f} s, once", file=sys.stderr)
     app = build_app(Service(gpt, tok, name, engine, log), metrics, key)
     server = Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                    timeout_graceful_shutdown=drain_seconds + 5), engine, drain_seconds)

@@ -8,8 +8,8 @@ import torch
 
 from conftest import ROOT
 
-LIBRARIES = {"atomic", "bpe", "checkpoint", "clean", "configurator", "device", "distill", "fsdp", "hf", "lora",
-             "model", "process", "quantize", "score", "shards", "speculative", "training"}
+LIBRARIES = {"atomic", "bpe", "checkpoint", "clean", "configurator", "decode", "device", "distill", "fsdp", "hf",
+             "lora", "model", "process", "quantize", "score", "shards", "speculative", "training"}
 
 
 def imports(path):

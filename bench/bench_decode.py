@@ -1,0 +1,114 @@
+"""
+bench/bench_decode.py: eager against compiled decoding (decode.py) on this CPU. model.generate, greedy,
+new_tokens tokens after a prompt of prompt_tokens, at batch 1 and 16, for three shapes with random
+weights (the work per token does not depend on what the weights say): the quick start's (modern
+preset, 4 layers, 128 wide, vocabulary 4,096, here with a 256-token context), 6 layers 384 wide (the
+same otherwise), and GPT-2 124M (gpt2 preset: 12 layers, 768 wide, vocabulary 50,257, context 1,024).
+
+    python bench/bench_decode.py                                  # every shape, batch 1 and 16
+    python bench/bench_decode.py --shapes=quickstart --batches=1 --modes=cpp_wrapper,default,max-autotune-no-cudagraphs
+
+Each (shape, batch, inductor mode) runs in two fresh processes that share one new inductor cache
+directory (TORCHINDUCTOR_CACHE_DIR): the first compiles from nothing (a first start), the second finds
+its FX graph cache filled (a warm start, as every start after the first on a machine). tokens/s count
+generation only, after a warm-up; "same" says whether compiled greedy tokens equal eager ones.
+Modes: cpp_wrapper (decode.py's choice on a CPU: the kernels called from C++), default (called from a
+Python wrapper), max-autotune-no-cudagraphs (inductor also benchmarks its own matmul kernels).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from benchlib import ROOT  # first: it puts the repository root on sys.path for the imports below
+from configurator import configure, run
+from decode import Decoder
+from model import GPT, GPTConfig
+
+shapes = "quickstart,6x384,gpt2"  # which shapes (SHAPES below), comma separated
+batches = (1, 16)                  # rows generated together
+modes = "cpp_wrapper"              # inductor settings to compare (MODES below), comma separated
+new_tokens = 240                   # tokens generated per row
+prompt_tokens = 16                 # random prompt tokens per row
+threads = 0                        # torch threads; 0 = torch's default (all cores), as sample.py
+one = ""                           # internal: measure "shape,batch,mode,eager" in this process, print JSON
+
+SHAPES = {  # GPTConfig.preset arguments
+    "quickstart": dict(name="modern", n_layer=4, n_head=4, n_embd=128, vocab_size=4096, block_size=256),
+    "6x384": dict(name="modern", n_layer=6, n_head=6, n_embd=384, vocab_size=4096, block_size=256),
+    "gpt2": dict(name="gpt2"),
+}
+MODES = {"cpp_wrapper": dict(options={"cpp_wrapper": True}), "default": {},
+         "max-autotune-no-cudagraphs": dict(mode="max-autotune-no-cudagraphs")}
+
+
+def measure(shape, batch, mode, eager):
+    """One process's figures: eager tokens/s (if eager), compile seconds, compiled tokens/s."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset(**SHAPES[shape])).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens))
+    out, result = None, {}
+    if eager:
+        model.generate(prompt, 8, temperature=0)  # warm-up: the first calls allocate
+        t0 = time.perf_counter()
+        out = model.generate(prompt, new_tokens, temperature=0)
+        result["eager"] = batch * new_tokens / (time.perf_counter() - t0)
+    decoder = Decoder(model, "cpu")
+    decoder.step = torch.compile(model.hidden_states, fullgraph=True, dynamic=False, **MODES[mode])  # the mode asked
+    result["compile_s"] = decoder.warm_up(decoder.cache(batch, prompt_tokens + new_tokens))
+    t0 = time.perf_counter()
+    compiled = model.generate(prompt, new_tokens, temperature=0, decoder=decoder)
+    result["compiled"] = batch * new_tokens / (time.perf_counter() - t0)
+    if out is not None:
+        result["same"] = torch.equal(out, compiled)
+    return result
+
+
+def child(shape, batch, mode, eager, cache_dir):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_decode.py"), f"--threads={threads}",
+                        f"--one={shape},{batch},{mode},{int(eager)}", f"--new_tokens={new_tokens}",
+                        f"--prompt_tokens={prompt_tokens}"],
+                       env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{shape} batch {batch} {mode} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    configure(globals(), argv)
+    if threads:
+        torch.set_num_threads(threads)
+    if one:
+        shape, batch, mode, eager = one.split(",")
+        print(json.dumps(measure(shape, int(batch), mode, eager == "1")))
+        return
+    print(f"bench_decode: {new_tokens} greedy tokens after {prompt_tokens} prompt tokens per row, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, torch {torch.__version__}; random weights",
+          flush=True)
+    rows = []
+    for shape in shapes.split(","):
+        for batch in batches:
+            for mode in modes.split(","):
+                with tempfile.TemporaryDirectory(prefix="inductor-") as cache_dir:
+                    first = child(shape, batch, mode, True, cache_dir)
+                    warm = child(shape, batch, mode, False, cache_dir)
+                rows.append((shape, batch, mode, first, warm))
+                print(f"  {shape} batch {batch} {mode}: eager {first['eager']:.0f} tokens/s, compiled "
+                      f"{first['compiled']:.0f} / {warm['compiled']:.0f} (first / warm start) tokens/s, same "
+                      f"tokens {first['same']}; compile {first['compile_s']:.1f} s first start, "
+                      f"{warm['compile_s']:.1f} s warm", flush=True)
+    print("\n| shape | batch | mode | eager tokens/s | compiled tokens/s | compiled / eager | compile: first start "
+          "/ warm | same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, batch, mode, first, warm in rows:
+        print(f"| {shape} | {batch} | {mode} | {first['eager']:,.0f} | {first['compiled']:,.0f} | "
+              f"{first['compiled'] / first['eager']:.2f} | {first['compile_s']:.0f} / {warm['compile_s']:.0f} s | "
+              f"{'yes' if first['same'] else 'no'} |")
+
+
+if __name__ == "__main__":
+    run(main)

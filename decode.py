@@ -1,0 +1,105 @@
+"""
+decode.py: the one-token decode step, compiled once per shape, for sample.py (through
+model.generate_stream) and serve.py.
+
+Why compile. Eager, a decode step of a small model is mostly dispatch: a hundred small operators, each
+launched from Python, for a few kilobytes of arithmetic. torch.compile fuses them into a few C++ loops
+(inductor, on a CPU) or Triton kernels, and on CUDA mode="reduce-overhead" records the whole step as a
+CUDA graph, replayed with one launch. That pays only if it compiles once: model.generate's KV cache
+grows a column per step, a new shape each time, so compiling it needs dynamic shapes and recompiles
+inside the generation being timed.
+
+The static step. model.py's KVCache(static=True) has one shape for a whole generation: a fixed
+capacity, written by index at each row's own position, attention over all of it with every row masked
+past its own length, and the lengths kept on the model's device and never read back to the host (a
+read would wait for the GPU, and a CUDA graph cannot contain one). It is model.hidden_states itself,
+the one forward, on such a cache; the checks it cannot make without those reads are made here, from
+the lengths the caller knows on the host.
+
+Shapes. A graph is compiled for each (rows, capacity): both round up to a power of two (capacity at
+most block_size), so prompts of different lengths share one. serve.py pads its batch to the bucket with
+idle rows (token 0 at position 0; their output is dropped). Prefill stays eager: it runs once per
+prompt, at a length that changes every time. A Decoder keeps one cache per shape and reuses it, so a
+CUDA graph finds its tensors at the addresses it recorded.
+
+Cost. Compiling takes seconds to a minute per shape on a CPU, paid once per process, before
+generation, by warm_up (the caller says how long). Inductor keeps what it compiled in its FX graph
+cache (/tmp/torchinductor_$USER), so a second process compiles faster. Measurements: bench/README.md.
+"""
+import time
+
+import torch
+
+from model import KVCache
+
+
+def bucket(n, most):
+    """The smallest power of two >= n, at most `most`: a shape that serves every size up to it."""
+    return min(most, 1 << (n - 1).bit_length())
+
+
+class Decoder:
+    """Runs model.hidden_states on a static KVCache: compiled for a decode step (one token per row), eager
+    for a prefill. Call model.eval() first; warm_up and the steps run under the same autocast."""
+
+    def __init__(self, model, device_type):
+        if getattr(model, "quantization", {}).get("mode") == "int8":  # int4's kernel compiles; int8's does not
+            raise ValueError("torch.compile cannot trace quantize.py's int8 Linear (torch.ao's packed kernel); "
+                             "decode int8 weights without --compile=True, or compile float32 or int4 weights")
+        self.model, self.caches, self.compiled = model, {}, set()  # compiled: (rows, id(cache))
+        self.device, self.cuda = model.transformer.wte.weight.device, device_type == "cuda"
+        # inductor's C++ wrapper calls the kernels from C++, not Python: faster steps on a CPU, slower compiles
+        # (bench/README.md). On CUDA the step is one CUDA graph, which leaves no wrapper to speed up.
+        options = dict(mode="reduce-overhead") if self.cuda else dict(options={"cpp_wrapper": True})
+        self.step = torch.compile(model.hidden_states, fullgraph=True, dynamic=False, **options)
+        # one graph per shape, and per model: more than dynamo's default of 8 for one function in a process
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+    def cache(self, batch, length):
+        """The static KVCache of `batch` rows and at least `length` positions (a power of two, at most
+        block_size), emptied. One per shape, kept: a CUDA graph reads and writes it where it recorded it."""
+        shape = (batch, bucket(length, self.model.config.block_size))
+        if shape not in self.caches:
+            self.caches[shape] = KVCache(self.model.config.n_layer, *shape, static=True, device=self.device)
+        self.caches[shape].pos.zero_()
+        return self.caches[shape]
+
+    def __call__(self, idx, cache, start):
+        """idx (B, T): new tokens for the first B rows of a static cache whose longest row holds `start`
+        tokens (known on the host) -> their (B, T, C) hidden states. A step (T = 1) runs compiled, on the
+        rows padded to a power of two with idle rows at position 0."""
+        self.model._check_input(idx, start, cache)
+        B, T = idx.shape
+        if T > 1 or cache.k is None:  # a prefill: eager; the first allocates the cache
+            return self.model.hidden_states(idx, cache)
+        rows = bucket(B, len(cache.pos))
+        cache.pos[B:rows] = 0
+        # a fresh (rows, 1) tensor: idx[:, -1:] of a growing sequence has a new stride at every step, which
+        # the graph would take for a new shape; the idle rows get token 0
+        x = idx.new_zeros(rows, 1)
+        x[:B] = idx
+        shape = (rows, id(cache))
+        if shape not in self.compiled:  # a CUDA graph updates these in place, at the addresses it recorded
+            for t in [cache.pos, *cache.k, *cache.v]:
+                torch._dynamo.mark_static_address(t)
+        if self.cuda:  # the last step's outputs are used up: the graph may overwrite them
+            torch.compiler.cudagraph_mark_step_begin()
+        # once compiled, a shape is never compiled again: a recompile would be a bug costing seconds a token
+        with torch.compiler.set_stance("fail_on_recompile" if shape in self.compiled else "default"):
+            h = self.step(x, cache)
+        self.compiled.add(shape)
+        return h[:B]
+
+    @torch.no_grad()
+    def warm_up(self, cache, batches=None):
+        """Compile the step now, before any generation, for the first b rows of cache for each b in
+        batches (default: all its rows). Leaves the cache empty; returns the seconds it took."""
+        t0 = time.time()
+        for b in batches or [len(cache.pos)]:
+            idx = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+            cache.pos.zero_()
+            self(idx, cache, 0)  # an eager prefill, which allocates the cache
+            for start in (1, 2):  # CUDA graphs record at the second call
+                self(idx, cache, start)
+        cache.pos.zero_()
+        return time.time() - t0
