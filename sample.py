@@ -58,9 +58,8 @@ def main(argv=None):
         raise UserError(problem[1])
     if type(draft_k) is not int or draft_k < 1:
         raise UserError(f"draft_k={draft_k!r}: the draft must propose an int >= 1 tokens per round")
-    if draft and compile:  # speculative rounds move both caches' lengths back, which the static cache cannot
-        raise UserError("--compile=True and --draft= cannot be combined: speculative decoding runs eager; "
-                        "drop one of them")
+    if draft and compile:  # decode.py compiles one-token steps; a speculative round scores draft_k + 1 at once
+        raise UserError("--compile=True applies to plain decoding, and --draft= decodes eagerly: drop one of them")
     prompt = start
     if prompt.startswith("FILE:"):
         try:
