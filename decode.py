@@ -16,15 +16,18 @@ read would wait for the GPU, and a CUDA graph cannot contain one). It is model.h
 the one forward, on such a cache; the checks it cannot make without those reads are made here, from
 the lengths the caller knows on the host.
 
-Shapes. A graph is compiled for each (rows, capacity): both round up to a power of two (capacity at
-most block_size), so prompts of different lengths share one. serve.py pads its batch to the bucket with
-idle rows (token 0 at position 0; their output is dropped). Prefill stays eager: it runs once per
-prompt, at a length that changes every time. A Decoder keeps one cache per shape and reuses it, so a
-CUDA graph finds its tensors at the addresses it recorded.
+Shapes. A graph is compiled for each shape a step sees: the cache's capacity, rounded up to a power of
+two (at most block_size) so prompts of different lengths share one, and the step's rows, rounded up to
+a power of two (at most the cache's rows): serve.py's engine pads its batch with idle rows (token 0 at
+position 0; their output is dropped). Prefill stays eager: it runs once per prompt, at a length that
+changes every time, and compiling it did not pay. A Decoder keeps one cache per shape and reuses it, so
+a CUDA graph finds its tensors at the addresses it recorded.
 
-Cost. Compiling takes seconds to a minute per shape on a CPU, paid once per process, before
-generation, by warm_up (the caller says how long). Inductor keeps what it compiled in its FX graph
-cache (/tmp/torchinductor_$USER), so a second process compiles faster. Measurements: bench/README.md.
+Cost. Compiling takes 15-40 s per shape on this 2-core CPU on a first start, paid before generation by
+warm_up (the caller says how long); inductor keeps what it compiled in its FX graph cache
+(/tmp/torchinductor_$USER), so a later process takes 3-5 s. The steps gain most where dispatch is most
+of a step, small models: 3.4x at the quick start's size, batch 1; at GPT-2 124M on a CPU they are a
+few percent slower (bench/README.md says why).
 """
 import time
 
@@ -99,7 +102,8 @@ class Decoder:
             idx = torch.zeros(b, 1, dtype=torch.long, device=self.device)
             cache.pos.zero_()
             self(idx, cache, 0)  # an eager prefill, which allocates the cache
-            for start in (1, 2):  # CUDA graphs record at the second call
-                self(idx, cache, start)
+            for _ in range(2):  # CUDA graphs record at the second call; each step at position 1 (capacity >= 2)
+                cache.pos.fill_(1)
+                self(idx, cache, 1)
         cache.pos.zero_()
         return time.time() - t0

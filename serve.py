@@ -472,7 +472,8 @@ class Engine:
     def warm_up(self):
         """Allocate the batch's KV cache now, in the dtypes the layers give, so a max_batch too large for
         the device's memory fails at start, not under the first traffic; with a decoder, compile its step
-        for every batch size a step may pad to. Returns the seconds compiling took."""
+        for every batch size a step may pad to (CUDA graphs belong to a thread: the engine's records its
+        own at its first steps of each size). Returns the seconds compiling took."""
         with torch.inference_mode(), autocast(self.device_type, self.ptdtype):
             one = KVCache(self.model.config.n_layer, 1, 1)
             self.model.hidden_states(torch.zeros(1, 1, dtype=torch.long, device=self.device), one)
