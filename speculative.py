@@ -40,7 +40,7 @@ import torch
 from torch.nn import functional as F
 
 from configurator import UserError
-from model import KVCache, filter_logits
+from model import KVCache, filter_logits, sampling_problem
 
 
 def check_draft(target, draft):
@@ -87,6 +87,8 @@ class SpeculativeDecoder:
         """Continue idx (B, T) as target.generate_stream would, in distribution (greedy: token for token).
         Yields, each round, a list of B 1-D CPU tensors: the tokens each row gained (none once a row has
         max_new_tokens, or has emitted eos_token, its last token then)."""
+        if problem := sampling_problem(temperature, top_k, top_p):  # the check model.generate_stream makes
+            raise ValueError(problem[1])
         target, draft = self.target, self.draft
         B, T = idx.shape
         dev, bs_t, bs_d = idx.device, target.config.block_size, draft.config.block_size
