@@ -2,7 +2,8 @@
 distill.py: knowledge distillation (Hinton et al. 2015), a student learning from a trained model's
 whole next-token distribution rather than from the one observed token. train.py --teacher=RUN uses it:
 load_teacher finds and freezes the teacher, step_loss is one micro-step's loss, and DistillLoss
-computes the loss and its gradient.
+computes the loss and its gradient. finetune.py --teacher=RUN distils a fine-tuned model's task outputs
+(Tang et al. 2019) with task_loss, the same loss over (B, K) class logits, one row per example.
 
 Memory. One (B, T, V) float32 tensor is 6.6 GB for gpt2_124m at 32 x 1024, so the design counts them.
 Plain cross-entropy holds three at its peak: the logits, their log-softmax (kept for backward) and its
@@ -17,6 +18,7 @@ backward. Computing the gradient in backward instead would keep both logits aliv
 still need a third (B, T, V) tensor to return it in.
 """
 import torch
+from torch.nn import functional as F
 
 import checkpoint
 from configurator import UserError
@@ -72,6 +74,20 @@ def distill_loss(logits, teacher_logits, targets, alpha, temperature, reuse_teac
     the gradient is written over teacher_logits (when their dtypes match), which the caller must not read
     after; that saves a (B, T, V) tensor."""
     return DistillLoss.apply(logits, teacher_logits, targets, alpha, temperature, reuse_teacher)
+
+
+def task_loss(logits, teacher_logits, targets, alpha, temperature):
+    """Task distillation (Hinton et al. 2015; Tang et al. 2019): per example (B,), alpha * T^2 *
+    KL(teacher_T || student_T) + (1 - alpha) * cross-entropy with the label, the last term only where
+    there is one. logits, teacher_logits (B, K): class (or choice) scores; targets (B,), -1 = no label
+    (an unlabeled input learns from the teacher alone). DistillLoss is this over a vocabulary, but it
+    averages over scored tokens and drops the unscored ones entirely; here the teacher's term is on
+    every row, and (B, K) is small enough for autograd to keep what it likes."""
+    t = (teacher_logits.float() / temperature).log_softmax(-1)  # (B, K)
+    s = (logits.float() / temperature).log_softmax(-1)
+    soft = (t.exp() * (t - s)).sum(-1)  # KL, 0 when the student matches the teacher
+    hard = F.cross_entropy(logits.float(), targets.clamp(min=0), reduction="none")  # a -1 read as 0...
+    return alpha * temperature ** 2 * soft + (1 - alpha) * torch.where(targets >= 0, hard, 0.0)  # ...and dropped
 
 
 def step_loss(model, teacher_model, x, y, alpha=0.5, temperature=2.0):

@@ -50,6 +50,16 @@ Design choices
 - Early stopping. Every eval_interval steps (and at the end) val is scored; a better val metric
   saves best.pt, and patience evaluations without one stop the run. The best checkpoint is then
   reloaded from disk and scored on val and, where it has labels, on test.
+- Transfer (transfer_layers = k >= 0). Only the token and position embeddings, the final norm (and an
+  untied output layer, which the LM loss reads) and the first k blocks come from the pretrained model;
+  blocks k.. start as a new GPT of the same config with the seed would (training.reinit_blocks). k = 0
+  transfers the embeddings alone: GPT-1's figure 2 (left), where each transferred layer helps.
+- Task distillation (teacher = a finetune.py run of the same task and labels, its model on the same
+  tokenizer; Tang et al. 2019). Before training, the teacher's class (or choice) logits for every train
+  input and every input of `unlabeled` (a file of the same text fields, labels ignored) are computed
+  once and kept; each example's task loss is then distill.task_loss: distill_alpha * T^2 *
+  KL(teacher_T || student_T) + (1 - distill_alpha) * cross-entropy with its label, the last term on
+  labelled inputs only (Hinton et al. 2015). The student is --model, often smaller; the LM loss stays.
 - No exact resume (no optimizer state is saved): fine-tuning runs are minutes to hours, and a
   checkpoint is the trained tensors only, so best.pt stays small for LoRA.
 """
@@ -70,6 +80,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import checkpoint
+import distill
 import lora
 import process
 import quantize
@@ -117,6 +128,14 @@ lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # any of these pro
 base_bits = 32                # with lora_rank: 4 freezes the blocks' Linears in int4 under the adapters (QLoRA,
                               # Dettmers et al. 2023): an eighth of float32's bytes, plus scales; CPU only
 base_group_size = 64          # base_bits=4: weights per int4 scale and zero (32, 64, 128, 256)
+# transfer and task distillation
+transfer_layers = -1          # -1 = the whole pretrained model; k >= 0 = its embeddings, final norm and first
+                              # k blocks, the rest initialised fresh with the seed (GPT-1's figure 2, left)
+teacher = ""                  # a finetune.py run (or its .pt) of this task whose outputs the model learns
+                              # (task distillation, Tang et al. 2019); "" = learn from the labels alone
+unlabeled = ""                # with teacher: a file of more inputs (the text fields; labels ignored)
+distill_alpha = 0.5           # the task loss: alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy
+distill_temperature = 2.0     # T: both distributions softened by it (Hinton et al. 2015)
 # optimizer: AdamW, linear warmup then linear decay to 0
 batch_size = 32               # examples per optimizer step, over all processes
 micro_batch_size = 32         # examples per forward pass per process: lower it if memory runs out
@@ -262,11 +281,13 @@ def task_loss(out, y, spec):
     return F.cross_entropy(out.float(), y, reduction="none")
 
 
-def objective(model, batch, y, spec, coef):
-    """(L, task loss, LM loss), each summed over the batch's examples: L = task + coef * LM (§3.2)."""
+def objective(model, batch, y, spec, coef, teacher_out=None):
+    """(L, task loss, LM loss), each summed over the batch's examples: L = task + coef * LM (§3.2). Given
+    the teacher's outputs (B, K), the task loss is distillation's (distill.task_loss; y = -1: no label)."""
     idx, last, targets = batch
     out, lm = model(idx, last, targets if coef else None)
-    task = task_loss(out, y, spec)
+    task = task_loss(out, y, spec) if teacher_out is None else \
+        distill.task_loss(out, teacher_out, y, distill_alpha, distill_temperature)
     lm = lm if lm is not None else torch.zeros_like(task)
     return (task + coef * lm).sum(), task.sum(), lm.sum()
 
@@ -597,7 +618,8 @@ def label_of(r, where, spec, need_labels):
 
 
 def labels_tensor(examples, spec):
-    y = [ex["y"] for ex in examples]
+    """(B,) label ids (or values); -1 for an input without one (an unlabeled input a teacher labels)."""
+    y = [-1 if ex["y"] is None else ex["y"] for ex in examples]
     return torch.tensor(y, dtype=torch.float32 if spec["regression"] else torch.long)
 
 
@@ -755,6 +777,74 @@ def load_base():
     return opened.model, opened.tokenizer, opened.description, base
 
 
+def transfer(gpt, where):
+    """Keep the pretrained gpt's embeddings, final norm and first transfer_layers blocks; start the others
+    as a new model of its config would (training.reinit_blocks, seeded by `seed`)."""
+    k, L = transfer_layers, gpt.config.n_layer
+    if k > L:
+        raise UserError(f"transfer_layers={k}, but {where} has {L} blocks; pass 0..{L}, or -1 for the whole model")
+    training.reinit_blocks(gpt, k, seed)
+    kept = ["token embeddings"] + ["position embeddings"] * (gpt.transformer.wpe is not None) + \
+        ["final norm"] * gpt.config.prenorm + ["output layer"] * (not gpt.config.tie_weights)
+    say(f"transfer_layers={k}: from {where} the {', '.join(kept)} and the first {k} of {L} blocks; "
+        f"{L - k} block(s) initialised fresh (seed {seed})")
+
+
+def outputs_meaning(spec):
+    """What a model's outputs are, in words: a teacher's must be the student's, column for column."""
+    if spec["task"] == "multiple_choice":
+        return f"multiple_choice over {spec['n_choices']} choices"
+    return f"{spec['task']} with regression" if spec["regression"] else \
+        f"{spec['task']} into {', '.join(spec['labels'])}"
+
+
+def open_teacher(spec, tok, T):
+    """The fine-tuned model `teacher` names (a finetune.py run or its .pt, read by load_finetuned),
+    checked against this run: the same task and labels (or number of choices), the same tokenizer with
+    the same task tokens (it reads the student's token ids), a context of at least max_len. Returns
+    (TaskModel, path)."""
+    try:
+        path = teacher if os.path.isfile(teacher) else checkpoint.find(teacher)
+        model, teacher_tok, theirs, _ = load_finetuned(path)
+    except ValueError as e:
+        raise UserError(f"teacher={teacher!r}: {e}") from None
+    if outputs_meaning(theirs) != outputs_meaning(spec):
+        raise UserError(f"teacher {path} was fine-tuned for {outputs_meaning(theirs)}, this run is "
+                        f"{outputs_meaning(spec)}; distil from a teacher of the same task and labels")
+    if teacher_tok.dumps() != tok.dumps():
+        raise UserError(f"teacher {path} reads the {teacher_tok.name} tokenizer ({teacher_tok.vocab_size} tokens), "
+                        f"--model the {tok.name} tokenizer ({tok.vocab_size}); distil from a teacher fine-tuned from "
+                        f"a model with the student's tokenizer")
+    if model.gpt.config.block_size < T:
+        raise UserError(f"teacher {path} has a context of {model.gpt.config.block_size} tokens, shorter than "
+                        f"max_len={T}; pass --max_len={model.gpt.config.block_size}")
+    return model, path
+
+
+def load_unlabeled(spec, tok):
+    """The inputs of the file `unlabeled` as examples without labels (any label field is ignored)."""
+    if not os.path.isfile(unlabeled):
+        raise UserError(f"unlabeled={unlabeled!r}: no such file; give a file of inputs (.jsonl, .json, .csv, .tsv)")
+    rows = [{k: v for k, v in r.items() if k != spec["label_field"]} for r in read_rows(unlabeled)]
+    exs, n_cut, tokens_cut = make_examples(rows, spec, tok, "unlabeled", need_labels=False)
+    say(f"unlabeled: {len(exs):,} inputs" + (f"; {n_cut:,} longer than max_len={spec['max_len']} were cut "
+                                            f"({tokens_cut:,} tokens)" if n_cut else ""))
+    return exs
+
+
+def teach(model, path, examples, spec, ctx, dev, rank, world):
+    """Put the teacher's outputs (K,) for each example into it as "teacher", in batches of
+    micro_batch_size (every rank computes its share and receives the whole, see outputs)."""
+    t0 = time.time()
+    out = outputs(model.to(dev), examples, spec, micro_batch_size, ctx, dev, rank, world)  # (n, K)
+    for ex, o in zip(examples, out):
+        ex["teacher"] = o
+    y = labels_tensor(examples, spec)
+    agree = float((out.argmax(1) == y)[y >= 0].double().mean())  # train's inputs all have labels
+    say(f"teacher {path}: outputs for {int((y >= 0).sum()):,} train and {int((y < 0).sum()):,} unlabeled inputs "
+        f"in {time.time() - t0:.1f} s; it agrees with {agree:.1%} of the train labels")
+
+
 def load_task(max_len, base):
     """The task's splits ({split: rows}) and its spec: what the checkpoint records to read inputs and
     labels again (fields, label names, number of choices, max_len, LoRA settings, the base). With no
@@ -836,6 +926,15 @@ def main(argv=None):
         raise UserError(f"task={task!r} is not one of {', '.join(TASKS)}")
     if regression and task == "multiple_choice":
         raise UserError("regression=True applies to classification, entailment and similarity, not multiple_choice")
+    if transfer_layers < -1 or (transfer_layers >= 0 and lora_rank):
+        raise UserError(f"transfer_layers={transfer_layers}: -1 (the whole model) or k >= 0 blocks, and not with "
+                        f"LoRA, which would freeze the fresh blocks at random; drop --lora_rank or --transfer_layers")
+    if unlabeled and not teacher:
+        raise UserError("unlabeled inputs are labelled by a teacher: add --teacher=RUN, a finetune.py run of the task")
+    if teacher and (regression or not 0 <= distill_alpha <= 1 or distill_temperature <= 0):
+        raise UserError(f"teacher: distillation learns class or choice probabilities, with 0 <= distill_alpha <= 1 "
+                        f"and distill_temperature > 0 (got regression={regression}, distill_alpha={distill_alpha}, "
+                        f"distill_temperature={distill_temperature})")
     if base_bits not in (32, 4) or (base_bits == 4 and not lora_rank):
         raise UserError(f"base_bits={base_bits}: 32 (float), or 4 under LoRA adapters (QLoRA): add --lora_rank=8")
     if base_bits == 4 and base_group_size not in quantize.GROUP_SIZES:
@@ -877,6 +976,8 @@ def main(argv=None):
 
     # ---- the pretrained model, the task's data, and the model made ready for the task ---------------
     gpt, tok, where, base = load_base()
+    if transfer_layers >= 0:
+        transfer(gpt, where)
     T = max_len or gpt.config.block_size
     if not 8 <= T <= gpt.config.block_size:
         raise UserError(f"max_len={max_len} must be between 8 and the model's block_size {gpt.config.block_size}")
@@ -888,8 +989,13 @@ def main(argv=None):
         model, tok = build(gpt, tok, spec, head_dropout)
     except ValueError as e:
         raise UserError(str(e))
+    teacher_model, teacher_path = open_teacher(spec, tok, T) if teacher else (None, None)
     examples = encode(splits, spec, tok)
     train_ex = examples["train"]
+    if teacher:  # its outputs on every input, once: the soft targets; unlabeled inputs join train
+        train_ex = train_ex + (load_unlabeled(spec, tok) if unlabeled else [])
+        teach(teacher_model, teacher_path, train_ex, spec, ctx, dev, rank, world)
+        del teacher_model  # not needed again: free its memory for the student
     steps_per_epoch = len(train_ex) // batch_size
     if steps_per_epoch < 1:
         raise UserError(f"train has {len(train_ex)} examples, fewer than batch_size={batch_size}; lower --batch_size")
@@ -934,9 +1040,11 @@ def main(argv=None):
         chunks = [batch[i:i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
         for j, chunk in enumerate(chunks):
             y = labels_tensor(chunk, spec).to(dev)
+            soft = torch.stack([ex["teacher"] for ex in chunk]).to(dev) if teacher else None  # (B, K)
             with wrapped.no_sync() if distributed and j < len(chunks) - 1 else nullcontext():
                 with ctx:
-                    loss, task_sum, lm_sum = objective(wrapped, collate(chunk, spec["special"], dev), y, spec, lm_coef)
+                    loss, task_sum, lm_sum = objective(wrapped, collate(chunk, spec["special"], dev), y, spec, lm_coef,
+                                                       soft)
                 scaler.scale(loss / per_rank).backward()  # / per_rank: the batch mean (DDP averages ranks)
             sums += torch.stack([loss.detach(), task_sum.detach(), lm_sum.detach()]).float()
         training.optimizer_step(optimizers, scaler, model.parameters(), grad_clip)

@@ -9,6 +9,8 @@ functions here, so the two loops differ only in what they compute.
 - Schedule. get_lr: linear warmup, then a cosine (pretraining) or linear (fine-tuning) decay.
 - The step. optimizer_step: unscale the float16 loss scaling, clip the global gradient norm, step,
   zero the gradients and update the GradScaler, in that order, returning the norm for the log.
+- A pretrained model, retrained. set_dropout gives it the run's dropout; reinit_blocks keeps its first k
+  blocks and starts the rest as a new model would (finetune.py's transfer_layers).
 - Exact resume (train.py). A checkpoint (checkpoint.py) holds everything the next step depends on:
   weights, optimizer moments, GradScaler, step, data position and every rank's RNG states (dropout
   masks); save_checkpoint writes it (rank 0, from every rank's parts), restore puts it back.
@@ -32,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import process
 from configurator import UserError
-from model import CausalSelfAttention
+from model import GPT, CausalSelfAttention
 from process import say
 
 
@@ -126,6 +128,20 @@ def set_dropout(gpt, p):
             m.p = p
         if isinstance(m, CausalSelfAttention):
             m.dropout = p  # the attention's own dropout, passed to scaled_dot_product_attention
+
+
+def reinit_blocks(gpt, keep, seed):
+    """Keep gpt's embeddings, final norm, head and first `keep` blocks; give blocks keep.. the weights a new
+    GPT of the same config gets from its own init with torch seed `seed` (a whole one is built, so every
+    draw before those blocks' is the same: the model's init stays the one definition of a fresh block).
+    The global RNG is left as it was. Which pretrained layers help a task is GPT-1's figure 2 (left)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = GPT(gpt.config)
+    like = gpt.transformer.wte.weight
+    for i in range(keep, len(gpt.transformer.h)):
+        gpt.transformer.h[i] = fresh.transformer.h[i].to(like.device, like.dtype)
+    return gpt
 
 
 def stop_if_not_finite(value, what, step, out_dir):

@@ -37,11 +37,13 @@ def byte_tokenizer():
     return Tokenizer.train(["abc"], 257)
 
 
-def write_base(path, n_embd=32, seed=0):
-    """A (random) 'pretrained' model as train.py saves one: what --model reads."""
-    tok = byte_tokenizer()
+def write_base(path, n_embd=32, seed=0, n_layer=2, tok=None):
+    """A (random) 'pretrained' model as train.py saves one: what --model reads (on the byte tokenizer
+    unless given another)."""
+    tok = tok or byte_tokenizer()
     torch.manual_seed(seed)
-    gpt = GPT(GPTConfig.preset("gpt2", n_layer=2, n_head=2, n_embd=n_embd, block_size=32, vocab_size=tok.vocab_size))
+    gpt = GPT(GPTConfig.preset("gpt2", n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=32,
+                               vocab_size=tok.vocab_size))
     torch.save({"version": checkpoint.VERSION, "model": gpt.state_dict(), "model_args": dataclasses.asdict(gpt.config),
                 "tokenizer": tok.dumps(), "iter_num": 0}, path)
     return str(path)
