@@ -85,6 +85,7 @@ device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:
 dtype = "auto"             # 'auto' = bf16/fp16 autocast on GPUs, float32 on CPU | 'float32' | ...
 threads = 1                # torch threads: 1 leaves a core to the event loop (bench/README.md); 0 = all
 compile = False            # compile the decode step at start, per batch-size bucket (decode.py): faster steps
+draft = ""                 # refused: speculative decoding is sample.py --draft's (the reason is at the check)
 prefill_chunk = 512        # a longer prompt is prefilled this many tokens per step, between decode steps; 0 = whole
 prefix_cache = 2048        # tokens of prompt prefixes kept for requests that share them (a system prompt); 0 = off
 score_prompts = True       # each prompt's bits per byte under the model, for /metrics (costs a head over the prompt)
@@ -1170,6 +1171,12 @@ def main(argv=None):
                         f"prefill_chunk, prefix_cache >= 0 and log_max_mb > 0; got max_batch={max_batch}, max_queue="
                         f"{max_queue}, drain_seconds={drain_seconds}, port={port}, threads={threads}, prefill_chunk="
                         f"{prefill_chunk}, prefix_cache={prefix_cache}, log_max_mb={log_max_mb}")
+    if draft:  # measured (bench/README.md): a draft step costs a quarter of a target step on a CPU, so even one
+        # stream gained nothing; a batch of rows already shares each target step, and a round that scores
+        # draft_k + 1 tokens per row costs the batch more where rows accept different numbers of them
+        raise UserError("--draft: serve.py does not decode speculatively (its continuous batch already shares each "
+                        "step among rows, and a draft gained nothing on a CPU); use sample.py --draft=RUN, or "
+                        "serve without --draft")
     log = RequestLog(log_requests, int(log_max_mb * 2 ** 20)) if log_requests else None
     dev, device_type, ptdtype = pick_device(device, dtype)
     if compile and compile_problem(device_type):

@@ -444,6 +444,7 @@ def test_bad_settings_are_one_line_errors(workdir, run_dir):
                                                          "'int4-gptq'"),
              (["--model=out-serve", "--quantize=int4-gptq"], "make the model with eval.py --quantize=int4-gptq"),
              (["--model=nope"], "no model at 'nope'"),
+             (["--model=out-serve", "--draft=out-serve"], "serve.py does not decode speculatively"),
              (["--model=out-serve", f"--port={busy.getsockname()[1]}"], "another server may be there")]
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args], cwd=workdir, env=ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, _ in cases]
