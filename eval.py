@@ -1,12 +1,14 @@
 """
 eval.py: measure a model the way the field does: perplexity and bits per byte on text, zero-shot
-multiple choice (HellaSwag, ARC/PIQA/COPA-style sets), LAMBADA, and completions to read.
+multiple choice (HellaSwag, ARC/PIQA/COPA-style sets), LAMBADA, GPT-1's zero-shot classification, and
+completions to read.
 
     python eval.py --model=out-quickstart                             # val shards: ppl, bits/byte
     python eval.py --model=out-quickstart --task=ppl --data=notes.txt --stride=64
     python eval.py --model=gpt2 --task=hellaswag                      # Rowan/hellaswag, 10,042 items
     python eval.py --model=out --task=mc --data=arc_easy.jsonl        # {"query", "choices", "gold"}
     python eval.py --model=gpt2 --task=lambada --prompts=prompts.txt  # + completions beside the numbers
+    python eval.py --model=out --task=zeroshot --data=sst2/test.jsonl --text_field=sentence  # " very" positive?
 
 Any model checkpoint.open_model takes: a train.py or finetune.py run, a checkpoint file, GPT-2's
 weights, or a Hugging Face directory written by export.py. The numbers go to one results JSON (model,
@@ -36,8 +38,19 @@ query and choice apart, by normalising by tokens, or by adding a BOS: each moves
 LAMBADA (the OpenAI version lm-eval calls lambada_openai): the last word after a space is the
 continuation; acc counts items whose every token is the greedy choice, perplexity is exp(-mean
 log-likelihood of the word).
+
+Zero-shot classification, GPT-1's heuristic (Radford et al. 2018, §5): "For SST-2 we append the token
+very to each example and restrict the language model's output distribution to only the words positive
+and negative and guess the token it assigns higher probability to." Each labelled row becomes a
+multiple-choice item, scored as above: the query is its text + suffix (" very"), the choices are the
+verbalizers (" negative", " positive" after the delimiter), and acc picks the larger summed
+log-probability. Label i (an integer, or the i-th of the file's sorted label names) is verbalizer i.
+Chance is 1 / the number of verbalizers; the majority-class rate is what always guessing the commonest
+label would score.
 """
+import csv
 import glob
+import io
 import json
 import math
 import os
@@ -66,12 +79,17 @@ from shards import read_shard
 model = "out"              # a run directory (train.py's default out_dir) | a .pt file | 'gpt2', 'gpt2-medium',
                            # ... | a Hugging Face directory (export.py's): the same in sample, eval, export, serve
 ckpt = "best"              # in a run directory: 'best' (lowest val loss) | 'last' (newest) | a file name in it
-task = "ppl"               # 'ppl' | 'hellaswag' | 'mc' | 'lambada' | 'none' (only the completions of `prompts`)
+task = "ppl"               # 'ppl' | 'hellaswag' | 'mc' | 'lambada' | 'zeroshot' | 'none' (only the completions
+                           # of `prompts`)
 data = ""                  # ppl: "" = the run's val shards, or data/<name>, *.bin, a .txt file (glob: one document
                            # each), .jsonl/.parquet (one per row); hellaswag: "" = the hub's Rowan/hellaswag
                            # validation, or a local jsonl in its format; mc: a jsonl of {"query", "choices",
-                           # "gold"}; lambada: "" = the hub's EleutherAI/lambada_openai test, or a jsonl of {"text"}
-text_field = "text"        # ppl on .jsonl/.parquet: the column holding each document
+                           # "gold"}; lambada: "" = the hub's EleutherAI/lambada_openai test, or a jsonl of {"text"};
+                           # zeroshot: a labelled .jsonl/.csv/.tsv (text_field, label_field)
+text_field = "text"        # ppl on .jsonl/.parquet, zeroshot: the column holding each document
+label_field = "label"      # zeroshot: the column holding the label (an id from 0, or a name)
+suffix = " very"           # zeroshot: appended to each text (GPT-1 §5)
+verbalizers = "negative,positive"  # zeroshot: the word for each label, in label order, comma-separated
 data_dir = "data"          # where train.py's prepared datasets live: data/<dataset>/ for the val shards
 limit = 0                  # only the first N documents or items (0 = all): a quick look
 window = 0                 # context each prediction may see, in tokens; 0 = the model's block_size
@@ -93,7 +111,7 @@ device = "auto"            # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:
 dtype = "auto"             # 'auto' = bfloat16 on GPUs that have it, float32 on CPU | 'float32' | ...
 # --------------------------------------------------------------------------------------------------
 
-TASKS = ("ppl", "hellaswag", "mc", "lambada", "none")
+TASKS = ("ppl", "hellaswag", "mc", "lambada", "zeroshot", "none")
 HUB = {"hellaswag": ("Rowan/hellaswag", None, "validation"),  # (name, config, split), as lm-eval loads them
        "lambada": ("EleutherAI/lambada_openai", "default", "test")}
 # Published results to print beside ours: GPT-2 124M under lm-evaluation-harness's protocol, which is
@@ -272,18 +290,40 @@ def lambada(model, tok, texts, window, batch_size, ctx=None, device="cpu"):
 
 
 def read_items(path, what):
-    """Rows of a local .jsonl (or .json list) file."""
+    """Rows of a local .jsonl (or .json list) file, or of a .csv/.tsv table with a header row."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise UserError(f"cannot read {what} file {path}: {e.strerror}")
+    if path.lower().endswith((".csv", ".tsv")):
+        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if path.lower().endswith(".tsv") else ","))
     try:
         if text.lstrip().startswith("["):
             return json.loads(text)
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     except ValueError as e:
         raise UserError(f"{path} is not JSON lines ({e}); {what} data is one JSON object per line")
+
+
+def zeroshot_items(rows):
+    """Labelled rows -> multiple-choice items (see the docstring): query = text + suffix, choices = the
+    verbalizers, gold = the label's number: an integer label as it is, a name by its place among the sorted
+    names in the file."""
+    words = [w.strip() for w in verbalizers.split(",")]
+    if len(words) < 2 or not all(words):
+        raise UserError(f"verbalizers={verbalizers!r}: give a word per label, comma-separated, e.g. negative,positive")
+    for i, r in enumerate(rows):
+        if not (isinstance(r, dict) and isinstance(r.get(text_field), str) and r.get(label_field) not in (None, "")):
+            raise UserError(f"{data} row {i + 1} has no text in '{text_field}' or no label in '{label_field}'; "
+                            f"set --text_field and --label_field")
+    labels = [str(r[label_field]).strip() for r in rows]
+    names = sorted(set(labels))
+    gold = [int(x) for x in labels] if all(x.isdigit() for x in labels) else [names.index(x) for x in labels]
+    if gold and max(gold) >= len(words):
+        raise UserError(f"{data}: labels {', '.join(names[:5])} need {max(gold) + 1} verbalizers, and "
+                        f"verbalizers={verbalizers!r} has {len(words)}; give one word per label")
+    return [{"query": r[text_field] + suffix, "choices": words, "gold": g} for r, g in zip(rows, gold)]
 
 
 def hub_rows(name, config, split):
@@ -317,6 +357,9 @@ def main(argv=None):
         raise UserError(problem[1])
     if task == "mc" and not data:
         raise UserError("task=mc needs --data=FILE.jsonl, one {\"query\", \"choices\", \"gold\"} per line")
+    if task == "zeroshot" and not data:
+        raise UserError("task=zeroshot needs --data=FILE (.jsonl, .csv or .tsv) with a text and a label column "
+                        "(--text_field, --label_field)")
     if task == "none" and not prompts:
         raise UserError("task=none only writes completions: pass --prompts=FILE")
     if quantize not in MODES:
@@ -359,16 +402,18 @@ def main(argv=None):
             return perplexity(m, docs, tok.token_byte_lengths(), prefix, W, S, batch_size, ctx, dev), None
         if task == "lambada":
             return lambada(m, tok, items, W, batch_size, ctx, dev)
-        if task in ("hellaswag", "mc"):
+        if task in ("hellaswag", "mc", "zeroshot"):
             return multiple_choice(m, tok, items, W, batch_size, target_delimiter, ctx, dev)
         return {}, None
 
     t0 = time.time()
     metrics, records = evaluate(gpt)
     seconds = time.time() - t0
+    if task == "zeroshot":  # what always guessing the commonest label scores
+        metrics["majority"] = float(np.bincount([it["gold"] for it in items]).max() / len(items))
     n = metrics.get("tokens") if task == "ppl" else len(items or [])
     shown = {"ppl": ("perplexity", "bits_per_byte", "nats_per_token"), "lambada": ("acc", "perplexity"),
-             "hellaswag": ("acc", "acc_norm"), "mc": ("acc", "acc_norm"), "none": ()}[task]
+             "hellaswag": ("acc", "acc_norm"), "mc": ("acc", "acc_norm"), "zeroshot": ("acc",), "none": ()}[task]
     results = [{"metric": k, "value": metrics[k], "count": n} for k in shown]
     if quantize != "none":
         quantized = quantized_model(gpt, tok, state, W)
@@ -410,8 +455,9 @@ def main(argv=None):
         for r in results:
             print(f"{task:<10} {label[-34:]:<34} {r['metric']:<22} {r['value']:>10.4f} {r['count']:>10,}  "
                   f"{'%g %s' % refs[r['metric']] if r['metric'] in refs else ''}")
-        if task in ("hellaswag", "mc"):
-            print(f"{'':<10} {'':<34} {'chance':<22} {metrics['chance']:>10.4f}")
+        for k in ("chance", "majority") if task in ("hellaswag", "mc", "zeroshot") else ():
+            if k in metrics:
+                print(f"{'':<10} {'':<34} {k:<22} {metrics[k]:>10.4f}")
     for c in completions:
         print(f"--- {c['prompt']!r}\n{c['prompt']}{c['completion']}")
     print(f"wrote {dest} ({seconds:.1f}s)", file=sys.stderr)
@@ -442,7 +488,10 @@ def quantized_model(gpt, tok, state, window):
 
 
 def task_items():
-    """(items, label, dataset card fields) for hellaswag, lambada and mc: a local file, or the hub."""
+    """(items, label, dataset card fields) for hellaswag, lambada, mc and zeroshot: a local file, or the hub."""
+    local = {"type": "local", "name": os.path.basename(data), "split": "local file"}
+    if task == "zeroshot":
+        return zeroshot_items(read_items(data, "zeroshot")[:limit or None]), data, local
     if task == "mc":
         items = read_items(data, "mc")[:limit or None]
         for i, it in enumerate(items):
@@ -452,14 +501,14 @@ def task_items():
             if not ok:
                 raise UserError(f"{data} line {i + 1}: an item is {{\"query\": str, \"choices\": [2+ str], "
                                 f"\"gold\": index of the right choice}}")
-        return items, data, {"type": "local", "name": os.path.basename(data), "split": "local file"}
+        return items, data, local
     hub, hub_config, split = HUB[task]
     rows = read_items(data, task) if data else hub_rows(hub, hub_config, split)
     rows = rows[:limit] if limit else rows
     label = data or f"{hub} ({split})"
     name = {"hellaswag": "HellaSwag", "lambada": "LAMBADA (OpenAI)"}[task]
     # a local file is named as itself, not as the benchmark whose format it has
-    dataset = {"type": "local", "name": os.path.basename(data), "split": "local file"} if data else \
+    dataset = local if data else \
         {"type": hub, "name": name, **({"config": hub_config} if hub_config else {}), "split": split}
     try:
         items = [hellaswag_item(r) for r in rows] if task == "hellaswag" else [r["text"] for r in rows]

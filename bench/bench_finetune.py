@@ -27,13 +27,10 @@ Wall time, trainable parameters, optimizer-state bytes and peak RSS come from fi
 import glob
 import json
 import os
-import random
 import shutil
-import subprocess
 import sys
-import time
 
-from benchlib import ROOT  # first: it puts the repository root on sys.path
+from benchlib import bag_of_words, finetune_final, labelled_subset, sh, task_folder  # first: the root on sys.path
 from configurator import configure
 
 sst2 = ""                  # folder with GLUE SST-2's train (train_full.tsv or train.tsv) and dev.tsv
@@ -58,17 +55,6 @@ threads = 1                # OMP_NUM_THREADS for every run (on 2 shared cores on
 PY = sys.executable
 
 
-def sh(cmd, log):
-    """Run a command, its output to log; raise with the log's tail if it fails. Returns wall seconds."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if p.returncode:
-        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n" + open(log).read()[-3000:])
-    return time.perf_counter() - t0
-
-
 def read_tsv(path):
     """GLUE tsv: a header line, tab-separated, no quoting."""
     with open(path, encoding="utf-8") as f:
@@ -76,35 +62,13 @@ def read_tsv(path):
     return [dict(zip(header.split("\t"), line.split("\t"))) for line in lines]
 
 
-def write_tsv(path, rows, fields):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\t".join(fields) + "\n" + "".join("\t".join(r[k] for k in fields) + "\n" for r in rows))
-
-
-def task_folder(name, src, n, fields):
-    """work/<name>/: train.tsv (a seeded subset of n rows) and test.tsv (GLUE's dev set)."""
+def glue_task(name, src, n, fields):
+    """work/<name>/: train (a seeded subset of n rows) and test (GLUE's dev set), as finetune.py reads them."""
     train = next(p for p in (os.path.join(src, "train_full.tsv"), os.path.join(src, "train.tsv")) if os.path.exists(p))
-    rows, dev = read_tsv(train), read_tsv(os.path.join(src, "dev.tsv"))
-    if n and n < len(rows):
-        rows = random.Random(0).sample(rows, n)
-    d = os.path.abspath(os.path.join(work, name))
-    os.makedirs(d, exist_ok=True)
-    write_tsv(os.path.join(d, "train.tsv"), rows, fields + ["label"])
-    write_tsv(os.path.join(d, "test.tsv"), dev, fields + ["label"])
+    rows, _ = labelled_subset(read_tsv(train), n, 0)
+    dev = read_tsv(os.path.join(src, "dev.tsv"))
+    d = task_folder(os.path.abspath(os.path.join(work, name)), {"train": rows, "test": dev}, fields + ["label"])
     return d, rows, dev
-
-
-def bag_of_words(train, dev, fields):
-    from sklearn.feature_extraction.text import CountVectorizer
-    from sklearn.linear_model import LogisticRegression
-    text = lambda rows: [" ||| ".join(r[f] for f in fields) for r in rows]  # noqa: E731
-    t0 = time.perf_counter()
-    vec = CountVectorizer(ngram_range=(1, 2), min_df=1)
-    x = vec.fit_transform(text(train))
-    clf = LogisticRegression(max_iter=2000, C=1.0).fit(x, [r["label"] for r in train])
-    acc = (clf.predict(vec.transform(text(dev))) == [r["label"] for r in dev]).mean()
-    return {"accuracy": float(acc), "trainable_params": int(clf.coef_.size + clf.intercept_.size),
-            "optimizer_state_bytes": None, "peak_memory_bytes": None, "seconds": time.perf_counter() - t0}
 
 
 def main():
@@ -125,19 +89,19 @@ def main():
         files = sorted(glob.glob(prose))
         print(f"prepare.py: {len(files)} prose files, BPE of {vocab_size}", flush=True)
         dt = sh([PY, "prepare.py", f"--input={prose}", f"--name={name}", "--tokenizer=train", f"--vocab_size={vocab_size}",
-                 "--separator=\n = ", "--val_fraction=0.05"], os.path.join(logs, "prepare.log"))
+                 "--separator=\n = ", "--val_fraction=0.05"], os.path.join(logs, "prepare.log"), threads)
         print(f"  {dt:.0f} s", flush=True)
         shutil.rmtree(base_run, ignore_errors=True)
         print(f"train.py: {pretrain_iters} steps", flush=True)
         dt = sh([PY, "train.py", f"--dataset={name}", f"--out_dir={base_run}", f"--max_iters={pretrain_iters}",
-                 *pretrain_args.split()], os.path.join(logs, "pretrain.log"))
+                 *pretrain_args.split()], os.path.join(logs, "pretrain.log"), threads)
         evals = [json.loads(line) for line in open(os.path.join(base_run, "log.jsonl")) if "val_bpb" in line]
         results["pretrain"] = {"seconds": dt, "val_bpb": evals[-1]["val_bpb"], "steps": pretrain_iters}
         print(f"  {dt:.0f} s, val {evals[-1]['val_bpb']:.3f} bits/byte", flush=True)
     if not os.path.exists(os.path.join(scratch_run, "best.pt")):  # the same shapes, random weights: step 0
         shutil.rmtree(scratch_run, ignore_errors=True)
         sh([PY, "train.py", f"--dataset={name}", f"--out_dir={scratch_run}", "--max_iters=0", *pretrain_args.split()],
-           os.path.join(logs, "scratch.log"))
+           os.path.join(logs, "scratch.log"), threads)
 
     # ---- fine-tuning -------------------------------------------------------------------------------------
     specs = {"sst2": (sst2, sst2_train, ["sentence"], "classification"),
@@ -152,7 +116,7 @@ def main():
         src, n, fields, kind = specs[t]
         if not src:
             continue
-        d, train_rows, dev_rows = task_folder(t, src, n, fields)
+        d, train_rows, dev_rows = glue_task(t, src, n, fields)
         results[t] = {"train_examples": len(train_rows), "dev_examples": len(dev_rows)}
         for row in rows.split(","):
             print(f"{t} {row} ...", flush=True)
@@ -165,8 +129,8 @@ def main():
                 dt = sh([PY, "finetune.py", "config/finetune_gpt1.py", f"--model={base}", f"--data={d}",
                          f"--task={kind}", f"--text_fields={','.join(fields)}", f"--out_dir={out}", f"--epochs={epochs}",
                          f"--max_len={max_len}", "--eval_interval=50", "--patience=0", "--device=cpu", "--dtype=float32",
-                         *extra], os.path.join(logs, f"{t}-{row}.log"))
-                final = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))][-1]["final"]
+                         *extra], os.path.join(logs, f"{t}-{row}.log"), threads)
+                final = finetune_final(out)
                 results[t][row] = {"accuracy": final["test"]["accuracy"], "val_accuracy": final["val"]["accuracy"],
                                    "trainable_params": final["trainable_params"],
                                    "optimizer_state_bytes": final["optimizer_state_bytes"],

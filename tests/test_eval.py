@@ -3,6 +3,7 @@ exponential of the mean token loss computed independently; the script writes one
 completions beside the numbers; bad input is one line; and on an exported model eval.py's multiple
 choice and LAMBADA agree with lm-evaluation-harness itself: acc and acc_norm equal, every
 log-likelihood within 1e-4."""
+import csv
 import dataclasses
 import importlib
 import json
@@ -311,3 +312,55 @@ def test_scores_under_bf16_autocast_equal_float32(monkeypatch):
     monkeypatch.setattr(model, "log_probs", lambda h: model.head(h).float().log_softmax(-1))
     old = [s for s, _ in ev.score(model, rows, 8, ctx=bf16())]
     assert max(abs(a - b) for a, b in zip(f32, old)) > 0.05
+
+
+def test_zeroshot_picks_the_verbalizer_the_model_finds_likelier(workdir, tok, tmp_path):
+    """GPT-1's zero-shot heuristic (§5): each text + " very", then one verbalizer or the other. The choice,
+    its log-likelihoods and the accuracy equal a hand computation from the model's logits (log-softmax at
+    each verbalizer token, summed); label names map to verbalizers in sorted order, ids as they are. The
+    verbalizers are words of four tokens each here: a random model prefers the shorter of two words of
+    unequal length whatever the text, and this pair is split by the texts (16 of 24)."""
+    model = tiny_model("gpt2", tok).eval()  # a context of 128 holds every text
+    ckpt = save_checkpoint(model, tok, tmp_path / "m.pt")
+    rnd, words = random.Random(0), (workdir / "corpus" / "textwrap.txt").read_text().split()
+    texts = [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 12))) for _ in range(24)]
+    gold = [rnd.randint(0, 1) for _ in texts]
+    with open(tmp_path / "sst.csv", "w", newline="") as f:  # names, sorted: minus is label 0, plus label 1
+        csv.writer(f).writerows([("sentence", "label"), *((t, ("minus", "plus")[g]) for t, g in zip(texts, gold))])
+    write_jsonl(tmp_path / "sst.jsonl", [{"sentence": t, "label": g} for t, g in zip(texts, gold)])
+    verbalizers = ("good", "great")
+    assert all(len(tok.encode(" " + v)) > 1 for v in verbalizers)  # a sum over several tokens, not one
+
+    def by_hand(text, word):
+        context, whole = tok.encode(text + " very"), tok.encode(text + " very " + word)
+        assert whole[:len(context)] == context
+        with torch.no_grad():
+            logp = model(torch.tensor([whole[:-1]]))[0][0].log_softmax(-1)  # (T, vocab)
+        return sum(logp[p - 1, whole[p]].item() for p in range(len(context), len(whole)))
+    hand = [[by_hand(t, v) for v in verbalizers] for t in texts]
+    picks = [int(b > a) for a, b in hand]
+    assert 0 < sum(picks) < len(picks)  # a model that always picks one word would agree vacuously
+    for data in ("sst.csv", "sst.jsonl"):
+        res = ev.main([f"--model={ckpt}", "--task=zeroshot", f"--data={tmp_path / data}", "--text_field=sentence",
+                       "--verbalizers=good,great", "--device=cpu", "--batch_size=5", f"--out={tmp_path / 'zs.json'}"])
+        assert [it["gold"] for it in res["items"]] == gold
+        assert [it["pred"] for it in res["items"]] == picks
+        got = [ll for it in res["items"] for ll in it["loglikelihoods"]]
+        assert got == pytest.approx([ll for pair in hand for ll in pair], abs=1e-4)
+        values = {r["metric"]: r for r in res["results"]}
+        assert values["acc"]["value"] == pytest.approx(sum(p == g for p, g in zip(picks, gold)) / len(gold))
+        assert values["acc"]["count"] == len(texts)
+        assert res["details"]["chance"] == 0.5
+        assert res["details"]["majority"] == pytest.approx(max(sum(gold), len(gold) - sum(gold)) / len(gold))
+        assert json.loads((tmp_path / "zs.json").read_text())["results"] == res["results"]
+    from configurator import run
+    write_jsonl(tmp_path / "three.jsonl", [{"sentence": t, "label": i % 3} for i, t in enumerate(texts)])
+    three = f"--data={tmp_path / 'three.jsonl'}"
+    for flags, message in ((["--verbalizers=good"], "verbalizers='good': give a word per label"),
+                           ([three], "labels 0, 1, 2 need 3 verbalizers, and verbalizers='good,great' has 2"),
+                           (["--label_field=gold"], "row 1 has no text in 'sentence' or no label in 'gold'")):
+        with pytest.raises(SystemExit) as e:
+            run(ev.main, [f"--model={ckpt}", "--task=zeroshot", f"--data={tmp_path / 'sst.csv'}",
+                          "--text_field=sentence", "--verbalizers=good,great", *flags, f"--out={tmp_path / 'x.json'}"])
+        assert str(e.value.code).startswith("error: ") and message in str(e.value.code), (flags, e.value.code)
+    assert not (tmp_path / "x.json").exists()  # a failed run writes no results

@@ -1,0 +1,279 @@
+"""
+bench/bench_gpt1.py: GPT-1's evidence (Radford et al. 2018) at laptop scale, as one command. Does generative
+pretraining help most where labels are few (learning curves against the same model from random weights and
+a bag of words)? How much does each transferred layer add (§5, figure 2 left)? Does the language model learn
+the task before it sees a label (the zero-shot heuristic over pretraining, figure 2 right)? What does the
+auxiliary LM loss add (table 5)? And does a small student distilled from the fine-tuned model on unlabelled
+text beat the same student trained on the labels alone?
+
+    python bench/gpt1_data.py --mirrors=mirrors --out=gpt1_data          # corpus/, sst2/, rte/
+    python bench/bench_gpt1.py --corpus='gpt1_data/corpus/*.txt' --pretrain_args=config/gpt1_laptop.py \\
+        --task=gpt1_data/sst2,gpt1_data/rte --out=gpt1.json              # gpt1.json and the figure gpt1.png
+    python bench/bench_gpt1.py --pretrained=out-gpt1 --pretrain_args=config/gpt1_laptop.py --task=...
+
+Steps: prepare.py trains a BPE on the corpus and writes shards; train.py pretrains, keeping every step
+checkpoint (for the zero-shot curve; or --pretrained names a run that did); train.py --max_iters=0 writes the
+same architecture at random weights (scratch) and the student's. Each fine-tuning run sees a seeded random N
+rows of the task's train split (the seed index is also finetune.py's seed), the val split as given for early
+stopping, and is scored on the test split: finetune.py's final record in its log.jsonl. Rows:
+  pretrained      config/finetune_gpt1.py from the pretrained model (lm_coef 0.5)    at every label count
+  scratch         the same, from random weights (the architecture alone)             at every label count
+  bag_of_words    logistic regression on unigram and bigram counts (scikit-learn)    at every label count
+  no_aux_lm       pretrained with lm_coef=0                                          at ablation_labels
+  layers_K        pretrained, the embeddings and the first K blocks transferred, K = 0..n_layer (--transfer_layers)
+  zeroshot        eval.py --task=zeroshot (text + " very": negative or positive?) on each pretraining checkpoint,
+                  the test split of every one-text task; chance and the majority class beside it
+  distilled       the student (student_args) fine-tuned with the pretrained row's model at ablation_labels
+                  (same seed) as --teacher, on the rest of train without labels (--unlabeled)
+  student_alone   the same student on the labels alone
+A task whose rows have sentence1 and sentence2 runs as entailment, one with sentence as classification.
+Each finished (row, task, labels, seed) is a file in work/results/, so a run that stops goes on where it
+stopped; --parts runs a subset. The JSON (--out) has one entry per row, task and label count (per-seed test
+accuracies, mean, sample std, wall seconds); the PNG beside it draws the curves in the paper's style.
+"""
+import glob
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+from benchlib import bag_of_words, finetune_final, labelled_subset, read_jsonl, sh, task_folder, write_jsonl  # first
+import checkpoint
+from atomic import atomic_write
+from configurator import configure
+
+corpus = ""                # .txt/.jsonl files to pretrain on (a glob; prepare.py --input)
+pretrained = ""            # or an existing train.py run (out_dir) whose step checkpoints ckpt_*.pt were kept
+pretrain_args = "config/gpt1_laptop.py"  # train.py's config file and/or --key=value overrides (shape, steps)
+prepare_args = "--vocab_size=8192 --bpe_train_mb=40"  # prepare.py --tokenizer=train's (config/gpt1_laptop.py's)
+task = ""                  # finetune.py data folders (train/val/test .jsonl), comma-separated
+labels = "250,1000,4000,all"  # labelled train rows per run: the learning curves' points
+seeds = 3                  # label subsets (and finetune.py seeds) per point
+ablation_labels = 1000     # the label count of no_aux_lm, layers_K, distilled and student_alone
+learning_rate = 3e-4       # fine-tuning; GPT-1's 6.25e-5 is for 117M parameters, small models want more
+finetune_args = ""         # more finetune.py overrides for every run, e.g. --epochs=1
+student_args = "--n_layer=2 --n_head=4 --n_embd=128"  # the student's shape, over pretrain_args
+unlabeled = 0              # rows the student is distilled on; 0 = all the train rows not labelled
+suffix = " very"           # zeroshot: eval.py's --suffix and --verbalizers (GPT-1 §5, SST-2)
+verbalizers = "negative,positive"
+parts = "curves,no_aux_lm,layers,zeroshot,distilled"
+out = "bench_gpt1.json"    # the results; the figure goes beside it (.png)
+work = "data/bench_gpt1"   # prepared data, runs, logs and the finished results (the cache)
+threads = 1                # OMP_NUM_THREADS for every run
+
+PY = sys.executable
+PARTS = ("curves", "no_aux_lm", "layers", "zeroshot", "distilled")
+
+
+def load_task(d):
+    """A task folder -> {name, kind, fields, splits}; the kind from the text fields of its first row."""
+    try:
+        splits = {s: read_jsonl(os.path.join(d, f"{s}.jsonl")) for s in ("train", "val", "test")}
+    except OSError as e:
+        raise SystemExit(f"--task={d}: {e.strerror}: {e.filename}; a task folder holds train, val and test .jsonl")
+    first = splits["train"][0]
+    if "sentence1" in first and "sentence2" in first:
+        kind, fields = "entailment", ["sentence1", "sentence2"]
+    elif "sentence" in first:
+        kind, fields = "classification", ["sentence"]
+    else:
+        raise SystemExit(f"--task={d}: rows need 'sentence' (classification) or 'sentence1' and 'sentence2'")
+    return {"name": os.path.basename(os.path.normpath(d)), "dir": d, "kind": kind, "fields": fields, "splits": splits}
+
+
+def main():
+    configure(globals())
+    if not (corpus or pretrained) or not task or set(parts.split(",")) - set(PARTS):
+        raise SystemExit(f"give --corpus=GLOB or --pretrained=RUN, --task=DIR[,DIR], and --parts of {','.join(PARTS)}")
+    W = os.path.abspath(work)
+    for sub in ("logs", "results", "runs", "tasks"):
+        os.makedirs(os.path.join(W, sub), exist_ok=True)
+    log = lambda name: os.path.join(W, "logs", name + ".log")  # noqa: E731
+    tasks = [load_task(os.path.abspath(d)) for d in task.split(",")]
+    rows, part_seconds = [], {}
+
+    def cached(key, run, keep=""):
+        """The result stored as results/<key>.json, or run()'s, stored there. keep: a file the result's run
+        must have left (a teacher's best.pt); without it the run is done again."""
+        path = os.path.join(W, "results", key + ".json")
+        if os.path.exists(path) and (not keep or os.path.exists(keep)):
+            with open(path) as f:
+                return json.load(f)
+        print(f"  running {key}", flush=True)
+        result = run()
+        atomic_write(path, json.dumps(result))
+        return result
+
+    def subset(t, n, s):
+        """(data folder of t with s's n labelled train rows, the unlabelled rest of train)."""
+        train, rest = labelled_subset(t["splits"]["train"], n, s)
+        d = task_folder(os.path.join(W, "tasks", f"{t['name']}-{n}-s{s}"), {**t["splits"], "train": train},
+                        t["fields"] + ["label"])
+        return d, train, rest
+
+    def finetune(row, t, n, s, model, *extra, keep=False):
+        """finetune.py on t's s-th subset of n labels: {"accuracy" on test, "seconds"}. keep: the run stays."""
+        key = f"{row}-{t['name']}-{n}-s{s}"
+        run = os.path.join(W, "runs", key)
+
+        def go():
+            shutil.rmtree(run, ignore_errors=True)
+            d, _, _ = subset(t, n, s)
+            dt = sh([PY, "finetune.py", "config/finetune_gpt1.py", f"--model={model}", f"--data={d}",
+                     f"--task={t['kind']}", f"--text_fields={','.join(t['fields'])}", f"--out_dir={run}", f"--seed={s}",
+                     f"--learning_rate={learning_rate}", "--device=cpu", "--dtype=float32", *finetune_args.split(),
+                     *extra], log(key), threads)
+            accuracy = finetune_final(run)["test"]["accuracy"]
+            if not keep:
+                shutil.rmtree(run)  # a run's best.pt is the whole model: dozens of runs would fill a disk
+            return {"accuracy": accuracy, "seconds": dt}
+        return cached(key, go, os.path.join(run, "best.pt") if keep else "")
+
+    def zeroshot(t, ckpt, step):
+        """eval.py --task=zeroshot with the checkpoint on t's test split: accuracy, chance, majority."""
+        key = f"zeroshot-{t['name']}-{step}"
+        dest = os.path.join(W, "runs", key + ".json")
+
+        def go():
+            dt = sh([PY, "eval.py", f"--model={ckpt}", "--task=zeroshot", f"--data={t['dir']}/test.jsonl",
+                     f"--text_field={t['fields'][0]}", "--label_field=label", f"--suffix={suffix}",
+                     f"--verbalizers={verbalizers}", f"--out={dest}", "--device=cpu", "--dtype=float32"],
+                    log(key), threads)
+            with open(dest) as f:
+                r = json.load(f)
+            return {"accuracy": r["results"][0]["value"], "chance": r["details"]["chance"],
+                    "majority": r["details"]["majority"], "seconds": dt}
+        return cached(key, go)
+
+    def add(row, t, n, results, **more):
+        """One row of the report: the seeds' test accuracies at n labels."""
+        accs = [r["accuracy"] for r in results]
+        rows.append({"row": row, "task": t["name"], "labels": n, "seeds": accs, "mean": statistics.mean(accs),
+                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                     "seconds": sum(r["seconds"] for r in results), **more})
+        print(f"{row:<14} {t['name']:<10} {n:>7,} labels: {rows[-1]['mean']:.3f} +- {rows[-1]['std']:.3f}", flush=True)
+
+    def init_run(name, *extra):
+        """train.py --max_iters=0 over pretrain_args: the step-0 checkpoint of that shape (random weights)."""
+        run = os.path.join(W, "runs", name)
+        if not os.path.exists(os.path.join(run, "best.pt")):
+            shutil.rmtree(run, ignore_errors=True)
+            sh([PY, "train.py", *pretrain_args.split(), f"--dataset={dataset}", f"--out_dir={run}", "--max_iters=0",
+                *extra], log(name), threads)
+        return run
+
+    # ---- pretraining, and the same shape at random weights -------------------------------------------------
+    t0 = time.perf_counter()
+    pre = os.path.abspath(pretrained) if pretrained else os.path.join(W, "runs", "pretrain")
+    if not pretrained and not os.path.exists(pre + ".done"):  # both scripts resume where they stopped
+        files = sorted(glob.glob(corpus))
+        if not files:
+            raise SystemExit(f"--corpus={corpus} matches no file")
+        print(f"prepare.py: {len(files)} files, {prepare_args}", flush=True)
+        sh([PY, "prepare.py", f"--input={os.path.abspath(corpus)}", "--name=corpus", f"--data_dir={W}/data",
+            "--tokenizer=train", *prepare_args.split()], log("prepare"), threads)
+        print(f"train.py {pretrain_args}", flush=True)  # every step checkpoint kept, unless the config says otherwise
+        sh([PY, "train.py", "--keep_last=1000000", "--init_from=auto", *pretrain_args.split(),
+            f"--dataset={W}/data/corpus", f"--out_dir={pre}"], log("pretrain"), threads)
+        open(pre + ".done", "w").close()
+    state = checkpoint.load(checkpoint.find(pre, "best"))
+    dataset, shape = state["config"]["dataset"], state["model_args"]
+    scratch = init_run("scratch")
+    if checkpoint.load(os.path.join(scratch, "best.pt"))["model_args"] != shape:
+        raise SystemExit(f"--pretrain_args give another shape than {pre}'s; pass the arguments it was trained with")
+    part_seconds["pretraining"] = time.perf_counter() - t0
+    print(f"pretraining: {pre} (step {state['iter_num']}), {part_seconds['pretraining']:.0f} s", flush=True)
+
+    # ---- the rows --------------------------------------------------------------------------------------------
+    for part in parts.split(","):
+        t0 = time.perf_counter()
+        for t in tasks:
+            N = len(t["splits"]["train"])
+            A = min(ablation_labels, N)
+            seeded = lambda row, n, model, *extra, keep=False: [  # noqa: E731
+                finetune(row, t, n, s, model, *extra, keep=keep) for s in range(seeds)]
+            if part == "curves":
+                for n in sorted({N if x == "all" else min(int(x), N) for x in labels.split(",")}):
+                    add("pretrained", t, n, seeded("pretrained", n, pre, keep=n == A))  # at A: the teacher
+                    add("scratch", t, n, seeded("scratch", n, scratch))
+                    add("bag_of_words", t, n, [cached(f"bag_of_words-{t['name']}-{n}-s{s}", lambda: bag_of_words(
+                        subset(t, n, s)[1], t["splits"]["test"], t["fields"])) for s in range(seeds)])
+            elif part == "no_aux_lm":
+                add("no_aux_lm", t, A, seeded("no_aux_lm", A, pre, "--lm_coef=0"))
+            elif part == "layers":
+                for k in range(shape["n_layer"] + 1):
+                    add(f"layers_{k}", t, A, seeded(f"layers_{k}", A, pre, f"--transfer_layers={k}"), layers=k)
+            elif part == "zeroshot" and t["kind"] == "classification":
+                for ckpt in checkpoint.step_checkpoints(pre):
+                    step = int(os.path.basename(ckpt)[len("ckpt_"):-len(".pt")])
+                    r = zeroshot(t, ckpt, step)
+                    add("zeroshot", t, 0, [r], step=step, chance=r["chance"], majority=r["majority"])
+            elif part == "distilled":
+                student = init_run("student", *student_args.split())
+                distilled = []
+                for s in range(seeds):
+                    finetune("pretrained", t, A, s, pre, keep=True)  # the teacher: the curves' run at A
+                    pool = os.path.join(W, "tasks", f"{t['name']}-{A}-s{s}.unlabeled.jsonl")
+                    write_jsonl(pool, subset(t, A, s)[2][:unlabeled or None], t["fields"])
+                    distilled.append(finetune("distilled", t, A, s, student, f"--unlabeled={pool}",
+                                              f"--teacher={W}/runs/pretrained-{t['name']}-{A}-s{s}"))
+                add("distilled", t, A, distilled)
+                add("student_alone", t, A, seeded("student_alone", A, student))
+        part_seconds[part] = time.perf_counter() - t0
+        print(f"{part}: {part_seconds[part]:.0f} s", flush=True)
+
+    # ---- the report --------------------------------------------------------------------------------------------
+    report = {"pretrained": pre, "step": state["iter_num"], "model_args": shape, "part_seconds": part_seconds,
+              "settings": {k: globals()[k] for k in ("labels", "seeds", "ablation_labels", "learning_rate", "parts",
+                                                     "pretrain_args", "finetune_args", "student_args", "unlabeled")},
+              "rows": rows}
+    png = os.path.splitext(out)[0] + ".png"
+    atomic_write(out, json.dumps(report, indent=1) + "\n")
+    figure(rows, png)
+    print(f"wrote {out} and {png}", flush=True)
+
+
+def figure(rows, path):
+    """Figure 2's style: per task, accuracy against labelled examples (log x, a band of one std over the
+    seeds; the rows run at one label count as points), then accuracy against layers transferred, then
+    zero-shot accuracy against pretraining step with chance and the majority class as lines."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display: a file
+    import matplotlib.pyplot as plt
+    of = lambda row, task=None: [r for r in rows if r["row"].startswith(row) and task in (None, r["task"])]  # noqa
+    curves = list(dict.fromkeys(r["task"] for r in rows if r["row"] in ("pretrained", "scratch", "bag_of_words")))
+    panels = curves + ["layers"] * bool(of("layers_")) + ["zeroshot"] * bool(of("zeroshot"))
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.6), squeeze=False)
+
+    def line(ax, points, label, **kw):  # points: (x, mean, std)
+        x, m, s = zip(*sorted(points))
+        ax.plot(x, m, "o-", label=label, ms=3, **kw)
+        ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2, **kw)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "layers":
+            for task in dict.fromkeys(r["task"] for r in of("layers_")):
+                line(ax, [(r["layers"], r["mean"], r["std"]) for r in of("layers_", task)], task)
+            ax.set(xlabel="layers transferred", ylabel="test accuracy", title="transfer")
+        elif panel == "zeroshot":
+            for task in dict.fromkeys(r["task"] for r in of("zeroshot")):
+                line(ax, [(r["step"], r["mean"], r["std"]) for r in of("zeroshot", task)], task)
+                ax.axhline(of("zeroshot", task)[0]["majority"], ls=":", c="gray", label="majority class")
+            ax.axhline(of("zeroshot")[0]["chance"], ls="--", c="k", label="chance")
+            ax.set(xlabel="pretraining step", ylabel="zero-shot accuracy", title="zero-shot (text + very)")
+        else:
+            for row in ("pretrained", "scratch", "bag_of_words"):
+                if of(row, panel):
+                    line(ax, [(r["labels"], r["mean"], r["std"]) for r in of(row, panel)], row)
+            for r in of("no_aux_lm", panel) + of("distilled", panel) + of("student_alone", panel):
+                ax.errorbar(r["labels"], r["mean"], r["std"], fmt="s", capsize=3, ms=4, label=r["row"])
+            ax.set(xscale="log", xlabel="labelled examples", ylabel="test accuracy", title=panel)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
