@@ -37,7 +37,9 @@ import os
 import shutil
 import statistics
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from benchlib import bag_of_words, finetune_final, labelled_subset, read_jsonl, sh, task_folder, write_jsonl  # first
 import checkpoint
@@ -51,6 +53,7 @@ prepare_args = "--vocab_size=8192 --bpe_train_mb=40"  # prepare.py --tokenizer=t
 task = ""                  # finetune.py data folders (train/val/test .jsonl), comma-separated
 labels = "250,1000,4000,all"  # labelled train rows per run: the learning curves' points
 seeds = 3                  # label subsets (and finetune.py seeds) per point
+large_seeds = 1            # seeds at label counts above ablation_labels: the slowest runs, and the least noisy
 ablation_labels = 1000     # the label count of no_aux_lm, layers_K, distilled and student_alone
 learning_rate = 3e-4       # fine-tuning; GPT-1's 6.25e-5 is for 117M parameters, small models want more
 finetune_args = ""         # more finetune.py overrides for every run, e.g. --epochs=1
@@ -62,13 +65,17 @@ parts = "curves,no_aux_lm,layers,zeroshot,distilled"
 out = "bench_gpt1.json"    # the results; the figure goes beside it (.png)
 work = "data/bench_gpt1"   # prepared data, runs, logs and the finished results (the cache)
 threads = 1                # OMP_NUM_THREADS for every run
+jobs = 2                   # runs at a time: on 2 cores, two 1-thread runs of these small models finish sooner
+                           # than one 2-thread run at a time (their steps are too small to keep two threads busy)
 
 PY = sys.executable
 PARTS = ("curves", "no_aux_lm", "layers", "zeroshot", "distilled")
 
 
-def load_task(d):
-    """A task folder -> {name, kind, fields, splits}; the kind from the text fields of its first row."""
+def load_task(spec):
+    """A task folder DIR or DIR:part+part (the parts it runs; default all of --parts) -> {name, kind, fields,
+    splits, parts}; the kind from the text fields of its first row."""
+    d, _, only = spec.partition(":")
     try:
         splits = {s: read_jsonl(os.path.join(d, f"{s}.jsonl")) for s in ("train", "val", "test")}
     except OSError as e:
@@ -80,7 +87,8 @@ def load_task(d):
         kind, fields = "classification", ["sentence"]
     else:
         raise SystemExit(f"--task={d}: rows need 'sentence' (classification) or 'sentence1' and 'sentence2'")
-    return {"name": os.path.basename(os.path.normpath(d)), "dir": d, "kind": kind, "fields": fields, "splits": splits}
+    return {"name": os.path.basename(os.path.normpath(d)), "dir": d, "kind": kind, "fields": fields, "splits": splits,
+            "parts": only.split("+") if only else list(PARTS)}
 
 
 def main():
@@ -92,6 +100,8 @@ def main():
         os.makedirs(os.path.join(W, sub), exist_ok=True)
     log = lambda name: os.path.join(W, "logs", name + ".log")  # noqa: E731
     tasks = [load_task(os.path.abspath(d)) for d in task.split(",")]
+    pool = ThreadPoolExecutor(jobs)  # each run is a subprocess: threads only wait for them
+    writing = threading.Lock()
     rows, part_seconds = [], {}
 
     def cached(key, run, keep=""):
@@ -109,8 +119,9 @@ def main():
     def subset(t, n, s):
         """(data folder of t with s's n labelled train rows, the unlabelled rest of train)."""
         train, rest = labelled_subset(t["splits"]["train"], n, s)
-        d = task_folder(os.path.join(W, "tasks", f"{t['name']}-{n}-s{s}"), {**t["splits"], "train": train},
-                        t["fields"] + ["label"])
+        with writing:  # runs in parallel threads share the folder of one (task, n, seed)
+            d = task_folder(os.path.join(W, "tasks", f"{t['name']}-{n}-s{s}"), {**t["splits"], "train": train},
+                            t["fields"] + ["label"])
         return d, train, rest
 
     def finetune(row, t, n, s, model, *extra, keep=False):
@@ -148,7 +159,8 @@ def main():
         return cached(key, go)
 
     def add(row, t, n, results, **more):
-        """One row of the report: the seeds' test accuracies at n labels."""
+        """One row of the report: the seeds' test accuracies at n labels (results: dicts, or futures of them)."""
+        results = [r.result() if hasattr(r, "result") else r for r in results]
         accs = [r["accuracy"] for r in results]
         rows.append({"row": row, "task": t["name"], "labels": n, "seeds": accs, "mean": statistics.mean(accs),
                      "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -189,44 +201,56 @@ def main():
     # ---- the rows --------------------------------------------------------------------------------------------
     for part in parts.split(","):
         t0 = time.perf_counter()
+        pending = []  # (row, task, labels, futures, more): every run of the part is queued, then reported in order
         for t in tasks:
+            if part not in t["parts"]:
+                continue
             N = len(t["splits"]["train"])
             A = min(ablation_labels, N)
             seeded = lambda row, n, model, *extra, keep=False: [  # noqa: E731
-                finetune(row, t, n, s, model, *extra, keep=keep) for s in range(seeds)]
+                pool.submit(finetune, row, t, n, s, model, *extra, keep=keep)
+                for s in range(seeds if n <= A else large_seeds)]
+            later = lambda row, n, futures, **more: pending.append((row, t, n, futures, more))  # noqa: E731
             if part == "curves":
                 for n in sorted({N if x == "all" else min(int(x), N) for x in labels.split(",")}):
-                    add("pretrained", t, n, seeded("pretrained", n, pre, keep=n == A))  # at A: the teacher
-                    add("scratch", t, n, seeded("scratch", n, scratch))
-                    add("bag_of_words", t, n, [cached(f"bag_of_words-{t['name']}-{n}-s{s}", lambda: bag_of_words(
-                        subset(t, n, s)[1], t["splits"]["test"], t["fields"])) for s in range(seeds)])
+                    later("pretrained", n, seeded("pretrained", n, pre, keep=n == A))  # at A: the teacher
+                    later("scratch", n, seeded("scratch", n, scratch))
+                    later("bag_of_words", n, [cached(f"bag_of_words-{t['name']}-{n}-s{s}", lambda: bag_of_words(
+                        subset(t, n, s)[1], t["splits"]["test"], t["fields"]))
+                        for s in range(seeds if n <= A else large_seeds)])
             elif part == "no_aux_lm":
-                add("no_aux_lm", t, A, seeded("no_aux_lm", A, pre, "--lm_coef=0"))
+                later("no_aux_lm", A, seeded("no_aux_lm", A, pre, "--lm_coef=0"))
             elif part == "layers":
                 for k in range(shape["n_layer"] + 1):
-                    add(f"layers_{k}", t, A, seeded(f"layers_{k}", A, pre, f"--transfer_layers={k}"), layers=k)
+                    later(f"layers_{k}", A, seeded(f"layers_{k}", A, pre, f"--transfer_layers={k}"), layers=k)
             elif part == "zeroshot" and t["kind"] == "classification":
                 for ckpt in checkpoint.step_checkpoints(pre):
                     step = int(os.path.basename(ckpt)[len("ckpt_"):-len(".pt")])
-                    r = zeroshot(t, ckpt, step)
-                    add("zeroshot", t, 0, [r], step=step, chance=r["chance"], majority=r["majority"])
+                    later("zeroshot", 0, [pool.submit(zeroshot, t, ckpt, step)], step=step)
             elif part == "distilled":
                 student = init_run("student", *student_args.split())
-                distilled = []
-                for s in range(seeds):
+
+                def distil(t, s, A=A, student=student):
                     finetune("pretrained", t, A, s, pre, keep=True)  # the teacher: the curves' run at A
-                    pool = os.path.join(W, "tasks", f"{t['name']}-{A}-s{s}.unlabeled.jsonl")
-                    write_jsonl(pool, subset(t, A, s)[2][:unlabeled or None], t["fields"])
-                    distilled.append(finetune("distilled", t, A, s, student, f"--unlabeled={pool}",
-                                              f"--teacher={W}/runs/pretrained-{t['name']}-{A}-s{s}"))
-                add("distilled", t, A, distilled)
-                add("student_alone", t, A, seeded("student_alone", A, student))
+                    unl = os.path.join(W, "tasks", f"{t['name']}-{A}-s{s}.unlabeled.jsonl")
+                    rest = subset(t, A, s)[2][:unlabeled or None]
+                    with writing:
+                        write_jsonl(unl, rest, t["fields"])
+                    return finetune("distilled", t, A, s, student, f"--unlabeled={unl}",
+                                    f"--teacher={W}/runs/pretrained-{t['name']}-{A}-s{s}")
+                later("distilled", A, [pool.submit(distil, t, s) for s in range(seeds)])
+                later("student_alone", A, seeded("student_alone", A, student))
+        for row, t, n, futures, more in pending:
+            if row == "zeroshot":
+                r = futures[0].result()
+                more.update(chance=r["chance"], majority=r["majority"])
+            add(row, t, n, futures, **more)
         part_seconds[part] = time.perf_counter() - t0
         print(f"{part}: {part_seconds[part]:.0f} s", flush=True)
 
     # ---- the report --------------------------------------------------------------------------------------------
     report = {"pretrained": pre, "step": state["iter_num"], "model_args": shape, "part_seconds": part_seconds,
-              "settings": {k: globals()[k] for k in ("labels", "seeds", "ablation_labels", "learning_rate", "parts",
+              "settings": {k: globals()[k] for k in ("labels", "seeds", "large_seeds", "ablation_labels", "learning_rate", "parts",
                                                      "pretrain_args", "finetune_args", "student_args", "unlabeled")},
               "rows": rows}
     png = os.path.splitext(out)[0] + ".png"

@@ -5,7 +5,6 @@ second run that takes every result it has from the cache and runs only what it l
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -15,12 +14,6 @@ import pytest
 from conftest import ENV, ROOT
 
 BENCH = os.path.join(ROOT, "bench", "bench_gpt1.py")
-# layers_K and distilled need finetune.py's --transfer_layers and --teacher/--unlabeled: their parts run,
-# and are checked, where finetune.py has those settings
-with open(os.path.join(ROOT, "finetune.py")) as f:
-    FINETUNE_SETTINGS = f.read()
-LAYERS_AND_DISTILLATION = all(re.search(rf"^{k} = ", FINETUNE_SETTINGS, re.M)
-                              for k in ("transfer_layers", "teacher", "unlabeled"))
 
 GOOD, BAD = "good great fine lovely superb".split(), "bad awful dull poor terrible".split()
 FILLER = "the film was a plot with actors and music it is story of this that".split()
@@ -66,7 +59,8 @@ def test_bench_gpt1_reports_every_row_and_resumes_from_its_cache(tmp_path):
         assert counts(rows, row) == [16, 48], row  # --labels=16,all: all is the 48 train rows
     assert counts(rows, "no_aux_lm") == [16]
     for r in rows:
-        assert r["task"] == "sst" and len(r["seeds"]) == (1 if r["row"] == "zeroshot" else 2), r
+        # --seeds=2, but one (large_seeds) above ablation_labels, and one zero-shot score per checkpoint
+        assert r["task"] == "sst" and len(r["seeds"]) == (1 if r["row"] == "zeroshot" or r["labels"] > 16 else 2), r
         assert all(0 <= a <= 1 for a in r["seeds"]) and r["mean"] == pytest.approx(statistics.mean(r["seeds"]))
         assert r["seconds"] > 0
     zeroshot = [r for r in rows if r["row"] == "zeroshot"]
@@ -77,19 +71,15 @@ def test_bench_gpt1_reports_every_row_and_resumes_from_its_cache(tmp_path):
     png = (tmp_path / "gpt1.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
-    # one seed now: seed 0's results come from the cache; only layers_K and distillation run, where they can
-    parts = "curves,no_aux_lm,zeroshot" + (",layers,distilled" if LAYERS_AND_DISTILLATION else "")
-    again = subprocess.run(cmd + ["--seeds=1", f"--parts={parts}"], env=ENV, capture_output=True, text=True,
-                           timeout=600)
+    # one seed now: seed 0's results come from the cache; only layers_K and distillation run
+    again = subprocess.run(cmd + ["--seeds=1", "--parts=curves,no_aux_lm,zeroshot,layers,distilled"], env=ENV,
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     ran = [line.split()[1] for line in again.stdout.splitlines() if line.startswith("  running ")]
     assert all(key.startswith(("layers_", "distilled-", "student_alone-")) for key in ran), ran
     rows1 = json.loads((tmp_path / "gpt1.json").read_text())["rows"]
     assert [(r["row"], r["labels"], r["seeds"]) for r in rows1[:len(rows)]] == \
         [(r["row"], r["labels"], r["seeds"][:1]) for r in rows]
-    if LAYERS_AND_DISTILLATION:
-        assert [r["row"] for r in rows1 if r["row"].startswith("layers_")] == ["layers_0", "layers_1", "layers_2"]
-        assert counts(rows1, "layers_2") == counts(rows1, "distilled") == counts(rows1, "student_alone") == [16]
-        assert len(ran) == 5 and all(len(r["seeds"]) == 1 for r in rows1)
-    else:
-        assert ran == []
+    assert [r["row"] for r in rows1 if r["row"].startswith("layers_")] == ["layers_0", "layers_1", "layers_2"]
+    assert counts(rows1, "layers_2") == counts(rows1, "distilled") == counts(rows1, "student_alone") == [16]
+    assert len(ran) == 5 and all(len(r["seeds"]) == 1 for r in rows1)
