@@ -70,6 +70,8 @@ jobs = 2                   # runs at a time: on 2 cores, two 1-thread runs of th
 
 PY = sys.executable
 PARTS = ("curves", "no_aux_lm", "layers", "zeroshot", "distilled")
+CURVES = ("pretrained", "scratch", "bag_of_words")  # the rows at every label count: lines in the figure
+POINTS = ("no_aux_lm", "distilled", "student_alone")  # the rows at ablation_labels: points beside them
 
 
 def load_task(spec):
@@ -267,7 +269,7 @@ def figure(rows, path):
     matplotlib.use("Agg")  # no display: a file
     import matplotlib.pyplot as plt
     of = lambda row, task=None: [r for r in rows if r["row"].startswith(row) and task in (None, r["task"])]  # noqa
-    curves = list(dict.fromkeys(r["task"] for r in rows if r["row"] in ("pretrained", "scratch", "bag_of_words")))
+    curves = list(dict.fromkeys(r["task"] for r in rows if r["row"] in CURVES))
     panels = curves + ["layers"] * bool(of("layers_")) + ["zeroshot"] * bool(of("zeroshot"))
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.6), squeeze=False)
 
@@ -279,7 +281,8 @@ def figure(rows, path):
         if panel == "layers":
             for task in dict.fromkeys(r["task"] for r in of("layers_")):
                 line(ax, [(r["layers"], r["mean"], r["std"]) for r in of("layers_", task)], task)
-            ax.set(xlabel="layers transferred", ylabel="test accuracy", title="transfer")
+            ax.set(xlabel="layers transferred", ylabel="test accuracy", title="transfer",
+                   xticks=sorted({r["layers"] for r in of("layers_")}))
         elif panel == "zeroshot":
             for task in dict.fromkeys(r["task"] for r in of("zeroshot")):
                 line(ax, [(r["step"], r["mean"], r["std"]) for r in of("zeroshot", task)], task)
@@ -287,12 +290,15 @@ def figure(rows, path):
             ax.axhline(of("zeroshot")[0]["chance"], ls="--", c="k", label="chance")
             ax.set(xlabel="pretraining step", ylabel="zero-shot accuracy", title="zero-shot (text + very)")
         else:
-            for row in ("pretrained", "scratch", "bag_of_words"):
+            for row in CURVES:
                 if of(row, panel):
                     line(ax, [(r["labels"], r["mean"], r["std"]) for r in of(row, panel)], row)
-            for r in of("no_aux_lm", panel) + of("distilled", panel) + of("student_alone", panel):
+            for r in [r for row in POINTS for r in of(row, panel)]:
                 ax.errorbar(r["labels"], r["mean"], r["std"], fmt="s", capsize=3, ms=4, label=r["row"])
             ax.set(xscale="log", xlabel="labelled examples", ylabel="test accuracy", title=panel)
+            counts = sorted({r["labels"] for r in of("", panel) if r["row"] in CURVES + POINTS})
+            ax.set_xticks(counts, [f"{n:,}" for n in counts], minor=False)
+            ax.minorticks_off()  # the label counts, not powers of ten
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

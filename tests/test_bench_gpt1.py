@@ -18,7 +18,7 @@ BENCH = os.path.join(ROOT, "bench", "bench_gpt1.py")
 GOOD, BAD = "good great fine lovely superb".split(), "bad awful dull poor terrible".split()
 FILLER = "the film was a plot with actors and music it is story of this that".split()
 PRETRAIN = ("--preset=gpt2 --n_layer=2 --n_head=2 --n_embd=32 --block_size=32 --batch_size=4 "
-            "--gradient_accumulation_steps=1 --max_iters=2 --eval_interval=1 --eval_iters=1 --log_interval=1 "
+            "--gradient_accumulation_steps=1 --max_iters=1 --eval_interval=1 --eval_iters=1 --log_interval=1 "
             "--learning_rate=3e-3 --warmup_iters=1 --dropout=0.0 --device=cpu --dtype=float32 --compile=False")
 FINETUNE = "--batch_size=8 --micro_batch_size=8 --max_iters=2 --eval_interval=2 --max_len=32"
 
@@ -64,7 +64,7 @@ def test_bench_gpt1_reports_every_row_and_resumes_from_its_cache(tmp_path):
         assert all(0 <= a <= 1 for a in r["seeds"]) and r["mean"] == pytest.approx(statistics.mean(r["seeds"]))
         assert r["seconds"] > 0
     zeroshot = [r for r in rows if r["row"] == "zeroshot"]
-    assert [r["step"] for r in zeroshot] == [0, 1, 2]  # every checkpoint of the 2-step run, in order
+    assert [r["step"] for r in zeroshot] == [0, 1]  # every checkpoint of the 1-step run, in order
     assert all(r["chance"] == 0.5 for r in zeroshot)
     assert zeroshot[0]["majority"] == max(sum(test_labels), len(test_labels) - sum(test_labels)) / len(test_labels)
     assert "curves: " in p.stdout and "zeroshot: " in p.stdout  # each part's wall time
