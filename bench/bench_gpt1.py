@@ -54,6 +54,7 @@ task = ""                  # finetune.py data folders (train/val/test .jsonl), c
 labels = "250,1000,4000,all"  # labelled train rows per run: the learning curves' points
 seeds = 3                  # label subsets (and finetune.py seeds) per point
 large_seeds = 1            # seeds at label counts above ablation_labels: the slowest runs, and the least noisy
+layers_seeds = 1           # seeds of each layers_K row: n_layer + 1 runs per seed, the bench's largest part
 ablation_labels = 1000     # the label count of no_aux_lm, layers_K, distilled and student_alone
 learning_rate = 3e-4       # fine-tuning; GPT-1's 6.25e-5 is for 117M parameters, small models want more
 finetune_args = ""         # more finetune.py overrides for every run, e.g. --epochs=1
@@ -209,9 +210,9 @@ def main():
                 continue
             N = len(t["splits"]["train"])
             A = min(ablation_labels, N)
-            seeded = lambda row, n, model, *extra, keep=False: [  # noqa: E731
+            seeded = lambda row, n, model, *extra, keep=False, count=None: [  # noqa: E731
                 pool.submit(finetune, row, t, n, s, model, *extra, keep=keep)
-                for s in range(seeds if n <= A else large_seeds)]
+                for s in range(count or (seeds if n <= A else large_seeds))]
             later = lambda row, n, futures, **more: pending.append((row, t, n, futures, more))  # noqa: E731
             if part == "curves":
                 for n in sorted({N if x == "all" else min(int(x), N) for x in labels.split(",")}):
@@ -224,7 +225,8 @@ def main():
                 later("no_aux_lm", A, seeded("no_aux_lm", A, pre, "--lm_coef=0"))
             elif part == "layers":
                 for k in range(shape["n_layer"] + 1):
-                    later(f"layers_{k}", A, seeded(f"layers_{k}", A, pre, f"--transfer_layers={k}"), layers=k)
+                    later(f"layers_{k}", A, seeded(f"layers_{k}", A, pre, f"--transfer_layers={k}", count=layers_seeds),
+                          layers=k)
             elif part == "zeroshot" and t["kind"] == "classification":
                 for ckpt in checkpoint.step_checkpoints(pre):
                     step = int(os.path.basename(ckpt)[len("ckpt_"):-len(".pt")])
@@ -252,7 +254,7 @@ def main():
 
     # ---- the report --------------------------------------------------------------------------------------------
     report = {"pretrained": pre, "step": state["iter_num"], "model_args": shape, "part_seconds": part_seconds,
-              "settings": {k: globals()[k] for k in ("labels", "seeds", "large_seeds", "ablation_labels", "learning_rate", "parts",
+              "settings": {k: globals()[k] for k in ("labels", "seeds", "large_seeds", "layers_seeds", "ablation_labels", "learning_rate", "parts",
                                                      "pretrain_args", "finetune_args", "student_args", "unlabeled")},
               "rows": rows}
     png = os.path.splitext(out)[0] + ".png"
