@@ -1,6 +1,10 @@
 """The shared config mechanism: files, flags, and the errors a user sees for typos and wrong types."""
+import glob
+import os
+
 import pytest
 
+from conftest import ROOT
 from configurator import configure
 
 
@@ -82,3 +86,24 @@ def test_help_shows_each_settings_description(name, capsys):
     if name == "finetune":
         assert said["header"].endswith("False = no header row: name the columns by number from 0 "
                                        "(--text_fields=5,6 --label_field=4)")
+
+
+CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "config", "*.py")))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_file_loads_into_its_script(name):
+    """Each config/*.py (finetune_*: finetune.py's, the rest train.py's) sets only settings its script has,
+    each of the right type, and a train config's shape makes a GPTConfig: a setting renamed in a script
+    fails here, not in a user's first command."""
+    import importlib
+    from model import GPTConfig
+    script = importlib.import_module("finetune" if name.startswith("finetune") else "train")
+    g = dict(vars(script))  # a copy: the module's own settings stay as they are for other tests
+    cfg = configure(g, [os.path.join(ROOT, "config", name)])
+    assert cfg and set(cfg) <= set(g["__settings__"])
+    if script.__name__ == "train":
+        shape = {k: g[k] for k in script.SHAPE_KEYS if g[k] is not None}
+        model = GPTConfig.preset(g["preset"], **shape)
+        assert all(getattr(model, k) == v for k, v in shape.items())
+        assert g["max_iters"] > 0 and 0 <= g["warmup_iters"] < g["max_iters"] and g["min_lr"] <= g["learning_rate"]
