@@ -21,7 +21,7 @@ stopping, and is scored on the test split: finetune.py's final record in its log
   bag_of_words    logistic regression on unigram and bigram counts (scikit-learn)    at every label count
   no_aux_lm       pretrained with lm_coef=0                                          at ablation_labels
   layers_K        pretrained, the embeddings and the first K blocks transferred, K = 0..n_layer (--transfer_layers)
-  zeroshot        eval.py --task=zeroshot (text + " very": negative or positive?) on each pretraining checkpoint,
+  zeroshot        eval.py --task=zeroshot (text + " very": negative or positive? bad or good?) on each checkpoint,
                   the test split of every one-text task; chance and the majority class beside it
   distilled       the student (student_args) fine-tuned with the pretrained row's model at ablation_labels
                   (same seed) as --teacher, on the rest of train without labels (--unlabeled)
@@ -61,7 +61,10 @@ finetune_args = ""         # more finetune.py overrides for every run, e.g. --ep
 student_args = "--n_layer=2 --n_head=4 --n_embd=128"  # the student's shape, over pretrain_args
 unlabeled = 0              # rows the student is distilled on; 0 = all the train rows not labelled
 suffix = " very"           # zeroshot: eval.py's --suffix and --verbalizers (GPT-1 §5, SST-2)
-verbalizers = "negative,positive"
+verbalizers = "negative,positive;bad,good"  # pairs, ';'-separated: a curve each. The paper's words are one
+                           # token each in GPT-1's vocabulary; where one is two tokens (' negative' in an 8,192
+                           # BPE of books), its summed log-probability is lower whatever the text, so a pair
+                           # that is one token each in the run's vocabulary goes beside it
 parts = "curves,no_aux_lm,layers,zeroshot,distilled"
 out = "bench_gpt1.json"    # the results; the figure goes beside it (.png)
 work = "data/bench_gpt1"   # prepared data, runs, logs and the finished results (the cache)
@@ -145,15 +148,15 @@ def main():
             return {"accuracy": accuracy, "seconds": dt}
         return cached(key, go, os.path.join(run, "best.pt") if keep else "")
 
-    def zeroshot(t, ckpt, step):
+    def zeroshot(t, ckpt, step, words):
         """eval.py --task=zeroshot with the checkpoint on t's test split: accuracy, chance, majority."""
-        key = f"zeroshot-{t['name']}-{step}"
+        key = f"zeroshot-{words.replace(',', '-')}-{t['name']}-{step}"
         dest = os.path.join(W, "runs", key + ".json")
 
         def go():
             dt = sh([PY, "eval.py", f"--model={ckpt}", "--task=zeroshot", f"--data={t['dir']}/test.jsonl",
                      f"--text_field={t['fields'][0]}", "--label_field=label", f"--suffix={suffix}",
-                     f"--verbalizers={verbalizers}", f"--out={dest}", "--device=cpu", "--dtype=float32"],
+                     f"--verbalizers={words}", f"--out={dest}", "--device=cpu", "--dtype=float32"],
                     log(key), threads)
             with open(dest) as f:
                 r = json.load(f)
@@ -230,7 +233,8 @@ def main():
             elif part == "zeroshot" and t["kind"] == "classification":
                 for ckpt in checkpoint.step_checkpoints(pre):
                     step = int(os.path.basename(ckpt)[len("ckpt_"):-len(".pt")])
-                    later("zeroshot", 0, [pool.submit(zeroshot, t, ckpt, step)], step=step)
+                    for words in verbalizers.split(";"):
+                        later("zeroshot", 0, [pool.submit(zeroshot, t, ckpt, step, words)], step=step, words=words)
             elif part == "distilled":
                 student = init_run("student", *student_args.split())
 
@@ -287,7 +291,9 @@ def figure(rows, path):
                    xticks=sorted({r["layers"] for r in of("layers_")}))
         elif panel == "zeroshot":
             for task in dict.fromkeys(r["task"] for r in of("zeroshot")):
-                line(ax, [(r["step"], r["mean"], r["std"]) for r in of("zeroshot", task)], task)
+                for words in dict.fromkeys(r["words"] for r in of("zeroshot", task)):
+                    line(ax, [(r["step"], r["mean"], r["std"]) for r in of("zeroshot", task) if r["words"] == words],
+                         f"{task}: {words.replace(',', ' / ')}")
                 ax.axhline(of("zeroshot", task)[0]["majority"], ls=":", c="gray", label="majority class")
             ax.axhline(of("zeroshot")[0]["chance"], ls="--", c="k", label="chance")
             ax.set(xlabel="pretraining step", ylabel="zero-shot accuracy", title="zero-shot (text + very)")

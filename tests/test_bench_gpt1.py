@@ -64,7 +64,9 @@ def test_bench_gpt1_reports_every_row_and_resumes_from_its_cache(tmp_path):
         assert all(0 <= a <= 1 for a in r["seeds"]) and r["mean"] == pytest.approx(statistics.mean(r["seeds"]))
         assert r["seconds"] > 0
     zeroshot = [r for r in rows if r["row"] == "zeroshot"]
-    assert [r["step"] for r in zeroshot] == [0, 1]  # every checkpoint of the 1-step run, in order
+    # every checkpoint of the 1-step run, in order, with each verbalizer pair (the default: two)
+    assert [(r["step"], r["words"]) for r in zeroshot] == [(s, w) for s in (0, 1) for w in ("negative,positive",
+                                                                                            "bad,good")]
     assert all(r["chance"] == 0.5 for r in zeroshot)
     assert zeroshot[0]["majority"] == max(sum(test_labels), len(test_labels) - sum(test_labels)) / len(test_labels)
     assert "curves: " in p.stdout and "zeroshot: " in p.stdout  # each part's wall time
