@@ -117,7 +117,7 @@ def main():
         if os.path.exists(path) and (not keep or os.path.exists(keep)):
             with open(path) as f:
                 return json.load(f)
-        print(f"  running {key}", flush=True)
+        print(f"  running {key}\n", end="", flush=True)  # one write: runs in parallel threads print too
         result = run()
         atomic_write(path, json.dumps(result))
         return result
