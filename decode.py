@@ -1,6 +1,6 @@
 """
 decode.py: the one-token decode step, compiled once per shape, for sample.py (through
-model.generate_stream) and serve.py.
+model.generate_stream) and serve.py; and a speculative round's steps of a few tokens (speculative.py).
 
 Why compile. Eager, a decode step of a small model is mostly dispatch: a hundred small operators, each
 launched from Python, for a few kilobytes of arithmetic. torch.compile fuses them into a few C++ loops
@@ -42,14 +42,16 @@ def bucket(n, most):
 
 
 class Decoder:
-    """Runs model.hidden_states on a static KVCache: compiled for a decode step (one token per row), eager
-    for a prefill. Call model.eval() first; warm_up and the steps run under the same autocast."""
+    """Runs model.hidden_states on a static KVCache: compiled for a step of T tokens per row for each T in
+    lengths (a decode step: 1; a speculative round's draft reads 1 or 2, its target k + 1), eager for any
+    other T (a prefill). Call model.eval() first; warm_up and the steps run under the same autocast."""
 
-    def __init__(self, model, device_type):
+    def __init__(self, model, device_type, lengths=(1,)):
         if getattr(model, "quantization", {}).get("mode") == "int8":  # int4's kernel compiles; int8's does not
             raise ValueError("torch.compile cannot trace quantize.py's int8 Linear (torch.ao's packed kernel); "
                              "decode int8 weights without --compile=True, or compile float32 or int4 weights")
-        self.model, self.caches, self.compiled = model, {}, set()  # compiled: (rows, id(cache))
+        self.model, self.lengths, self.caches = model, tuple(lengths), {}
+        self.compiled = set()  # (rows, id(cache)) for one-token steps, (rows, T, id(cache)) for T > 1
         self.device, self.cuda = model.transformer.wte.weight.device, device_type == "cuda"
         # inductor's C++ wrapper calls the kernels from C++, not Python: faster steps on a CPU, slower compiles
         # (bench/README.md). On CUDA the step is one CUDA graph, which leaves no wrapper to speed up.
@@ -69,19 +71,19 @@ class Decoder:
 
     def __call__(self, idx, cache, start):
         """idx (B, T): new tokens for the first B rows of a static cache whose longest row holds `start`
-        tokens (known on the host) -> their (B, T, C) hidden states. A step (T = 1) runs compiled, on the
-        rows padded to a power of two with idle rows at position 0."""
+        tokens (known on the host) -> their (B, T, C) hidden states. A step (T in lengths) runs compiled,
+        on the rows padded to a power of two with idle rows at position 0."""
         self.model._check_input(idx, start, cache)
         B, T = idx.shape
-        if T > 1 or cache.k is None:  # a prefill: eager; the first allocates the cache
+        if T not in self.lengths or cache.k is None:  # a prefill: eager; the first allocates the cache
             return self.model.hidden_states(idx, cache)
         rows = bucket(B, len(cache.pos))
         cache.pos[B:rows] = 0
-        # a fresh (rows, 1) tensor: idx[:, -1:] of a growing sequence has a new stride at every step, which
+        # a fresh (rows, T) tensor: idx[:, -1:] of a growing sequence has a new stride at every step, which
         # the graph would take for a new shape; the idle rows get token 0
-        x = idx.new_zeros(rows, 1)
+        x = idx.new_zeros(rows, T)
         x[:B] = idx
-        shape = (rows, id(cache))
+        shape = (rows, id(cache)) if T == 1 else (rows, T, id(cache))
         if shape not in self.compiled:  # a CUDA graph updates these in place, at the addresses it recorded
             for t in [cache.pos, *cache.k, *cache.v]:
                 torch._dynamo.mark_static_address(t)
@@ -95,14 +97,14 @@ class Decoder:
 
     @torch.no_grad()
     def warm_up(self, cache, batches=None):
-        """Compile the step now, before any generation, for the first b rows of cache for each b in
-        batches (default: all its rows). Leaves the cache empty; returns the seconds it took."""
+        """Compile the steps now, before any generation, for the first b rows of cache for each b in
+        batches (default: all its rows) and each length. Leaves the cache empty; returns the seconds it took."""
         t0 = time.time()
-        for b in batches or [len(cache.pos)]:
-            idx = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        for b, T in ((b, T) for b in batches or [len(cache.pos)] for T in self.lengths):
             cache.pos.zero_()
-            self(idx, cache, 0)  # an eager prefill, which allocates the cache
-            for _ in range(2):  # CUDA graphs record at the second call; each step at position 1 (capacity >= 2)
+            self(torch.zeros(b, 1, dtype=torch.long, device=self.device), cache, 0)  # eager: allocates the cache
+            idx = torch.zeros(b, T, dtype=torch.long, device=self.device)
+            for _ in range(2):  # CUDA graphs record at the second call; each step at position 1 (capacity > T)
                 cache.pos.fill_(1)
                 self(idx, cache, 1)
         cache.pos.zero_()

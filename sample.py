@@ -58,8 +58,6 @@ def main(argv=None):
         raise UserError(problem[1])
     if type(draft_k) is not int or draft_k < 1:
         raise UserError(f"draft_k={draft_k!r}: the draft must propose an int >= 1 tokens per round")
-    if draft and compile:  # decode.py compiles one-token steps; a speculative round scores draft_k + 1 at once
-        raise UserError("--compile=True applies to plain decoding, and --draft= decodes eagerly: drop one of them")
     prompt = start
     if prompt.startswith("FILE:"):
         try:
@@ -85,6 +83,8 @@ def main(argv=None):
     decoder = None
     if compile and compile_problem(device_type):
         print(f"warning: {compile_problem(device_type)}; sampling without torch.compile", file=sys.stderr)
+    elif compile and spec:
+        spec.compile(device_type)
     elif compile:
         decoder = Decoder(gpt, device_type)
 
@@ -96,10 +96,11 @@ def main(argv=None):
               f"keeping its last {block_size - 1} tokens", file=sys.stderr)
         ids = ids[-(block_size - 1):]
     x = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)
-    if decoder:  # paid here, before the generation that is timed
+    if decoder or spec and spec.decoders:  # paid here, before the generation that is timed
         with autocast(device_type, ptdtype):
-            seconds = decoder.warm_up(decoder.cache(1, len(ids) + max_new_tokens))
-        print(f"compiling the decode step: {seconds:.0f} s, once", file=sys.stderr)
+            seconds = decoder.warm_up(decoder.cache(1, len(ids) + max_new_tokens)) if decoder else \
+                spec.warm_up(1, len(ids) + max_new_tokens)
+        print(f"compiling the decode step{'s' if spec else ''}: {seconds:.0f} s, once", file=sys.stderr)
 
     eot = tok.eot_token if stop_at_eot else None
     for i in range(num_samples):

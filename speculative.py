@@ -40,6 +40,7 @@ import torch
 from torch.nn import functional as F
 
 from configurator import UserError
+from decode import Decoder
 from model import KVCache, filter_logits, sampling_problem
 
 
@@ -76,6 +77,26 @@ class SpeculativeDecoder:
             raise ValueError(f"k={k}: the draft must propose at least 1 token a round")
         self.target, self.draft, self.k = target, draft, k
         self.proposed = self.accepted = 0
+        self.decoders = None  # (target's, draft's) decode.Decoder once compiled
+
+    def compile(self, device_type):
+        """Run both models' steps compiled (decode.py): the target's (k + 1)-token chunk, the draft's reads
+        of 1 and 2 tokens. A round at the end of a context, with fewer guesses, and a prefill run eagerly."""
+        self.decoders = (Decoder(self.target, device_type, lengths=(self.k + 1,)),
+                         Decoder(self.draft, device_type, lengths=(1, 2)))
+
+    def caches(self, B, tokens):
+        """(target's, draft's) KVCache for B rows of `tokens` tokens (prompt and new): static ones of a
+        compiled shape once compiled. A round reads k + 1 positions past a row's tokens."""
+        models, n = (self.target, self.draft), tokens + self.k + 1
+        if self.decoders:
+            return [d.cache(B, min(m.config.block_size, n)) for m, d in zip(models, self.decoders)]
+        return [KVCache(m.config.n_layer, B, min(m.config.block_size, n)) for m in models]
+
+    def warm_up(self, B, tokens):
+        """Compile both models' steps now, for generate_stream on B rows of `tokens` tokens (prompt and
+        new), before the generation that is timed. Returns the seconds it took."""
+        return sum(d.warm_up(c, [B]) for d, c in zip(self.decoders, self.caches(B, tokens)))
 
     @property
     def acceptance(self):
@@ -101,27 +122,35 @@ class SpeculativeDecoder:
         seq[:, :T] = idx
         n, made = torch.full((B,), T), torch.zeros(B, dtype=torch.long)  # on the CPU, as KVCache.pos
         live = made < max_new_tokens
-        tcache = KVCache(target.config.n_layer, B, min(bs_t, seq.size(1)))
-        dcache = KVCache(draft.config.n_layer, B, min(bs_d, seq.size(1)))
+        # each cache's lengths, kept on the CPU too: a static cache's are on the model's device
+        tcache, dcache = self.caches(B, T + max_new_tokens)
+        tn, dn = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+
+        def run(i, x, cache, n):  # model i (0: target, 1: draft) reads x (B, m) after the n (B,) it cached
+            model, decoder = (target, draft)[i], self.decoders[i] if self.decoders else None
+            h = decoder(x, cache, int(n.max())) if decoder else model.hidden_states(x, cache)
+            n += x.size(1)
+            return h  # (B, m, C)
         if T > 1 and room(T) >= 1:  # both cache all but the last prompt token
-            target.hidden_states(idx[:, :-1], tcache)
-            draft.hidden_states(idx[:, :-1], dcache)
+            run(0, idx[:, :-1], tcache, tn)
+            run(1, idx[:, :-1], dcache, dn)
         while bool(live.any()) and (k := room(int(n.max()))) >= 1:
             # the draft reads the 1 or 2 tokens it has not seen (a row with fewer re-reads its last
             # cached one, so that all read m), then guesses k, each from q_i
-            m = int((n - dcache.pos).max())
-            dcache.pos = n - m
+            m = int((n - dn).max())
+            dn = n - m
+            dcache.pos[:] = dn
             x, q, guesses = seq.gather(1, cols(n - m, m)), [], []
             for _ in range(k):
-                logits, _ = draft(x, cache=dcache)  # (B, 1, V)
-                q.append(probs(logits[:, -1], temperature, top_k, top_p))
+                logits = draft.head(run(1, x, dcache, dn)[:, -1])  # (B, V)
+                q.append(probs(logits, temperature, top_k, top_p))
                 x = torch.multinomial(q[-1], 1)  # (B, 1)
                 guesses.append(x)
             q, guesses = torch.stack(q, 1), torch.cat(guesses, 1)  # (B, k, V), (B, k)
             # the target scores the last token and the k guesses in one forward: p[:, i] is its
             # distribution for the token after seq[:n] + guesses[:i]
             chunk = torch.cat((seq.gather(1, cols(n - 1, 1)), guesses), 1)  # (B, k + 1)
-            logits = target.head(target.hidden_states(chunk, tcache))  # (B, k + 1, V)
+            logits = target.head(run(0, chunk, tcache, tn))  # (B, k + 1, V)
             p = torch.stack([probs(logits[:, i], temperature, top_k, top_p) for i in range(k + 1)], 1)
             # accept guess i with probability min(1, p_i / q_i): u < p/q, written u * q < p
             pg, qg = (t.gather(2, guesses[..., None])[..., 0] for t in (p[:, :k], q))  # (B, k) each
@@ -148,8 +177,8 @@ class SpeculativeDecoder:
             seq.scatter_(1, cols(n, k + 1), new.to(dev))  # past n + take: overwritten later
             # roll back: the target keeps what it read of the kept tokens (all but the newest); the
             # draft too, except the extra token (it read a guess there) and the last guess (never read)
-            tcache.pos = n + take - 1
-            dcache.pos = torch.minimum(n + accepted.clamp(max=k - 1), n + take - 1)
+            tn, dn = n + take - 1, torch.minimum(n + accepted.clamp(max=k - 1), n + take - 1)
+            tcache.pos[:], dcache.pos[:] = tn, dn
             n, made = n + take, made + take
             live &= made < max_new_tokens
             yield [new[b, :take[b]] for b in range(B)]

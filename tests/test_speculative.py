@@ -77,6 +77,28 @@ def test_greedy_equals_the_targets_own_past_the_context_and_at_eos(name):
         assert (out[0, 5:] == eos).all() and (ref[0, 5:] != eos).any()  # row 0 stopped, padded with eos
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_compiled_rounds_give_the_eager_rounds_tokens(name):
+    """spec.compile: the target's (k + 1)-token chunk and the draft's 1- and 2-token reads run compiled on
+    static caches, rows accepting different counts; the same tokens and acceptance as eager, each shape
+    compiled once (a recompile raises), and past the context the eager tail."""
+    target = spiky(GPT(tiny(name)))
+    draft = nudged(target)
+    prompt = torch.tensor([[5, 6, 7], [1, 2, 9]])
+    eager = SpeculativeDecoder(target, draft, k=3)
+    compiled = SpeculativeDecoder(target, draft, k=3)
+    compiled.compile("cpu")
+    compiled.warm_up(2, 3 + 20)
+    for n in (8, 20):  # 11 and 23 tokens of a 16-token context: the second ends with the target alone
+        ref = eager.generate(prompt, n, temperature=0.0)
+        assert torch.equal(ref, target.generate(prompt, n, temperature=0.0))
+        assert torch.equal(compiled.generate(prompt, n, temperature=0.0), ref)
+        assert (compiled.proposed, compiled.accepted) == (eager.proposed, eager.accepted)
+    assert 0 < eager.acceptance < 1  # both the accept and the reject path taken
+    t, d = compiled.decoders
+    assert len(t.compiled) == 1 and len(d.compiled) == 2  # 2 rows x 4 tokens; 2 rows x 1 token, and x 2
+
+
 def pair_counts(out, V):
     """(N, 2) tokens -> (V * V,) counts of each (first, second) pair."""
     return torch.bincount(out[:, 0] * V + out[:, 1], minlength=V * V)
@@ -128,7 +150,7 @@ def runs(tmp_path_factory):
     return d
 
 
-def test_sample_with_a_draft_prints_the_same_greedy_text(runs, capsys):
+def test_sample_with_a_draft_prints_the_same_greedy_text_compiled_or_not(runs, capsys):
     sample = importlib.import_module("sample")
     flags = [f"--model={runs / 'target.pt'}", "--start=def f(x):", "--temperature=0", "--max_new_tokens=40",
              "--stop_at_eot=False", "--device=cpu"]
@@ -139,6 +161,10 @@ def test_sample_with_a_draft_prints_the_same_greedy_text(runs, capsys):
     assert fast.out == plain.out and len(set(plain.out)) > 10
     assert f"drafting 3 tokens a round with {runs / 'draft.pt'} (step 1)" in fast.err
     assert "[40 tokens in" in fast.err and "of draft tokens accepted]" in fast.err
+    sample.main([*flags, f"--draft={runs / 'draft.pt'}", "--draft_k=3", "--compile=True"])  # both compiled
+    compiled = capsys.readouterr()
+    assert compiled.out == plain.out and "compiling the decode steps: " in compiled.err
+    assert compiled.err.split("accepted]")[0].split(", ")[-1] == fast.err.split("accepted]")[0].split(", ")[-1]
 
 
 def test_a_draft_with_another_tokenizer_is_one_line(runs):
