@@ -31,7 +31,6 @@ Filters, each counted in the card (prepare.py says when each is on):
   It needs no state, so prepare.py runs it in its tokenizer workers.
 """
 import hashlib
-import json
 import os
 import re
 import unicodedata
@@ -42,6 +41,7 @@ import numpy as np
 
 from bpe import fix_surrogates
 from configurator import UserError
+from rows import read_rows
 
 # -----------------------------------------------------------------------------
 # cleaning and exact dedup
@@ -215,18 +215,9 @@ def read_eval_texts(path):
     """The texts of an evaluation file in one of eval.py's formats, one per item: multiple choice
     {"query", "choices", "gold"} gives the query and its right answer, LAMBADA {"text"} the passage, HellaSwag
     {"ctx_a", "ctx_b", "endings", "label"} the context and its right ending: the text a model must not have
-    read. A .json list or .jsonl."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        rows = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-    except OSError as e:
-        raise UserError(f"cannot read --decontaminate file {path}: {e.strerror}")
-    except ValueError as e:
-        raise UserError(f"--decontaminate file {path} is not JSON lines ({e})")
+    read. Read as eval.py reads it (rows.read_rows)."""
     texts = []
-    for i, r in enumerate(rows):
+    for r in read_rows(path, "--decontaminate"):
         try:
             if "query" in r:
                 texts.append(r["query"] + " " + r["choices"][r["gold"]])
@@ -235,7 +226,7 @@ def read_eval_texts(path):
             else:
                 texts.append(r["text"])
         except (KeyError, TypeError, IndexError, ValueError):
-            raise UserError(f"{path} line {i + 1}: not an item of eval.py's formats ({{query, choices, gold}}, "
+            raise UserError(f"{r['__row__']}: not an item of eval.py's formats ({{query, choices, gold}}, "
                             f"{{text}} or HellaSwag's {{ctx_a, ctx_b, endings, label}})")
     return texts
 

@@ -48,9 +48,7 @@ log-probability. Label i (an integer, or the i-th of the file's sorted label nam
 Chance is 1 / the number of verbalizers; the majority-class rate is what always guessing the commonest
 label would score.
 """
-import csv
 import glob
-import io
 import json
 import math
 import os
@@ -72,6 +70,7 @@ from device import autocast, for_inference, pick_device
 from model import sampling_problem
 import quantize as q
 from quantize import MODES
+from rows import read_rows
 from score import bits_per_byte, pad_right, target_log_probs
 from shards import read_shard
 
@@ -289,23 +288,6 @@ def lambada(model, tok, texts, window, batch_size, ctx=None, device="cpu"):
             [{"loglikelihood": ll, "greedy": g} for ll, g in res])
 
 
-def read_items(path, what):
-    """Rows of a local .jsonl (or .json list) file, or of a .csv/.tsv table with a header row."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read {what} file {path}: {e.strerror}")
-    if path.lower().endswith((".csv", ".tsv")):
-        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if path.lower().endswith(".tsv") else ","))
-    try:
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except ValueError as e:
-        raise UserError(f"{path} is not JSON lines ({e}); {what} data is one JSON object per line")
-
-
 def zeroshot_items(rows):
     """Labelled rows -> multiple-choice items (see the docstring): query = text + suffix, choices = the
     verbalizers, gold = the label's number: an integer label as it is, a name by its place among the sorted
@@ -314,7 +296,7 @@ def zeroshot_items(rows):
     if len(words) < 2 or not all(words):
         raise UserError(f"verbalizers={verbalizers!r}: give a word per label, comma-separated, e.g. negative,positive")
     for i, r in enumerate(rows):
-        if not (isinstance(r, dict) and isinstance(r.get(text_field), str) and r.get(label_field) not in (None, "")):
+        if not (isinstance(r.get(text_field), str) and r.get(label_field) not in (None, "")):
             raise UserError(f"{data} row {i + 1} has no text in '{text_field}' or no label in '{label_field}'; "
                             f"set --text_field and --label_field")
     labels = [str(r[label_field]).strip() for r in rows]
@@ -491,19 +473,19 @@ def task_items():
     """(items, label, dataset card fields) for hellaswag, lambada, mc and zeroshot: a local file, or the hub."""
     local = {"type": "local", "name": os.path.basename(data), "split": "local file"}
     if task == "zeroshot":
-        return zeroshot_items(read_items(data, "zeroshot")[:limit or None]), data, local
+        return zeroshot_items(read_rows(data, "zeroshot")[:limit or None]), data, local
     if task == "mc":
-        items = read_items(data, "mc")[:limit or None]
-        for i, it in enumerate(items):
-            ok = isinstance(it, dict) and isinstance(it.get("query"), str) and isinstance(it.get("choices"), list) \
+        items = read_rows(data, "mc")[:limit or None]
+        for it in items:
+            ok = isinstance(it.get("query"), str) and isinstance(it.get("choices"), list) \
                 and len(it["choices"]) >= 2 and all(isinstance(c, str) for c in it["choices"]) \
                 and isinstance(it.get("gold"), int) and 0 <= it["gold"] < len(it["choices"])
             if not ok:
-                raise UserError(f"{data} line {i + 1}: an item is {{\"query\": str, \"choices\": [2+ str], "
+                raise UserError(f"{it['__row__']}: an item is {{\"query\": str, \"choices\": [2+ str], "
                                 f"\"gold\": index of the right choice}}")
         return items, data, local
     hub, hub_config, split = HUB[task]
-    rows = read_items(data, task) if data else hub_rows(hub, hub_config, split)
+    rows = read_rows(data, task) if data else hub_rows(hub, hub_config, split)
     rows = rows[:limit] if limit else rows
     label = data or f"{hub} ({split})"
     name = {"hellaswag": "HellaSwag", "lambada": "LAMBADA (OpenAI)"}[task]
@@ -555,7 +537,7 @@ def ppl_data(tok, state):
 def read_prompts(path):
     """Prompts from a .jsonl of {"prompt"} or a text file, one prompt per line."""
     if path.endswith(".jsonl"):
-        return [r.get("prompt", "") for r in read_items(path, "prompts")]
+        return [r.get("prompt", "") for r in read_rows(path, "prompts")]
     try:
         with open(path, encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f if line.strip()]

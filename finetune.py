@@ -30,9 +30,9 @@ Design choices
   are training.py's, shared with train.py; the base model comes through checkpoint.open_model, as
   every script's --model does.
 - Data. A Hugging Face dataset by name (datasets.load_dataset(data, data_config)), or local files
-  through the same datasets code: a folder with train.*, val.* (or validation, dev) and test.*
-  files in .jsonl/.json/.csv/.tsv, or one file (train only). With no val split, val_fraction of
-  train is carved off with the seed. Label names map to ids (a dataset's own class names, else the
+  read by rows.read_rows (eval.py's reader too): a folder with train.*, val.* (or validation, dev)
+  and test.* files in .jsonl/.json/.csv/.tsv, or one file (train only). With no val split,
+  val_fraction of train is carved off with the seed. Label names map to ids (a dataset's own class names, else the
   sorted values seen in train), and the mapping is saved in the checkpoint.
 - Bad input stops with one line naming the split and row: a missing text or label field, a label
   never seen in training, an empty split, items with different numbers of choices. An input longer
@@ -63,8 +63,6 @@ Design choices
 - No exact resume (no optimizer state is saved): fine-tuning runs are minutes to hours, and a
   checkpoint is the trained tensors only, so best.pt stays small for LoRA.
 """
-import csv
-import io
 import json
 import math
 import os
@@ -90,6 +88,7 @@ from bpe import Tokenizer
 from configurator import UserError, check_hub, configure, run
 from device import autocast, pick_device
 from process import say
+from rows import read_rows
 from score import pad_right
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
@@ -156,7 +155,7 @@ metric = "auto"               # 'accuracy' | 'f1' | 'mcc' | 'pearson' | 'spearma
 log_interval = 10             # steps between log lines
 # prediction and merging: either one runs on out_dir's best.pt (or ckpt) instead of training
 ckpt = "best"                 # 'best' | 'last' | a file name in out_dir | a .pt path
-predict = ""                  # a jsonl of inputs (the same fields) to label
+predict = ""                  # a file of inputs (the same fields; .jsonl/.json/.csv/.tsv) to label
 predict_out = ""              # where the predictions go; "" = <predict>.predictions.jsonl
 merge = ""                    # write a standalone checkpoint (LoRA folded in) to this path
 # system
@@ -391,7 +390,7 @@ def load_splits(data, data_config, label_field):
     names or None)."""
     files = split_files(data)
     if files is not None:
-        splits = {split: read_rows(f) for split, f in files.items()}
+        splits = {split: read_rows(f, "data", header, delimiter) for split, f in files.items()}
         for split, rows in splits.items():
             if not rows:
                 raise UserError(f"the {split} split is empty ({files[split]}); give it some rows (or drop the file)")
@@ -459,56 +458,6 @@ def split_files(data):
     if "train" not in files:
         raise UserError(f"data={data!r} names no train file")
     return files
-
-
-def read_rows(path):
-    """The rows of one local file as dicts, each with its "__row__". .jsonl/.json: JSON lines (or one
-    JSON list); anything else is a table (csv, tsv, GLUE's and STS-B's files): the delimiter as set, or
-    by the first line; tab-separated files unquoted (GLUE's format: a quote character is text); with
-    header=False the columns are named "0", "1", ... Empty cells stay "" (missing)."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
-    name = path
-    if path.endswith((".jsonl", ".json")):
-        if text.lstrip().startswith("["):
-            try:
-                items = json.loads(text)
-            except ValueError as e:
-                raise UserError(f"{name} is not a JSON list ({e})") from None
-            where = [f"{name} item {i + 1}" for i in range(len(items))]
-        else:
-            items, where = [], []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        items.append(json.loads(line))
-                    except ValueError as e:
-                        raise UserError(f"{name} line {n} is not JSON ({e}); give one JSON object per line") from None
-                    where.append(f"{name} line {n}")
-        for w, r in zip(where, items):
-            if not isinstance(r, dict):
-                raise UserError(f"{w} is {type(r).__name__}, not an object of fields")
-        return [{**r, "__row__": w} for w, r in zip(where, items)]
-    first = text.split("\n", 1)[0]
-    d = {"auto": "\t" if path.endswith(".tsv") or first.count("\t") > first.count(",") else ",",
-         "tab": "\t", "\\t": "\t"}.get(delimiter, delimiter)
-    if len(d) != 1:
-        raise UserError(f"delimiter={delimiter!r} must be one character, 'tab' or 'auto'")
-    reader = csv.reader(io.StringIO(text), delimiter=d, quoting=csv.QUOTE_NONE if d == "\t" else csv.QUOTE_MINIMAL)
-    try:
-        table = [(reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)]
-    except csv.Error as e:
-        raise UserError(f"{name} line {reader.line_num} is not valid csv ({e})") from None
-    if not table:
-        return []
-    if header:
-        (_, names), table = table[0], table[1:]
-    else:
-        names = [str(i) for i in range(max(len(cells) for _, cells in table))]
-    return [{**dict(zip(names, cells)), "__row__": f"{name} line {n}"} for n, cells in table]
 
 
 def fields_of(r):
@@ -733,17 +682,7 @@ def run_predict(path, dev, ctx):
     row, its prediction and the probabilities."""
     model, tok, spec, _ = load_finetuned(path)
     model.to(dev)
-    rows = []
-    try:
-        with open(predict, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{predict} line {n} is not JSON: {e}")
-    except OSError as e:
-        raise UserError(f"cannot read {predict}: {e.strerror}")
+    rows = read_rows(predict, "predict", header, delimiter)
     examples, n_cut, tokens_cut = make_examples(rows, spec, tok, predict, need_labels=False)
     if n_cut:
         print(f"{n_cut} of {len(rows)} inputs longer than max_len={spec['max_len']} were cut ({tokens_cut} tokens)")
@@ -751,6 +690,7 @@ def run_predict(path, dev, ctx):
     dest = predict_out or os.path.splitext(predict)[0] + ".predictions.jsonl"
     lines = []
     for r, o in zip(rows, out):
+        r = {k: v for k, v in r.items() if k != "__row__"}  # the row as its file gives it
         if spec["regression"]:
             r = {**r, "prediction": float(o[0])}
         elif spec["task"] == "multiple_choice":
@@ -825,7 +765,8 @@ def load_unlabeled(spec, tok):
     """The inputs of the file `unlabeled` as examples without labels (any label field is ignored)."""
     if not os.path.isfile(unlabeled):
         raise UserError(f"unlabeled={unlabeled!r}: no such file; give a file of inputs (.jsonl, .json, .csv, .tsv)")
-    rows = [{k: v for k, v in r.items() if k != spec["label_field"]} for r in read_rows(unlabeled)]
+    rows = [{k: v for k, v in r.items() if k != spec["label_field"]}
+            for r in read_rows(unlabeled, "unlabeled", header, delimiter)]
     exs, n_cut, tokens_cut = make_examples(rows, spec, tok, "unlabeled", need_labels=False)
     say(f"unlabeled: {len(exs):,} inputs" + (f"; {n_cut:,} longer than max_len={spec['max_len']} were cut "
                                             f"({tokens_cut:,} tokens)" if n_cut else ""))

@@ -328,6 +328,10 @@ def test_zeroshot_picks_the_verbalizer_the_model_finds_likelier(workdir, tok, tm
     with open(tmp_path / "sst.csv", "w", newline="") as f:  # names, sorted: minus is label 0, plus label 1
         csv.writer(f).writerows([("sentence", "label"), *((t, ("minus", "plus")[g]) for t, g in zip(texts, gold))])
     write_jsonl(tmp_path / "sst.jsonl", [{"sentence": t, "label": g} for t, g in zip(texts, gold)])
+    # GLUE's .tsv, label ids: unquoted, so a cell that opens with a quote character is text (read as quoted
+    # csv, it would run on into the lines below)
+    (tmp_path / "sst.tsv").write_text("sentence\tlabel\tnote\n" + "".join(f'{t}\t{g}\t"q\n'
+                                                                      for t, g in zip(texts, gold)))
     verbalizers = ("good", "great")
     assert all(len(tok.encode(" " + v)) > 1 for v in verbalizers)  # a sum over several tokens, not one
 
@@ -340,7 +344,7 @@ def test_zeroshot_picks_the_verbalizer_the_model_finds_likelier(workdir, tok, tm
     hand = [[by_hand(t, v) for v in verbalizers] for t in texts]
     picks = [int(b > a) for a, b in hand]
     assert 0 < sum(picks) < len(picks)  # a model that always picks one word would agree vacuously
-    for data in ("sst.csv", "sst.jsonl"):
+    for data in ("sst.csv", "sst.jsonl", "sst.tsv"):
         res = ev.main([f"--model={ckpt}", "--task=zeroshot", f"--data={tmp_path / data}", "--text_field=sentence",
                        "--verbalizers=good,great", "--device=cpu", "--batch_size=5", f"--out={tmp_path / 'zs.json'}"])
         assert [it["gold"] for it in res["items"]] == gold

@@ -322,6 +322,12 @@ def test_early_stopping_keeps_the_best_and_prediction_writes_the_labels(tmp_path
     for p in preds:
         assert set(p["probabilities"]) == {"no", "yes"} and p["probabilities"][p["prediction"]] > 0.5
         assert sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    # a table of inputs too, read as training reads one: the same predictions, each row as its file gives it
+    write(tmp_path / "new.csv", rows, "csv")
+    (tmp_path / "new.predictions.jsonl").unlink()
+    finetune_main(f"--out_dir={out}", f"--predict={tmp_path / 'new.csv'}")
+    assert [json.loads(line) for line in open(tmp_path / "new.predictions.jsonl")] == preds
+    assert all(set(p) == {"text", "prediction", "probabilities"} for p in preds)
 
 
 def test_step_time_leaves_out_evaluations_between_log_lines(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT
 
 LIBRARIES = {"atomic", "bpe", "checkpoint", "clean", "configurator", "decode", "device", "distill", "fsdp", "hf",
-             "lora", "model", "process", "quantize", "score", "shards", "speculative", "training"}
+             "lora", "model", "process", "quantize", "rows", "score", "shards", "speculative", "training"}
 
 
 def imports(path):
