@@ -13,7 +13,8 @@ model guesses --draft_k tokens and the model checks them in one forward (specula
 in distribution (greedy: the same text), sooner when the draft is much cheaper. A token can end in the
 middle of a multi-byte UTF-8 character, so bytes go through an incremental decoder that holds back an
 unfinished character until its last byte arrives. Same seed, same settings, same machine, same text.
---compile=True compiles the one-token decode step first (decode.py), once, then decodes faster.
+--compile=True compiles the one-token decode step first (decode.py), once, then decodes faster; with
+--draft, the steps of both models.
 """
 import codecs
 import sys

@@ -32,6 +32,12 @@ holds n[b] tokens; rows accept different counts, so each has its own length in b
 B > 1 works (model.hidden_states gives rows at different lengths their own positions). Past the shorter
 context no chunk fits, and the target alone continues each row as model.generate_stream does.
 
+Compiled (compile(), sample.py --draft with --compile=True): both models run on decode.py's static
+caches, and their steps are compiled once each: the target's (k + 1)-token chunk, the draft's reads of 1
+token and of 2 (after a round that accepted all k). A rollback only lowers a row's length, so the
+columns past it are masked until overwritten. The lengths are kept on the host as well (tn, dn), which
+a step needs without reading them back from the device.
+
 Shapes: B rows, k guesses, V vocabulary: guesses (B, k), q (B, k, V), p (B, k + 1, V), accepted (B,).
 """
 import itertools

@@ -14,6 +14,15 @@ its FX graph cache filled (a warm start, as every start after the first on a mac
 generation only, after a warm-up; "same" says whether compiled greedy tokens equal eager ones.
 Modes: cpp_wrapper (decode.py's choice on a CPU: the kernels called from C++), default (called from a
 Python wrapper), max-autotune-no-cudagraphs (inductor also benchmarks its own matmul kernels).
+
+Speculative decoding (speculative.py) needs trained weights (a draft that agrees with its target), so it
+runs on a trained target and drafts with its tokenizer, batch 1, after a text prompt:
+
+    python bench/bench_decode.py --target=out-gpt1-laptop --drafts=draft-1x64,draft-2x128 --draft_ks=2,3,4
+
+For each draft and k, greedy and at temperature 0.8: tokens/s eager and compiled (speculative.compile,
+both models' steps), against the target alone eager and compiled in the same process, the fraction of
+guesses accepted, and for greedy whether the text equals the target's own.
 """
 import json
 import os
@@ -26,8 +35,10 @@ import torch
 
 from benchlib import ROOT  # first: it puts the repository root on sys.path for the imports below
 from configurator import configure, run
+from checkpoint import open_model
 from decode import Decoder
 from model import GPT, GPTConfig
+from speculative import SpeculativeDecoder, check_draft
 
 shapes = "quickstart,6x384,gpt2"  # which shapes (SHAPES below), comma separated
 batches = (1, 16)                  # rows generated together
@@ -36,6 +47,11 @@ new_tokens = 240                   # tokens generated per row
 prompt_tokens = 16                 # random prompt tokens per row
 threads = 0                        # torch threads; 0 = torch's default (all cores), as sample.py
 one = ""                           # internal: measure "shape,batch,mode,eager" in this process, print JSON
+target = ""                        # speculative sweep instead: a trained run (any --model form of sample.py)
+drafts = ""                        # its drafts (same tokenizer), comma separated
+draft_ks = "2,3,4"                 # tokens a draft proposes per round
+temperatures = "0,0.8"             # 0: greedy
+start = "It was a dark and stormy night, and"  # the prompt
 
 SHAPES = {  # GPTConfig.preset arguments
     "quickstart": dict(name="modern", n_layer=4, n_head=4, n_embd=128, vocab_size=4096, block_size=256),
@@ -78,6 +94,55 @@ def child(shape, batch, mode, eager, cache_dir):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def timed(generate, seed=0):
+    """(tokens, tokens/s) of one generation (batch 1) after a short untimed one (first calls allocate)."""
+    generate(8)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    out = generate(new_tokens)
+    return out, new_tokens / (time.perf_counter() - t0)
+
+
+def speculative_sweep():
+    big = open_model(target)
+    prompt = torch.tensor([big.tokenizer.encode(start)])
+    gpt, T = big.model.eval(), prompt.size(1)
+    print(f"speculative: {target} ({gpt.num_params(non_embedding=False) / 1e6:.2f}M parameters), {T} prompt tokens, "
+          f"{new_tokens} new, batch 1, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    decoder = Decoder(gpt, "cpu")
+    t0 = time.perf_counter()
+    decoder.warm_up(decoder.cache(1, T + new_tokens))
+    print(f"  target alone: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    lines = []
+    for temp in map(float, temperatures.split(",")):
+        gen = lambda n, d=None: gpt.generate(prompt, n, temperature=temp, decoder=d)  # noqa: E731
+        ref, plain = timed(gen)
+        _, plain_c = timed(lambda n: gen(n, decoder))
+        print(f"  T {temp}: target alone {plain:.0f} tokens/s eager, {plain_c:.0f} compiled", flush=True)
+        lines.append(f"| target alone | | {temp} | | {plain:,.0f} | {plain_c:,.0f} | 1.00 / {plain_c / plain:.2f} | |")
+        for name in drafts.split(","):
+            small = open_model(name)
+            check_draft(big, small)
+            for k in map(int, draft_ks.split(",")):
+                spec = SpeculativeDecoder(gpt, small.model.eval(), k)
+                out, eager = timed(lambda n: spec.generate(prompt, n, temperature=temp))
+                acceptance = spec.acceptance
+                spec.compile("cpu")
+                spec.warm_up(1, T + new_tokens)
+                out_c, compiled = timed(lambda n: spec.generate(prompt, n, temperature=temp))
+                same = "yes" if temp == 0 and torch.equal(out, ref) and torch.equal(out_c, ref) else \
+                    ("no" if temp == 0 else "")
+                size = f"{small.model.num_params(non_embedding=False) / 1e6:.2f}M"
+                print(f"  T {temp}: {name} ({size}) k {k}: {acceptance:.0%} accepted, {eager:.0f} tokens/s eager, "
+                      f"{compiled:.0f} compiled {same}", flush=True)
+                lines.append(f"| {name} ({size}) | {k} | {temp} | {acceptance:.0%} | {eager:,.0f} | {compiled:,.0f} | "
+                             f"{eager / plain:.2f} / {compiled / plain_c:.2f} | {same} |")
+    print("\n| draft | k | temperature | accepted | eager tokens/s | compiled tokens/s | speedup over the target "
+          "alone, eager / compiled | greedy text the target's |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     configure(globals(), argv)
     if threads:
@@ -86,6 +151,8 @@ def main(argv=None):
         shape, batch, mode, eager = one.split(",")
         print(json.dumps(measure(shape, int(batch), mode, eager == "1")))
         return
+    if target:
+        return speculative_sweep()
     print(f"bench_decode: {new_tokens} greedy tokens after {prompt_tokens} prompt tokens per row, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, torch {torch.__version__}; random weights",
           flush=True)
