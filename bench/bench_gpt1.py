@@ -122,13 +122,17 @@ def main():
         atomic_write(path, json.dumps(result))
         return result
 
+    subsets = {}
+
     def subset(t, n, s):
-        """(data folder of t with s's n labelled train rows, the unlabelled rest of train)."""
-        train, rest = labelled_subset(t["splits"]["train"], n, s)
+        """(data folder of t with s's n labelled train rows, those rows, the unlabelled rest of train): drawn
+        and written by the first call for (t, n, s), which every later one returns."""
+        d = os.path.join(W, "tasks", f"{t['name']}-{n}-s{s}")
         with writing:  # runs in parallel threads share the folder of one (task, n, seed)
-            d = task_folder(os.path.join(W, "tasks", f"{t['name']}-{n}-s{s}"), {**t["splits"], "train": train},
-                            t["fields"] + ["label"])
-        return d, train, rest
+            if d not in subsets:
+                train, rest = labelled_subset(t["splits"]["train"], n, s)
+                subsets[d] = task_folder(d, {**t["splits"], "train": train}, t["fields"] + ["label"]), train, rest
+        return subsets[d]
 
     def finetune(row, t, n, s, model, *extra, keep=False):
         """finetune.py on t's s-th subset of n labels: {"accuracy" on test, "seconds"}. keep: the run stays."""
@@ -173,12 +177,13 @@ def main():
                      "seconds": sum(r["seconds"] for r in results), **more})
         print(f"{row:<14} {t['name']:<10} {n:>7,} labels: {rows[-1]['mean']:.3f} +- {rows[-1]['std']:.3f}", flush=True)
 
-    def init_run(name, *extra):
-        """train.py --max_iters=0 over pretrain_args: the step-0 checkpoint of that shape (random weights)."""
+    def init_run(name, data, *extra):
+        """train.py --max_iters=0 over pretrain_args on the prepared dataset data: the step-0 checkpoint of that
+        shape (random weights)."""
         run = os.path.join(W, "runs", name)
         if not os.path.exists(os.path.join(run, "best.pt")):
             shutil.rmtree(run, ignore_errors=True)
-            sh([PY, "train.py", *pretrain_args.split(), f"--dataset={dataset}", f"--out_dir={run}", "--max_iters=0",
+            sh([PY, "train.py", *pretrain_args.split(), f"--dataset={data}", f"--out_dir={run}", "--max_iters=0",
                 *extra], log(name), threads)
         return run
 
@@ -192,19 +197,24 @@ def main():
         print(f"prepare.py: {len(files)} files, {prepare_args}", flush=True)
         sh([PY, "prepare.py", f"--input={os.path.abspath(corpus)}", "--name=corpus", f"--data_dir={W}/data",
             "--tokenizer=train", *prepare_args.split()], log("prepare"), threads)
+        scratch_init = pool.submit(init_run, "scratch", f"{W}/data/corpus")  # beside the pretraining: needs the data
         print(f"train.py {pretrain_args}", flush=True)  # every step checkpoint kept, unless the config says otherwise
         sh([PY, "train.py", "--keep_last=1000000", "--init_from=auto", *pretrain_args.split(),
             f"--dataset={W}/data/corpus", f"--out_dir={pre}"], log("pretrain"), threads)
+        scratch_init.result()
         open(pre + ".done", "w").close()
     state = checkpoint.load(checkpoint.find(pre, "best"))
     dataset, shape = state["config"]["dataset"], state["model_args"]
-    scratch = init_run("scratch")
+    scratch = init_run("scratch", dataset)  # made above, or now for --pretrained
     if checkpoint.load(os.path.join(scratch, "best.pt"))["model_args"] != shape:
         raise SystemExit(f"--pretrain_args give another shape than {pre}'s; pass the arguments it was trained with")
     part_seconds["pretraining"] = time.perf_counter() - t0
     print(f"pretraining: {pre} (step {state['iter_num']}), {part_seconds['pretraining']:.0f} s", flush=True)
 
     # ---- the rows --------------------------------------------------------------------------------------------
+    # the student at random weights, made in the pool beside the first parts' runs: the distilled part waits less
+    student_init = pool.submit(init_run, "student", dataset, *student_args.split()) \
+        if any("distilled" in t["parts"] for t in tasks) and "distilled" in parts.split(",") else None
     for part in parts.split(","):
         t0 = time.perf_counter()
         pending = []  # (row, task, labels, futures, more): every run of the part is queued, then reported in order
@@ -236,12 +246,12 @@ def main():
                     for words in verbalizers.split(";"):
                         later("zeroshot", 0, [pool.submit(zeroshot, t, ckpt, step, words)], step=step, words=words)
             elif part == "distilled":
-                student = init_run("student", *student_args.split())
+                student = student_init.result()
 
                 def distil(t, s, A=A, student=student):
                     finetune("pretrained", t, A, s, pre, keep=True)  # the teacher: the curves' run at A
                     unl = os.path.join(W, "tasks", f"{t['name']}-{A}-s{s}.unlabeled.jsonl")
-                    rest = subset(t, A, s)[2][:unlabeled or None]
+                    rest = subset(t, A, s)[2][:unlabeled or None]  # the draw the teacher's run made, or made now
                     with writing:
                         write_jsonl(unl, rest, t["fields"])
                     return finetune("distilled", t, A, s, student, f"--unlabeled={unl}",
