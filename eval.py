@@ -66,8 +66,8 @@ from atomic import atomic_write
 from bpe import Tokenizer
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, check_hub, configure, run
+from decode import generate, sampling_problem
 from device import autocast, for_inference, pick_device
-from model import sampling_problem
 import quantize as q
 from quantize import MODES
 from rows import read_rows
@@ -412,8 +412,8 @@ def main(argv=None):
             ids = tok.encode(p, allowed_special="all") if p else [tok.eot_token]  # "" starts a document
             ids = ids[-(gpt.config.block_size - 1):]
             with ctx:
-                y = gpt.generate(torch.tensor([ids], device=dev), max_new_tokens, temperature, top_k,
-                                 eos_token=tok.eot_token)[0, len(ids):].tolist()
+                y = generate(gpt, torch.tensor([ids], device=dev), max_new_tokens, temperature, top_k,
+                             eos_token=tok.eot_token)[0, len(ids):].tolist()
             y = y[:y.index(tok.eot_token)] if tok.eot_token in y else y
             completions.append({"prompt": p, "completion": tok.decode(y)})
 

@@ -11,7 +11,8 @@ modded-nanogpt's ReLU^2, QK-norm, logit soft-capping and zero-init are switches 
 Module names are Hugging Face GPT-2's, so OpenAI's weights map one to one (hf.py converts both ways).
 Speed: attention is one F.scaled_dot_product_attention call (Flash kernels on GPU; no (T, T) matrix);
 the embedding is padded to a multiple of 64 rows for the output matmul's sake, and the padded logits
-are sliced off inside this file, so they are never sampled or scored. Generation keeps a KV cache.
+are sliced off inside this file, so they are never sampled or scored. KVCache keeps each layer's keys
+and values, so generation (decode.py) runs one new token at a time.
 """
 import math
 from dataclasses import dataclass
@@ -373,93 +374,3 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_sec, peak_flops, T=None):
         """Model FLOPs utilisation: achieved model FLOPs per second as a fraction of the device's peak."""
         return self.flops_per_token(T) * tokens_per_sec / peak_flops
-
-    @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
-                        decoder=None):
-        """Continue idx (B, T), yielding each new (B, 1) token; sampling as sample_next. A row that emits
-        eos_token keeps emitting it; the stream stops once every row has. Call model.eval() first. The
-        model sees the last block_size tokens; past that every step re-runs the cropped window (dropping the
-        oldest token changes every hidden state after it), so greedy output equals recomputing. decoder: a
-        decode.Decoder, to run the decode steps compiled."""
-        if problem := sampling_problem(temperature, top_k, top_p):
-            raise ValueError(problem[1])
-        bs, B, n = self.config.block_size, idx.size(0), min(self.config.block_size, idx.size(1) + max_new_tokens)
-        cache = decoder.cache(B, n) if decoder else KVCache(self.config.n_layer, B, n)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for i in range(max_new_tokens):
-            if i == 0 or idx.size(1) > bs:  # prefill: the prompt, or the window that slid on
-                cache.pos.zero_()
-                x, start = idx[:, -bs:], 0
-            else:  # decode: one token at position cache.pos, attending to everything cached
-                x, start = idx[:, -1:], idx.size(1) - 1
-            h = decoder(x, cache, start) if decoder else self.hidden_states(x, cache)
-            nxt = sample_next(self.head(h[:, -1:])[:, -1], temperature, top_k, top_p)  # (B, 1)
-            if eos_token is not None:
-                nxt = torch.where(done[:, None], eos_token, nxt)
-                done |= nxt[:, 0] == eos_token
-            idx = torch.cat((idx, nxt), dim=1)
-            yield nxt
-            if eos_token is not None and bool(done.all()):
-                return
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None, decoder=None):
-        """idx (B, T) -> (B, T + n) with n <= max_new_tokens new tokens (fewer only if eos_token stops
-        every row). See generate_stream."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token, decoder))
-        return torch.cat([idx, *new], dim=1)
-
-
-def sampling_problem(temperature, top_k, top_p):
-    """(the first setting sample_next cannot take, one line with every valid range), or None if all can be."""
-    for name, good in (("temperature", isinstance(temperature, (int, float)) and temperature >= 0),  # NaN fails
-                       ("top_k", top_k is None or isinstance(top_k, int) and top_k >= 1),
-                       ("top_p", top_p is None or isinstance(top_p, (int, float)) and 0 < top_p <= 1)):
-        if not good:
-            return name, (f"need temperature >= 0, top_k None or an int >= 1, and top_p None or in (0, 1]; got "
-                          f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
-
-
-def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
-    """sample_next's settings applied to (B, V) logits -> (greedy, logits, order), what it draws from.
-    greedy (B, 1): the rows that take the argmax. logits (B, n) float32: divided by the temperature, -inf
-    outside top_k and top_p; order (B, n): their token ids, or None when n = V in vocabulary order.
-    logits and order are None when every row is greedy. speculative.py turns them into probabilities."""
-    B, V = logits.shape
-    col = lambda x, off: torch.as_tensor(off if x is None else x, dtype=torch.float32,  # noqa: E731
-                                         device=logits.device).expand(B, 1)  # (B, 1)
-    temperature, top_k, top_p = col(temperature, 1.0), col(top_k, V), col(top_p, 1.0)
-    greedy = (temperature == 0) | (top_k == 1)  # (B, 1)
-    if bool(greedy.all()):
-        return greedy, None, None
-    logits = logits.float() / torch.where(greedy, 1.0, temperature)
-    k, order = int(top_k.max()), None  # order None: the tokens stay in vocabulary order
-    if k < V:  # the k best of each row, in descending order: much cheaper than sorting all V
-        logits, order = logits.topk(k, dim=-1)
-    elif bool((top_p < 1).any()):
-        logits, order = logits.sort(dim=-1, descending=True)
-    if order is not None:
-        logits = logits.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= top_k, float("-inf"))
-        # nucleus (Holtzman et al. 2019): in descending order, drop a token once the mass before it
-        # already reaches top_p, which always keeps the most likely token
-        probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
-    return greedy, logits, order
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generators=None):
-    """(B, V) next-token logits -> (B, 1) ids. Each setting is one value, or (B, 1) per-row values
-    (serve.py batches requests): temperature 0 or top_k 1 is greedy; top_k keeps the k likeliest
-    tokens (None: all), top_p the fewest whose probability reaches it (None or 1: all). generators:
-    one torch.Generator per row, so a row's seed alone decides its tokens; None: torch's global RNG."""
-    B = logits.size(0)
-    best = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    greedy, logits, order = filter_logits(logits, temperature, top_k, top_p)
-    if logits is None:
-        return best
-    # inverse-CDF sampling: one uniform draw per row, from the row's own generator where it has one
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V or k)
-    u = torch.rand(B, 1, device=logits.device) if generators is None else \
-        torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])[:, None]
-    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(cdf.size(-1) - 1)  # (B, 1)
-    return torch.where(greedy, best, pick if order is None else order.gather(1, pick))

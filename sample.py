@@ -7,7 +7,7 @@ sample.py: write text with a model trained by train.py, or with OpenAI's GPT-2 w
     python sample.py --model=gpt2-xl --draft=gpt2 --temperature=0         # speculative decoding
 
 A checkpoint carries its own tokenizer (train.py embeds the .bpe file's text), so nothing else needs
-pointing at. Tokens are printed the moment they are generated: model.generate_stream keeps a KV cache,
+pointing at. Tokens are printed the moment they are generated: decode.generate_stream keeps a KV cache,
 so each step runs the model on one new token instead of the whole sequence. With --draft, a smaller
 model guesses --draft_k tokens and the model checks them in one forward (speculative.py): the same text
 in distribution (greedy: the same text), sooner when the draft is much cheaper. A token can end in the
@@ -24,9 +24,8 @@ import torch
 
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
-from decode import Decoder
+from decode import Decoder, generate_stream, sampling_problem
 from device import autocast, compile_problem, for_inference, pick_device
-from model import sampling_problem
 from speculative import SpeculativeDecoder, check_draft
 
 # ---- settings (override with a config file and/or --key=value) -----------------------------------
@@ -111,7 +110,7 @@ def main(argv=None):
         with autocast(device_type, ptdtype):
             # row 0 of each step's (1, 1) token, or of each speculative round's 1 to draft_k + 1 tokens
             stream = spec.generate_stream(x, max_new_tokens, temperature, top_k, top_p, eot) if spec else \
-                gpt.generate_stream(x, max_new_tokens, temperature, top_k, top_p, eot, decoder)
+                generate_stream(gpt, x, max_new_tokens, temperature, top_k, top_p, eot, decoder)
             for t in (t for new in stream for t in new[0].tolist()):
                 n += 1
                 if t == eot:

@@ -25,7 +25,7 @@ engine's KVCache, and each first token is sampled. Each step then decodes all ac
 one forward of the model over their (B, 1) newest tokens, where row b sits at its own length in the
 cache (model.py's KVCache keeps one per row: it sets the row's position and masks the columns past
 it). Each row has its own temperature, top_k, top_p, stop strings and torch.Generator (seeded from
-the request's seed), all handed to model.sample_next, so a request's tokens do not depend on what it
+the request's seed), all handed to decode.sample_next, so a request's tokens do not depend on what it
 was batched with (in float32; in bf16 a matmul's rounding can depend on the batch's shape). A
 finished or abandoned row leaves at the step boundary; the last row moves into its place. With
 --compile=True the decode step is compiled at start for each batch size up to max_batch rounded up to a
@@ -62,9 +62,9 @@ from starlette.exceptions import HTTPException
 
 from checkpoint import OLD_MODEL_FLAGS, open_model
 from configurator import UserError, configure, run
-from decode import Decoder, bucket
+from decode import Decoder, bucket, sample_next, sampling_problem
 from device import autocast, compile_problem, for_inference, pick_device
-from model import KVCache, sample_next, sampling_problem
+from model import KVCache
 from quantize import MODES, quantize as quantize_model, weight_bytes
 from score import bits_per_byte, log_prob_chunks
 
@@ -110,7 +110,7 @@ class StreamOptions(Body):
 
 class Common(Body):  # every number is bounded here, at the edge, to what the engine's tensors hold
     model: str
-    # what sampling can take at all (temperature >= 0, top_k >= 1, 0 < top_p <= 1) is model.sampling_problem's
+    # what sampling can take at all (temperature >= 0, top_k >= 1, 0 < top_p <= 1) is decode.sampling_problem's
     # call, the check every script shares, made in Service.sampling; a temperature above 2 is OpenAI's limit
     temperature: float = Field(1.0, le=2)
     top_p: float = 1.0
@@ -610,7 +610,7 @@ class Engine:
 
     def draw_rows(self, seqs, lp):
         """lp (N, V) log-probabilities of N rows -> their N tokens (a list), each drawn after its own
-        penalties and logit_bias, with its own temperature, top_k, top_p and generator (model.sample_next)."""
+        penalties and logit_bias, with its own temperature, top_k, top_p and generator (decode.sample_next)."""
         logits, V = lp.clone(), lp.size(-1)
         for row, s in zip(logits, seqs):
             s.penalise(row)

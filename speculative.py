@@ -19,8 +19,8 @@ min(p(x), q(x)), or after a rejection, which happens with probability r = 1 - su
 is followed by x with probability max(0, p(x) - q(x)) / r (that residual sums to r as well); together
 min(p(x), q(x)) + max(0, p(x) - q(x)) = p(x). Every later position is conditioned on the token that was
 emitted, so by induction the whole text is distributed as the target's own. temperature, top_k and
-top_p shape p and q alike: both are the distribution model.sample_next would draw from
-(model.filter_logits). Greedy (temperature 0 or top_k 1) makes them one-hot: a guess is kept exactly when
+top_p shape p and q alike: both are the distribution decode.sample_next would draw from
+(decode.filter_logits). Greedy (temperature 0 or top_k 1) makes them one-hot: a guess is kept exactly when
 it is the target's argmax, a rejection emits that argmax, so the text is the target's greedy text. With
 a per-token acceptance rate a, a round emits (1 - a^(k+1)) / (1 - a) tokens on average (Leviathan et al.
 eq. 1): the speed-up needs a draft step much cheaper than a target step and a draft that agrees often.
@@ -30,7 +30,7 @@ length (KVCache.pos). At a round's start the target has cached every token but t
 is one token behind, or two after a round that accepted all k (it never ran on its last guess). Row b
 holds n[b] tokens; rows accept different counts, so each has its own length in both caches and batch
 B > 1 works (model.hidden_states gives rows at different lengths their own positions). Past the shorter
-context no chunk fits, and the target alone continues each row as model.generate_stream does.
+context no chunk fits, and the target alone continues each row as decode.generate_stream does.
 
 Compiled (compile(), sample.py --draft with --compile=True): both models run on decode.py's static
 caches, and their steps are compiled once each: the target's (k + 1)-token chunk, the draft's reads of 1
@@ -46,8 +46,8 @@ import torch
 from torch.nn import functional as F
 
 from configurator import UserError
-from decode import Decoder
-from model import KVCache, filter_logits, sampling_problem
+from decode import Decoder, filter_logits, generate_stream, sampling_problem
+from model import KVCache
 
 
 def check_draft(target, draft):
@@ -62,7 +62,7 @@ def check_draft(target, draft):
 
 
 def probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """(B, V) logits -> (B, V) float32 probabilities: what model.sample_next draws from with these
+    """(B, V) logits -> (B, V) float32 probabilities: what decode.sample_next draws from with these
     settings, one-hot at the argmax for a greedy row."""
     onehot = F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
     greedy, logits, order = filter_logits(logits, temperature, top_k, top_p)
@@ -111,10 +111,10 @@ class SpeculativeDecoder:
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
-        """Continue idx (B, T) as target.generate_stream would, in distribution (greedy: token for token).
-        Yields, each round, a list of B 1-D CPU tensors: the tokens each row gained (none once a row has
-        max_new_tokens, or has emitted eos_token, its last token then)."""
-        if problem := sampling_problem(temperature, top_k, top_p):  # the check model.generate_stream makes
+        """Continue idx (B, T) as decode.generate_stream would with the target alone, in distribution (greedy:
+        token for token). Yields, each round, a list of B 1-D CPU tensors: the tokens each row gained (none
+        once a row has max_new_tokens, or has emitted eos_token, its last token then)."""
+        if problem := sampling_problem(temperature, top_k, top_p):  # the check decode.generate_stream makes
             raise ValueError(problem[1])
         target, draft = self.target, self.draft
         B, T = idx.shape
@@ -189,14 +189,15 @@ class SpeculativeDecoder:
             live &= made < max_new_tokens
             yield [new[b, :take[b]] for b in range(B)]
         # past the shorter context: the target alone, as generate_stream re-reads its sliding window
-        rest = [target.generate_stream(seq[b:b + 1, :int(n[b])], int(max_new_tokens - made[b]), temperature, top_k,
-                                       top_p, eos_token) if live[b] else iter(()) for b in range(B)]
+        rest = [generate_stream(target, seq[b:b + 1, :int(n[b])], int(max_new_tokens - made[b]), temperature, top_k,
+                                top_p, eos_token) if live[b] else iter(()) for b in range(B)]
         empty = torch.zeros(0, dtype=torch.long)
         for step in itertools.zip_longest(*rest):
             yield [empty if t is None else t[0].cpu() for t in step]
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
-        """idx (B, T) -> (B, T + n) as target.generate: a row that stopped at eos_token is padded with it."""
+        """idx (B, T) -> (B, T + n) as decode.generate with the target alone: a row that stopped at
+        eos_token is padded with it."""
         rows = [[torch.zeros(0, dtype=torch.long)] for _ in range(len(idx))]
         for new in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token):
             for row, tokens in zip(rows, new):

@@ -1,5 +1,5 @@
 """
-bench/bench_decode.py: eager against compiled decoding (decode.py) on this CPU. model.generate, greedy,
+bench/bench_decode.py: eager against compiled decoding (decode.py) on this CPU. decode.generate, greedy,
 new_tokens tokens after a prompt of prompt_tokens, at batch 1 and 16, for three shapes with random
 weights (the work per token does not depend on what the weights say): the quick start's (modern
 preset, 4 layers, 128 wide, vocabulary 4,096, here with a 256-token context), 6 layers 384 wide (the
@@ -36,7 +36,7 @@ import torch
 from benchlib import ROOT  # first: it puts the repository root on sys.path for the imports below
 from configurator import configure, run
 from checkpoint import open_model
-from decode import Decoder
+from decode import Decoder, generate
 from model import GPT, GPTConfig
 from speculative import SpeculativeDecoder, check_draft
 
@@ -69,15 +69,15 @@ def measure(shape, batch, mode, eager):
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens))
     out, result = None, {}
     if eager:
-        model.generate(prompt, 8, temperature=0)  # warm-up: the first calls allocate
+        generate(model, prompt, 8, temperature=0)  # warm-up: the first calls allocate
         t0 = time.perf_counter()
-        out = model.generate(prompt, new_tokens, temperature=0)
+        out = generate(model, prompt, new_tokens, temperature=0)
         result["eager"] = batch * new_tokens / (time.perf_counter() - t0)
     decoder = Decoder(model, "cpu")
     decoder.step = torch.compile(model.hidden_states, fullgraph=True, dynamic=False, **MODES[mode])  # the mode asked
     result["compile_s"] = decoder.warm_up(decoder.cache(batch, prompt_tokens + new_tokens))
     t0 = time.perf_counter()
-    compiled = model.generate(prompt, new_tokens, temperature=0, decoder=decoder)
+    compiled = generate(model, prompt, new_tokens, temperature=0, decoder=decoder)
     result["compiled"] = batch * new_tokens / (time.perf_counter() - t0)
     if out is not None:
         result["same"] = torch.equal(out, compiled)
@@ -94,12 +94,12 @@ def child(shape, batch, mode, eager, cache_dir):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def timed(generate, seed=0):
+def timed(gen, seed=0):
     """(tokens, tokens/s) of one generation (batch 1) after a short untimed one (first calls allocate)."""
-    generate(8)
+    gen(8)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    out = generate(new_tokens)
+    out = gen(new_tokens)
     return out, new_tokens / (time.perf_counter() - t0)
 
 
@@ -115,7 +115,7 @@ def speculative_sweep():
     print(f"  target alone: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
     lines = []
     for temp in map(float, temperatures.split(",")):
-        gen = lambda n, d=None: gpt.generate(prompt, n, temperature=temp, decoder=d)  # noqa: E731
+        gen = lambda n, d=None: generate(gpt, prompt, n, temperature=temp, decoder=d)  # noqa: E731
         ref, plain = timed(gen)
         _, plain_c = timed(lambda n: gen(n, decoder))
         print(f"  T {temp}: target alone {plain:.0f} tokens/s eager, {plain_c:.0f} compiled", flush=True)

@@ -9,9 +9,9 @@ out of requirements and out of CI. In a virtual environment of its own:
 For each storage type (f32, f16, q8_0, q4_0) it exports the run with export.py --format=gguf, loads the
 file in llama.cpp and checks, on prompts of the run's own kind of text:
   - llama.cpp's tokenizer gives our ids (the pre-tokenizer named in the file's metadata);
-  - at f32, llama.cpp's greedy continuation equals model.generate's, token for token (at the other types
+  - at f32, llama.cpp's greedy continuation equals decode.generate's, token for token (at the other types
     the share of equal tokens is printed: rounding the weights may flip a near tie);
-  - tokens per second of greedy decoding at batch 1 (llama.cpp is one stream), against our model.generate
+  - tokens per second of greedy decoding at batch 1 (llama.cpp is one stream), against our decode.generate
     in float32 (what sample.py runs) and int8 (quantize.py), with the same threads, prompts and lengths.
 """
 import os
@@ -25,6 +25,7 @@ import torch
 from benchlib import ROOT  # first: it puts the repository root on sys.path for the imports below
 from checkpoint import open_model
 from configurator import configure, run
+from decode import generate
 from quantize import quantize
 
 model = "out-quickstart"   # a run (or any --model export.py takes) of the modern or gpt2 preset
@@ -39,7 +40,7 @@ def ours_tokens_per_s(gpt, tok):
     done, t0, first = 0, time.perf_counter(), None
     for p in PROMPTS:
         x = torch.tensor([tok.encode(p)])
-        out = gpt.generate(x, new_tokens, temperature=0)[0, x.size(1):].tolist()
+        out = generate(gpt, x, new_tokens, temperature=0)[0, x.size(1):].tolist()
         first = first or out
         done += len(out)
     return done / (time.perf_counter() - t0), first

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from benchlib import ROOT  # first: it puts the repository root on sys.path for the imports below
 from checkpoint import load_model
 from configurator import configure, run
+from decode import generate
 from quantize import Int8Linear, calibration_rows, quantize, rtn, weight_bytes
 from shards import read_shard
 
@@ -116,12 +117,12 @@ def tokens_per_s(models, prompts, repeats=5):
     """Greedy tokens per second of each model, from its fastest of `repeats` generations. The models take
     turns, so whatever else runs on the shared cores slows them all alike."""
     for m in models:
-        m.generate(prompts[:, :4], 2, temperature=0)  # warm-up
+        generate(m, prompts[:, :4], 2, temperature=0)  # warm-up
     best = [float("inf")] * len(models)
     for _ in range(repeats):
         for i, m in enumerate(models):
             t0 = time.perf_counter()
-            m.generate(prompts, new_tokens, temperature=0)
+            generate(m, prompts, new_tokens, temperature=0)
             best[i] = min(best[i], time.perf_counter() - t0)
     return [prompts.size(0) * new_tokens / t for t in best]
 

@@ -25,7 +25,7 @@ any check failed. The figures of a GPU's first run go to bench/README.md with th
   train_fp16       train.py config/quickstart.py in float16 with the GradScaler: the loss falls and no
                    non-finite value stops the run; its checkpoint is the model the next four checks read
   sample, eval,    sample.py, eval.py --prompts and serve.py on the device in float32: greedy text equal
-  serve            to model.generate's on the CPU (same checkpoint, same prompt); in the device's own
+  serve            to decode.generate's on the CPU (same checkpoint, same prompt); in the device's own
                    16-bit dtype (auto) they must run, and how far their text agrees is reported
   eval_scores      eval.py's perplexity scores in the device's 16 bits (autocast and bf16 weights) against
                    float32, same model, same device: nats per token and bits per byte within 1e-3
@@ -186,14 +186,15 @@ def subject():
 
 
 def reference():
-    """model.generate's greedy text after PROMPT on the CPU in float32, the subject's best checkpoint: what
+    """decode.generate's greedy text after PROMPT on the CPU in float32, the subject's best checkpoint: what
     every script must write. Cut at <|endoftext|>, as every script cuts it."""
     def make():
         from checkpoint import open_model
+        from decode import generate
         opened = open_model(os.path.join(work, subject()))
         tok, ids = opened.tokenizer, opened.tokenizer.encode(PROMPT, allowed_special="all")
-        y = opened.model.generate(torch.tensor([ids]), NEW_TOKENS, temperature=0.0,
-                                  eos_token=tok.eot_token)[0, len(ids):].tolist()
+        y = generate(opened.model, torch.tensor([ids]), NEW_TOKENS, temperature=0.0,
+                     eos_token=tok.eot_token)[0, len(ids):].tolist()
         y = y[:y.index(tok.eot_token)] if tok.eot_token in y else y
         if len(y) < MIN_TOKENS or len(set(y)) < 2:  # an empty or constant text would agree with anything
             raise Failed(f"the reference, {tok.decode(y)!r}, is too short or one token repeated to compare texts")
@@ -212,7 +213,7 @@ def agreement(text, ref):
 def compare(what, text):
     ref, n = reference()
     if text != ref:
-        raise Failed(f"{what}: {text[:60]!r}... differs from model.generate on the CPU: {ref[:60]!r}...")
+        raise Failed(f"{what}: {text[:60]!r}... differs from decode.generate on the CPU: {ref[:60]!r}...")
     return n
 
 
@@ -424,12 +425,12 @@ def sixteen_bits(run):
 
 def check_sample():
     n = compare("sample.py", sample_text("float32"))
-    return f"float32 on {S.dev}: equal to model.generate on the CPU ({n} tokens); {sixteen_bits(sample_text)}"
+    return f"float32 on {S.dev}: equal to decode.generate on the CPU ({n} tokens); {sixteen_bits(sample_text)}"
 
 
 def check_eval():
     n = compare("eval.py", eval_report("float32")["completions"][0]["completion"])
-    return f"float32 on {S.dev}: equal to model.generate on the CPU ({n} tokens); " \
+    return f"float32 on {S.dev}: equal to decode.generate on the CPU ({n} tokens); " \
            f"{sixteen_bits(lambda dtype: eval_report(dtype)['completions'][0]['completion'])}"
 
 
@@ -446,7 +447,7 @@ def check_eval_scores():
 
 def check_serve():
     n = compare("serve.py", serve_text("float32"))
-    return f"float32 on {S.dev}: equal to model.generate on the CPU ({n} tokens); {sixteen_bits(serve_text)}"
+    return f"float32 on {S.dev}: equal to decode.generate on the CPU ({n} tokens); {sixteen_bits(serve_text)}"
 
 
 def check_quantized():

@@ -1,5 +1,5 @@
 """decode.py: the compiled decode step gives eager decoding's greedy tokens for every model a GPTConfig
-describes (test_model.MODEL_VARIANTS), through model.generate and with rows at different lengths in one
+describes (test_model.MODEL_VARIANTS), through decode.generate and with rows at different lengths in one
 padded batch (serve.py's engine); sample.py and serve.py with --compile=True give the text they give
 without it. Each variant is compiled once, at a tiny size (a few seconds each on a CPU)."""
 import os
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ENV, ROOT
-from decode import Decoder, bucket
+from decode import Decoder, bucket, generate
 from model import GPT, KVCache
 from test_model import MODEL_VARIANTS, spiky, tiny
 from test_serve import PROMPTS, Server, greedy, make_run, one_torch_thread, tok  # noqa: F401  (fixtures)
@@ -23,20 +23,20 @@ def test_buckets_are_powers_of_two_up_to_the_most():
 
 @pytest.mark.parametrize("config", MODEL_VARIANTS, ids=str)
 def test_compiled_steps_give_eager_greedy_tokens(config):
-    """One compiled shape, 4 rows x 32 positions, serves both: model.generate on 4 prompts (also past the
+    """One compiled shape, 4 rows x 32 positions, serves both: generate on 4 prompts (also past the
     context, where every step is an eager prefill of the slid window), and 3 rows at lengths 3, 9 and 6
-    decoding together beside an idle row, each equal to model.generate on its prompt alone."""
+    decoding together beside an idle row, each equal to generate on its prompt alone."""
     torch.manual_seed(0)
     model = spiky(GPT(tiny(**{"block_size": 32, **config})))
     decoder = Decoder(model, "cpu")
     decoder.warm_up(decoder.cache(4, 32))
     prompts = torch.randint(0, 100, (4, 6))
     for n in (20, 40):  # 26 tokens fit the context; 46 slide past it
-        eager = model.generate(prompts, n, temperature=0)
-        assert torch.equal(model.generate(prompts, n, temperature=0, decoder=decoder), eager)
+        eager = generate(model, prompts, n, temperature=0)
+        assert torch.equal(generate(model, prompts, n, temperature=0, decoder=decoder), eager)
 
     rows = [torch.randint(0, 100, (1, n)) for n in (3, 9, 6)]
-    alone = [model.generate(ids, 13, temperature=0)[0, ids.size(1):].tolist() for ids in rows]
+    alone = [generate(model, ids, 13, temperature=0)[0, ids.size(1):].tolist() for ids in rows]
     cache, tokens = decoder.cache(4, 32), []
     with torch.no_grad():
         for b, ids in enumerate(rows):  # each prompt prefilled alone, then copied into its row (as serve.py)
@@ -49,7 +49,7 @@ def test_compiled_steps_give_eager_greedy_tokens(config):
             tokens.append(model.head(h[:, -1]).argmax(-1, keepdim=True))
     assert torch.cat(tokens, 1).tolist() == alone
     assert len({tuple(t) for t in alone}) == 3 and len(set(sum(alone, []))) > 5  # not one token repeated
-    assert decoder.compiled == {(4, id(cache))}  # one graph for all of it (a recompile would have raised)
+    assert decoder.compiled == {(4, 1, id(cache))}  # one graph for all of it (a recompile would have raised)
 
 
 def test_a_step_past_the_cache_or_int8_weights_are_value_errors_before_any_compiling():
@@ -85,7 +85,7 @@ def test_sample_compiled_prints_the_same_text(workdir, small_run):
 
 def test_serve_compiled_answers_as_generate(workdir, small_run, tok):  # noqa: F811
     """max_batch=4: a graph each for 1, 2 and 4 rows; three requests of different prompt lengths decode
-    together (padded to 4 rows), each getting model.generate's text."""
+    together (padded to 4 rows), each getting decode.generate's text."""
     import concurrent.futures
     from checkpoint import load_model
     model, _, _ = load_model(str(small_run))

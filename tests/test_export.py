@@ -19,6 +19,7 @@ import checkpoint
 import hf
 from bpe import PATTERNS, Tokenizer
 from conftest import ENV, ROOT, error_line, train
+from decode import generate
 from model import GPT, GPTConfig
 from test_bpe import HOSTILE, real_docs
 from test_model import randomise
@@ -67,7 +68,7 @@ def test_round_trip_each_preset(tok, tmp_path, preset, cls, tied, capsys):
     with torch.no_grad():
         assert (theirs(x).logits - model(x)[0]).abs().max() < 1e-5
         prompt = x[:1, :6]
-        ours = model.generate(prompt, 20, temperature=0)
+        ours = generate(model, prompt, 20, temperature=0)
         hf_out = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                                  eos_token_id=None, pad_token_id=tok.eot_token)
     assert torch.equal(hf_out, ours) and len(set(ours[0, 6:].tolist())) > 1  # and not one token repeated

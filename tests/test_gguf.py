@@ -11,6 +11,7 @@ import torch
 
 from bpe import Tokenizer
 from conftest import ENV, ROOT, error_line
+from decode import generate
 from model import GPT, GPTConfig, apply_rope
 from test_bpe import HOSTILE, real_docs
 from test_export import quiet, save_checkpoint as save, tok  # noqa: F401  (fixtures)
@@ -81,7 +82,7 @@ def test_transformers_reads_our_logits_from_the_gguf(tok, tmp_path, preset, tied
     assert 0 < moved["f16"] < moved["q8_0"] < moved["q4_0"]  # each storage did round, and coarser rounds more
     with torch.no_grad():  # greedy decoding from the f32 file follows ours token for token
         prompt = x[:1, :6]
-        ours = model.generate(prompt, 20, temperature=0)
+        ours = generate(model, prompt, 20, temperature=0)
         hf_out = load(tmp_path / "gg", "model-f32.gguf", model).generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, eos_token_id=None,
             pad_token_id=tok.eot_token)

@@ -34,8 +34,8 @@ def test_cpu_mode_passes_every_check_a_cpu_can_run(tmp_path):
     assert re.match(r"[\d,]+ tokens/s \([\d,]+ parameters, float32, eager, \d+ ms/step; no MFU", said["train_speed"])
     first, last = map(float, re.match(r"loss (\S+) at step 10 -> (\S+) at 60", said["train_fp16"]).groups())
     assert last < first and re.search(r"GradScaler scale \d", said["train_fp16"])
-    for script in ("sample", "eval", "serve"):  # greedy text through each script equals model.generate's
-        assert said[script].startswith("float32 on cpu: equal to model.generate on the CPU (48 tokens)")
+    for script in ("sample", "eval", "serve"):  # greedy text through each script equals decode.generate's
+        assert said[script].startswith("float32 on cpu: equal to decode.generate on the CPU (48 tokens)")
     assert re.match(r"bfloat16 vs float32 on cpu: nats_per_token [\d.]+ [+-]\d\.\de-\d\d, bits_per_byte",
                     said["eval_scores"])
     for mode in ("ddp", "fsdp"):

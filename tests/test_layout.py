@@ -49,10 +49,11 @@ def test_library_modules_import_each_other_without_a_circle():
 def test_library_modules_print_nothing(capsys, tmp_path):
     from bpe import Tokenizer
     from checkpoint import load_model
+    from decode import generate
     from model import GPT, GPTConfig
     from shards import read_shard, write_shard
     model = GPT(GPTConfig.preset("gpt2", n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=300))
-    model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
+    generate(model, torch.zeros(1, 1, dtype=torch.long), 3)
     tok = Tokenizer.train(["some text to learn a few merges from, some text"], 260)
     tok.save(str(tmp_path / "t.bpe"))
     write_shard(str(tmp_path / "s.bin"), [1, 2, 3])

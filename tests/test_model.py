@@ -1,16 +1,17 @@
 """model.py: the behaviour a user relies on, checked on tiny CPU models in float32.
 
-Causality, KV-cache generation equal to recomputation (also past the context), parameter counts and
-FLOPs of the full presets, per-token losses, hidden states, logit parity with Hugging Face's GPT-2 (both
-ways) and Llama (the modern preset), gradient checkpointing, overfitting one batch, and the ValueErrors
-for bad input.
+Causality, KV-cache generation (decode.generate) equal to recomputation (also past the context), the
+sampling rules and their one check of the settings, parameter counts and FLOPs of the full presets,
+per-token losses, hidden states, logit parity with Hugging Face's GPT-2 (both ways) and Llama (the modern
+preset), gradient checkpointing, overfitting one batch, and the ValueErrors for bad input.
 """
 import dataclasses
 
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, sample_next, sampling_problem
+from decode import generate, generate_stream, sample_next, sampling_problem
+from model import GPT, GPTConfig, KVCache
 from training import configure_optimizers
 
 PRESETS = ("gpt1", "gpt2", "modern")
@@ -176,29 +177,29 @@ def test_kv_cache_greedy_equals_recompute_past_the_context(name):
     torch.manual_seed(0)
     model = spiky(GPT(tiny(name)))
     prompt = torch.randint(0, 100, (2, 5))
-    out = model.generate(prompt, max_new_tokens=30, temperature=0.0)  # 35 tokens, context 16
+    out = generate(model, prompt, max_new_tokens=30, temperature=0.0)  # 35 tokens, context 16
     ref = prompt
     for _ in range(30):  # no cache: the whole (cropped) sequence each step
         logits, _ = model(ref[:, -16:])
         ref = torch.cat((ref, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     assert torch.equal(out, ref)
     assert len(set(out[0, 5:].tolist())) > 3  # a real test: the continuation is not one token repeated
-    streamed = torch.cat(list(model.generate_stream(prompt, 30, temperature=0.0)), dim=1)
+    streamed = torch.cat(list(generate_stream(model, prompt, 30, temperature=0.0)), dim=1)
     assert torch.equal(streamed, out[:, 5:])
-    assert torch.equal(model.generate(prompt, 30, top_k=1), out)  # top_k=1 is greedy too
+    assert torch.equal(generate(model, prompt, 30, top_k=1), out)  # top_k=1 is greedy too
     # a prompt longer than the context conditions on its last block_size tokens
-    assert torch.equal(model.generate(ref, 1, temperature=0.0)[:, -1], model(ref[:, -16:])[0][:, -1].argmax(-1))
+    assert torch.equal(generate(model, ref, 1, temperature=0.0)[:, -1], model(ref[:, -16:])[0][:, -1].argmax(-1))
 
 
 def test_generation_never_emits_padding_ids_and_stops_at_eos():
     torch.manual_seed(0)
     model = spiky(GPT(tiny("gpt2")))  # vocab 100, embedding padded to 128 rows
     assert model.lm_head.weight.shape[0] == 128 and model(torch.zeros(1, 3, dtype=torch.long))[0].shape == (1, 3, 100)
-    out = model.generate(torch.zeros(4, 1, dtype=torch.long), 40, temperature=2.0)
+    out = generate(model, torch.zeros(4, 1, dtype=torch.long), 40, temperature=2.0)
     assert out.max() < 100
-    greedy = model.generate(torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0)
+    greedy = generate(model, torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0)
     eos = greedy[0, 4].item()  # the 4th generated token: generation must stop right after it
-    stopped = model.generate(torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0, eos_token=eos)
+    stopped = generate(model, torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0, eos_token=eos)
     first = greedy[0, 1:].tolist().index(eos) + 1
     assert torch.equal(stopped, greedy[:, :first + 1])
 
@@ -229,9 +230,9 @@ def test_sampling_settings_are_checked_in_one_place(settings, bad):
         assert "\n" not in line and f"{name}={value}" in line
         assert "need temperature >= 0, top_k None or an int >= 1, and top_p None or in (0, 1]" in line
         with pytest.raises(ValueError, match="need temperature >= 0"):
-            GPT(tiny("gpt2")).generate(torch.zeros(1, 1, dtype=torch.long), 2, *settings)
+            generate(GPT(tiny("gpt2")), torch.zeros(1, 1, dtype=torch.long), 2, *settings)
     else:
-        assert GPT(tiny("gpt2")).eval().generate(torch.zeros(1, 1, dtype=torch.long), 2, *settings).shape == (1, 3)
+        assert generate(GPT(tiny("gpt2")).eval(), torch.zeros(1, 1, dtype=torch.long), 2, *settings).shape == (1, 3)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -382,4 +383,4 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"\(1, 2\) new tokens after 3 do not fit a KVCache of 1 rows x 4"):
         model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="temperature >= 0"):
-        model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=-1.0)
+        generate(model, torch.zeros(1, 1, dtype=torch.long), 5, temperature=-1.0)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import quantize as Q
 from checkpoint import load_quantized
+from decode import generate
 from model import GPT, GPTConfig
 
 GROUP = 32  # two groups per row of the 64-wide model below, so groups are not whole rows
@@ -147,7 +148,7 @@ def test_save_and_load_give_identical_outputs(trained, rtn_and_gptq, tmp_path, w
         ref, got = q(x)[0], loaded(x)[0]
     assert torch.equal(got, ref) and (ref[:, 1:] - ref[:, :-1]).abs().max() > 1  # same, and not a constant
     with torch.no_grad():
-        assert torch.equal(loaded.generate(x[:, :8], 8, temperature=0), q.generate(x[:, :8], 8, temperature=0))
+        assert torch.equal(generate(loaded, x[:, :8], 8, temperature=0), generate(q, x[:, :8], 8, temperature=0))
     with pytest.raises(ValueError, match="not a quantized model"):
         torch.save({"version": 2}, tmp_path / "other.pt")
         load_quantized(str(tmp_path / "other.pt"))

@@ -1,5 +1,5 @@
 """serve.py as its users meet it: the real `openai` client against a server on a free 127.0.0.1 port,
-and the batched decoding underneath proved equal to model.generate.
+and the batched decoding underneath proved equal to decode.generate.
 
 The models are random GPTs with large weights, saved as checkpoints with the tiny corpus's tokenizer:
 a few steps of training leave a model whose greedy output is one token repeated, and equality between
@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from conftest import ENV, ROOT
+from decode import generate
 from test_model import MODEL_VARIANTS
 
 KEY = "test-key"
@@ -126,9 +127,9 @@ def servers(workdir, run_dir):
 
 
 def greedy(model, tok, prompt, n):
-    """What model.generate gives for prompt, as text, stopping at <|endoftext|> as the server does."""
+    """What decode.generate gives for prompt, as text, stopping at <|endoftext|> as the server does."""
     x = torch.tensor([tok.encode(prompt)])
-    ids = model.generate(x, n, temperature=0, eos_token=tok.eot_token)[0, x.size(1):].tolist()
+    ids = generate(model, x, n, temperature=0, eos_token=tok.eot_token)[0, x.size(1):].tolist()
     return tok.decode(ids[:ids.index(tok.eot_token)] if tok.eot_token in ids else ids)
 
 
@@ -162,7 +163,7 @@ def run_engine(model, tok, ptdtype=torch.float32):
 def test_batched_decoding_equals_generate_per_prompt(tmp_path, tok, config):
     """Every model a GPTConfig describes (test_model.MODEL_VARIANTS: a new switch joins by itself), int8
     and int4: each greedy row, decoded beside 15 others at other lengths and beside sampled rows, equals
-    model.generate on its prompt alone."""
+    decode.generate on its prompt alone."""
     from quantize import quantize
     switches = {k: v for k, v in config.items() if k not in ("name", "quantize")}
     model = quantize(make_run(str(tmp_path), tok, config["name"], **{"tie_weights": True, **switches}),
@@ -180,7 +181,7 @@ def test_batched_decoding_under_bf16_autocast_serves_every_row(tmp_path, tok, co
     """Under CUDA's autocast a QK-normed key comes out of rms_norm in float32 while values are bf16: the
     cache must hold each in its own dtype, and no row may end in an error. CPU autocast leaves rms_norm
     in bf16, so rms_norm is made to follow CUDA's rule here. (bf16 text may depend on the batch's shape,
-    so only float32 is compared with model.generate.)"""
+    so only float32 is compared with decode.generate.)"""
     import torch.nn.functional as F
     rms_norm = F.rms_norm
 
@@ -301,7 +302,7 @@ def test_chat_stop_strings_and_n(servers, tok):
 
 def test_sixteen_concurrent_greedy_requests_equal_each_alone(servers):
     """Batched together, each request gets exactly the text it gets alone (and alone, the server gives
-    model.generate's text: the two tests above)."""
+    decode.generate's text: the two tests above)."""
     main, _ = servers
     c = main.client()
 

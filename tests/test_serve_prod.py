@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import ENV, ROOT
+from decode import generate
 from test_serve import KEY, PROMPTS, Server, greedy, make_run, one_torch_thread, tok  # noqa: F401  (fixtures)
 
 serve = importlib.import_module("serve")
@@ -128,7 +129,7 @@ def test_chunked_prefill_and_prefix_cache_leave_greedy_text_unchanged(tmp_path, 
     assert texts(whole) == texts(chunked) == texts(cached) == texts(both)
     assert len(set(texts(whole)[:8])) == 8 and all(len(set(t)) > 3 for t in texts(whole))
     x = torch.tensor([prompts[0]])
-    ids = model.generate(x, 20, temperature=0)[0, x.size(1):].tolist()
+    ids = generate(model, x, 20, temperature=0)[0, x.size(1):].tolist()
     assert texts(whole)[0] == tok.decode(ids[:ids.index(tok.eot_token)] if tok.eot_token in ids else ids)
     for e in (cached_engine, both_engine):  # the second round reused two 64-token blocks of each prompt
         hits = e.metrics.prefix_hits._value.get()
@@ -138,7 +139,7 @@ def test_chunked_prefill_and_prefix_cache_leave_greedy_text_unchanged(tmp_path, 
 def test_a_row_that_breaks_the_batch_fails_alone(tmp_path, tok, monkeypatch):  # noqa: F811
     """A row whose settings the batched draw cannot take (here a logit_bias id outside the vocabulary,
     past the API's checks) and a decode step that runs out of memory: only the culprit (the newest row, for memory)
-    ends in an error; every other row's greedy text equals model.generate's."""
+    ends in an error; every other row's greedy text equals decode.generate's."""
     model = make_run(str(tmp_path), tok, "modern", n_layer=2, n_embd=64)
     groups = [(tok.encode(p), serve.Sampling(0.0 if i % 4 else 1.0, None, 1.0, 16, i, None, []))
               for i, p in enumerate(PROMPTS)]

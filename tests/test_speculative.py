@@ -1,4 +1,4 @@
-"""speculative.py: the target's text, sooner. Greedy speculative decoding equals model.generate token for
+"""speculative.py: the target's text, sooner. Greedy speculative decoding equals decode.generate token for
 token, for every GPTConfig variant as the target and for a draft that always agrees, one that often
 does and one that seldom does (batch rows then accept different counts), with eos and past the context.
 Sampled, the first two tokens have the target's own distribution (a chi-square test on an 8-token
@@ -19,6 +19,7 @@ import checkpoint
 from bpe import Tokenizer
 from configurator import UserError
 from conftest import ENV, ROOT, error_line
+from decode import generate
 from model import GPT
 from speculative import SpeculativeDecoder, check_draft
 from test_model import MODEL_VARIANTS, PRESETS, spiky, tiny
@@ -53,7 +54,7 @@ def test_greedy_equals_the_targets_own(variant):
     config = {k: v for k, v in variant.items() if k != "name"}
     target = spiky(GPT(tiny(variant["name"], **config)))
     prompt = torch.randint(0, 100, (2, 3), generator=torch.Generator().manual_seed(0))
-    ref = target.generate(prompt, 12, temperature=0.0)  # 15 of the context's 16 positions
+    ref = generate(target, prompt, 12, temperature=0.0)  # 15 of the context's 16 positions
     assert len(set(ref[:, 3:].flatten().tolist())) > 3  # varied text, not one token repeated
     for name, (draft, (lo, hi)) in drafts(target).items():
         spec = SpeculativeDecoder(target, draft, k=3)
@@ -68,12 +69,12 @@ def test_greedy_equals_the_targets_own_past_the_context_and_at_eos(name):
         spec = SpeculativeDecoder(target, draft, k=4)
         for prompt in (torch.tensor([[5]]), torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]])):
             # 30 new tokens, context 16: the last ones come from the target alone, each over its window
-            assert torch.equal(spec.generate(prompt, 30, top_k=1), target.generate(prompt, 30, top_k=1))
+            assert torch.equal(spec.generate(prompt, 30, top_k=1), generate(target, prompt, 30, top_k=1))
         prompt = torch.tensor([[5, 6, 7], [1, 2, 3]])
-        ref = target.generate(prompt, 10, temperature=0.0)
+        ref = generate(target, prompt, 10, temperature=0.0)
         eos = ref[0, 5].item()  # the 3rd token of row 0; row 1 may stop elsewhere or not at all
         out = spec.generate(prompt, 10, temperature=0.0, eos_token=eos)
-        assert torch.equal(out, target.generate(prompt, 10, temperature=0.0, eos_token=eos))
+        assert torch.equal(out, generate(target, prompt, 10, temperature=0.0, eos_token=eos))
         assert (out[0, 5:] == eos).all() and (ref[0, 5:] != eos).any()  # row 0 stopped, padded with eos
 
 
@@ -91,7 +92,7 @@ def test_compiled_rounds_give_the_eager_rounds_tokens(name):
     compiled.warm_up(2, 3 + 20)
     for n in (8, 20):  # 11 and 23 tokens of a 16-token context: the second ends with the target alone
         ref = eager.generate(prompt, n, temperature=0.0)
-        assert torch.equal(ref, target.generate(prompt, n, temperature=0.0))
+        assert torch.equal(ref, generate(target, prompt, n, temperature=0.0))
         assert torch.equal(compiled.generate(prompt, n, temperature=0.0), ref)
         assert (compiled.proposed, compiled.accepted) == (eager.proposed, eager.accepted)
     assert 0 < eager.acceptance < 1  # both the accept and the reject path taken
@@ -127,11 +128,11 @@ def test_sampled_tokens_have_the_targets_distribution(settings, k):
     torch.manual_seed(0)
     spec = SpeculativeDecoder(target, draft, k)
     ours = pair_counts(spec.generate(prompt, 2, **settings)[:, 3:], V)
-    own = pair_counts(target.generate(prompt, 2, **settings)[:, 3:], V)
+    own = pair_counts(generate(target, prompt, 2, **settings)[:, 3:], V)
     assert 0.2 < spec.acceptance < 0.9, spec.acceptance  # both the accept and the reject path taken
     assert same_distribution(ours, own) > 1e-3
     # the control: the draft's own text fails the same test (the rule has something to correct)
-    assert same_distribution(pair_counts(draft.generate(prompt, 2, **settings)[:, 3:], V), own) < 1e-6
+    assert same_distribution(pair_counts(generate(draft, prompt, 2, **settings)[:, 3:], V), own) < 1e-6
 
 
 # ---- sample.py --draft ----------------------------------------------------------------------------
