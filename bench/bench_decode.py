@@ -23,6 +23,11 @@ runs on a trained target and drafts with its tokenizer, batch 1, after a text pr
 For each draft and k, greedy and at temperature 0.8: tokens/s eager and compiled (speculative.compile,
 both models' steps), against the target alone eager and compiled in the same process, the fraction of
 guesses accepted, and for greedy whether the text equals the target's own.
+
+Where a step's time goes, batch 1, greedy, eager and compiled: the model's step (hidden_states), the
+head, choosing the token, and the whole of generate's step, each in ms per token:
+
+    python bench/bench_decode.py --breakdown=out-quickstart --start="def " --new_tokens=100
 """
 import json
 import os
@@ -36,8 +41,8 @@ import torch
 from benchlib import ROOT  # first: it puts the repository root on sys.path for the imports below
 from configurator import configure, run
 from checkpoint import open_model
-from decode import Decoder, generate
-from model import GPT, GPTConfig
+from decode import Decoder, generate, sample_next
+from model import GPT, GPTConfig, KVCache
 from speculative import SpeculativeDecoder, check_draft
 
 shapes = "quickstart,6x384,gpt2"  # which shapes (SHAPES below), comma separated
@@ -52,6 +57,7 @@ drafts = ""                        # its drafts (same tokenizer), comma separate
 draft_ks = "2,3,4"                 # tokens a draft proposes per round
 temperatures = "0,0.8"             # 0: greedy
 start = "It was a dark and stormy night, and"  # the prompt
+breakdown = ""                     # instead: where a greedy step's time goes for this run, batch 1
 
 SHAPES = {  # GPTConfig.preset arguments
     "quickstart": dict(name="modern", n_layer=4, n_head=4, n_embd=128, vocab_size=4096, block_size=256),
@@ -101,6 +107,40 @@ def timed(gen, seed=0):
     t0 = time.perf_counter()
     out = gen(new_tokens)
     return out, new_tokens / (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def where_time_goes():
+    """ms per token of each part of a greedy decode step at batch 1, eager and compiled (bench_llamacpp.py's gap)."""
+    opened = open_model(breakdown)
+    gpt, prompt = opened.model.eval(), torch.tensor([opened.tokenizer.encode(start)])
+    T = prompt.size(1)
+    print(f"breakdown: {breakdown} ({gpt.num_params(non_embedding=False) / 1e6:.2f}M parameters), {new_tokens} "
+          f"tokens after {T}, batch 1, {torch.get_num_threads()} threads (ms per token)")
+    for decoder in (None, Decoder(gpt, "cpu")):
+        cache = decoder.cache(1, T + new_tokens) if decoder else KVCache(gpt.config.n_layer, 1, T + new_tokens)
+        if decoder:
+            decoder.warm_up(cache)
+        parts = dict(step=0.0, head=0.0, choose=0.0)
+        for rep in range(2):  # the first pass warms up (allocations); the second is timed
+            cache.pos.zero_()
+            step = (lambda x, s: decoder(x, cache, s)) if decoder else (lambda x, s: gpt.hidden_states(x, cache))
+            h, nxt = step(prompt, 0), None
+            for i in range(new_tokens - 1):
+                t0 = time.perf_counter()
+                logits = gpt.head(h[:, -1:])[:, -1]
+                t1 = time.perf_counter()
+                nxt = sample_next(logits, 0)
+                t2 = time.perf_counter()
+                h = step(nxt, T + i)
+                t3 = time.perf_counter()
+                if rep:
+                    parts["head"], parts["choose"], parts["step"] = (parts["head"] + t1 - t0,
+                                                                     parts["choose"] + t2 - t1, parts["step"] + t3 - t2)
+        _, tps = timed(lambda n: generate(gpt, prompt, n, temperature=0, decoder=decoder))
+        print(f"  {'compiled' if decoder else 'eager'}: " + ", ".join(
+            f"{k} {v * 1e3 / (new_tokens - 1):.2f}" for k, v in parts.items()) + f"; generate {1e3 / tps:.2f} "
+            f"({tps:.0f} tokens/s, the prefill included)", flush=True)
 
 
 def speculative_sweep():
@@ -153,6 +193,8 @@ def main(argv=None):
         return
     if target:
         return speculative_sweep()
+    if breakdown:
+        return where_time_goes()
     print(f"bench_decode: {new_tokens} greedy tokens after {prompt_tokens} prompt tokens per row, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, torch {torch.__version__}; random weights",
           flush=True)
