@@ -146,6 +146,7 @@ class Decoder:
                              "decode int8 weights without --compile=True, or compile float32 or int4 weights")
         self.model, self.lengths, self.caches = model, tuple(lengths), {}
         self.compiled = set()  # (rows, T, id(cache)) of every step compiled so far
+        self.inference = None  # whether those steps ran inside torch.inference_mode (a graph holds to one)
         self.device, self.cuda = model.transformer.wte.weight.device, device_type == "cuda"
         # inductor's C++ wrapper calls the kernels from C++, not Python: faster steps on a CPU, slower compiles
         # (bench/README.md). On CUDA the step is one CUDA graph, which leaves no wrapper to speed up.
@@ -171,6 +172,12 @@ class Decoder:
         B, T = idx.shape
         if T not in self.lengths or cache.k is None:  # a prefill: eager; the first allocates the cache
             return self.model.hidden_states(idx, cache)
+        inside = torch.is_inference_mode_enabled()  # its tensors lack autograd's keys, which the graphs guard on
+        if self.inference is not None and inside != self.inference:
+            raise RuntimeError(f"this Decoder compiled its steps {'inside' if self.inference else 'outside'} "
+                               f"torch.inference_mode(); call it the same way (torch.no_grad() is outside), or "
+                               f"make a new Decoder")
+        self.inference = inside
         rows = bucket(B, len(cache.pos))
         cache.pos[B:rows] = 0
         # a fresh (rows, T) tensor: idx[:, -1:] of a growing sequence has a new stride at every step, which

@@ -50,6 +50,8 @@ def test_compiled_steps_give_eager_greedy_tokens(config):
     assert torch.cat(tokens, 1).tolist() == alone
     assert len({tuple(t) for t in alone}) == 3 and len(set(sum(alone, []))) > 5  # not one token repeated
     assert decoder.compiled == {(4, 1, id(cache))}  # one graph for all of it (a recompile would have raised)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"compiled its steps outside torch.inference_mode"):
+        decoder(tokens[-1], cache, 21)  # the other grad mode would recompile: one line, before any work
 
 
 def test_a_step_past_the_cache_or_int8_weights_are_value_errors_before_any_compiling():
