@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from benchlib import ROOT  # first: it puts the repository root on sys.path for the imports below
+from benchlib import ROOT, timed  # first: it puts the repository root on sys.path for the imports below
 from configurator import configure, run
 from checkpoint import open_model
 from decode import Decoder, generate, sample_next
@@ -100,15 +100,6 @@ def child(shape, batch, mode, eager, cache_dir):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def timed(gen, seed=0):
-    """(tokens, tokens/s) of one generation (batch 1) after a short untimed one (first calls allocate)."""
-    gen(8)
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    out = gen(new_tokens)
-    return out, new_tokens / (time.perf_counter() - t0)
-
-
 @torch.inference_mode()
 def where_time_goes():
     """ms per token of each part of a greedy decode step at batch 1, eager and compiled (bench_llamacpp.py's gap)."""
@@ -125,7 +116,7 @@ def where_time_goes():
         for rep in range(2):  # the first pass warms up (allocations); the second is timed
             cache.pos.zero_()
             step = (lambda x, s: decoder(x, cache, s)) if decoder else (lambda x, s: gpt.hidden_states(x, cache))
-            h, nxt = step(prompt, 0), None
+            h = step(prompt, 0)
             for i in range(new_tokens - 1):
                 t0 = time.perf_counter()
                 logits = gpt.head(h[:, -1:])[:, -1]
@@ -133,11 +124,9 @@ def where_time_goes():
                 nxt = sample_next(logits, 0)
                 t2 = time.perf_counter()
                 h = step(nxt, T + i)
-                t3 = time.perf_counter()
-                if rep:
-                    parts["head"], parts["choose"], parts["step"] = (parts["head"] + t1 - t0,
-                                                                     parts["choose"] + t2 - t1, parts["step"] + t3 - t2)
-        _, tps = timed(lambda n: generate(gpt, prompt, n, temperature=0, decoder=decoder))
+                for part, seconds in zip(parts, (time.perf_counter() - t2, t1 - t0, t2 - t1)):
+                    parts[part] += seconds * rep  # rep 0: not counted
+        _, tps = timed(lambda n: generate(gpt, prompt, n, temperature=0, decoder=decoder), new_tokens)
         print(f"  {'compiled' if decoder else 'eager'}: " + ", ".join(
             f"{k} {v * 1e3 / (new_tokens - 1):.2f}" for k, v in parts.items()) + f"; generate {1e3 / tps:.2f} "
             f"({tps:.0f} tokens/s, the prefill included)", flush=True)
@@ -156,8 +145,8 @@ def speculative_sweep():
     lines = []
     for temp in map(float, temperatures.split(",")):
         gen = lambda n, d=None: generate(gpt, prompt, n, temperature=temp, decoder=d)  # noqa: E731
-        ref, plain = timed(gen)
-        _, plain_c = timed(lambda n: gen(n, decoder))
+        ref, plain = timed(gen, new_tokens)
+        _, plain_c = timed(lambda n: gen(n, decoder), new_tokens)
         print(f"  T {temp}: target alone {plain:.0f} tokens/s eager, {plain_c:.0f} compiled", flush=True)
         lines.append(f"| target alone | | {temp} | | {plain:,.0f} | {plain_c:,.0f} | 1.00 / {plain_c / plain:.2f} | |")
         for name in drafts.split(","):
@@ -165,11 +154,11 @@ def speculative_sweep():
             check_draft(big, small)
             for k in map(int, draft_ks.split(",")):
                 spec = SpeculativeDecoder(gpt, small.model.eval(), k)
-                out, eager = timed(lambda n: spec.generate(prompt, n, temperature=temp))
+                out, eager = timed(lambda n: spec.generate(prompt, n, temperature=temp), new_tokens)
                 acceptance = spec.acceptance
                 spec.compile("cpu")
                 spec.warm_up(1, T + new_tokens)
-                out_c, compiled = timed(lambda n: spec.generate(prompt, n, temperature=temp))
+                out_c, compiled = timed(lambda n: spec.generate(prompt, n, temperature=temp), new_tokens)
                 same = "yes" if temp == 0 and torch.equal(out, ref) and torch.equal(out_c, ref) else \
                     ("no" if temp == 0 else "")
                 size = f"{small.model.num_params(non_embedding=False) / 1e6:.2f}M"

@@ -31,7 +31,6 @@ from nothing, the second finds inductor's FX graph cache filled (a warm start); 
 generation, and the table gives both figures, whose spread is the run-to-run noise. int8 runs eager only:
 torch.compile cannot trace quantize.py's int8 Linear (decode.Decoder refuses it).
 """
-import dataclasses
 import json
 import os
 import subprocess
@@ -41,8 +40,7 @@ import time
 
 import torch
 
-from benchlib import ROOT  # first: it puts the repository root on sys.path for the imports below
-import checkpoint
+from benchlib import ROOT, timed  # first: it puts the repository root on sys.path for the imports below
 from atomic import atomic_write
 from bpe import Tokenizer
 from checkpoint import open_model
@@ -51,6 +49,7 @@ from decode import Decoder, generate
 from model import GPT, GPTConfig
 from quantize import quantize
 from speculative import SpeculativeDecoder, check_draft
+from training import checkpoint_entries
 
 llama = ""                         # the llama-batched-bench program (see above)
 models = "out-quickstart,gpt2"     # runs, or "gpt2" (random weights), comma separated
@@ -76,9 +75,8 @@ def gpt2_random():
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         torch.manual_seed(0)
         gpt = GPT(GPTConfig.preset("gpt2", vocab_size=tok.vocab_size))
-        atomic_write(path, lambda f: torch.save(
-            {"version": checkpoint.VERSION, "model": gpt.state_dict(), "tokenizer": tok.dumps(), "iter_num": 0,
-             "model_args": dataclasses.asdict(gpt.config), "config": {}}, f))
+        state = checkpoint_entries(gpt.config, 0, tok, {}, model=gpt.state_dict())
+        atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 
@@ -95,14 +93,6 @@ def prompts(name, tok, batch):
     return torch.tensor([ids[i * 53:i * 53 + prompt_tokens] for i in range(batch)])
 
 
-def timed(fn):
-    """(output, tokens/s) of fn(n) generating new_tokens per row, after an untimed fn(8): first calls allocate."""
-    fn(8)
-    t0 = time.perf_counter()
-    out = fn(new_tokens)
-    return out, out.size(0) * new_tokens / (time.perf_counter() - t0)
-
-
 def measure(name, batch, first):
     """This process's figures for one model and batch (see the docstring); `first`: also the eager ones."""
     torch.set_num_threads(threads)
@@ -113,24 +103,24 @@ def measure(name, batch, first):
     x, r, gpt = prompts(name, target.tokenizer, batch), {}, target.model.eval()
     with torch.inference_mode():
         if first:
-            ref, r["eager"] = timed(lambda n: generate(gpt, x, n, temperature=0))
+            ref, r["eager"] = timed(lambda n: generate(gpt, x, n, temperature=0), new_tokens)
             small = quantize(gpt, "int8")
-            _, r["int8_eager"] = timed(lambda n: generate(small, x, n, temperature=0))
+            _, r["int8_eager"] = timed(lambda n: generate(small, x, n, temperature=0), new_tokens)
         decoder = Decoder(gpt, "cpu")
         r["compile_s"] = decoder.warm_up(decoder.cache(batch, prompt_tokens + new_tokens))
-        out, r["compiled"] = timed(lambda n: generate(gpt, x, n, temperature=0, decoder=decoder))
+        out, r["compiled"] = timed(lambda n: generate(gpt, x, n, temperature=0, decoder=decoder), new_tokens)
         if first:
             r["same"] = torch.equal(out, ref)
         if draft is not None:
             spec = SpeculativeDecoder(gpt, draft.model.eval(), draft_k)
             if first:
-                out, r["spec"] = timed(lambda n: spec.generate(x, n, temperature=0))
+                out, r["spec"] = timed(lambda n: spec.generate(x, n, temperature=0), new_tokens)
                 r["acceptance"], r["same"] = spec.acceptance, r["same"] and torch.equal(out, ref)
                 spec8 = SpeculativeDecoder(small, quantize(draft.model, "int8"), draft_k)
-                _, r["int8_spec"] = timed(lambda n: spec8.generate(x, n, temperature=0))
+                _, r["int8_spec"] = timed(lambda n: spec8.generate(x, n, temperature=0), new_tokens)
             spec.compile("cpu")
             r["spec_compile_s"] = spec.warm_up(batch, prompt_tokens + new_tokens)
-            out, r["spec_compiled"] = timed(lambda n: spec.generate(x, n, temperature=0))
+            out, r["spec_compiled"] = timed(lambda n: spec.generate(x, n, temperature=0), new_tokens)
             if first:
                 r["same"] = r["same"] and torch.equal(out, ref)
     return r
@@ -158,8 +148,7 @@ def theirs(name, kind):
     if not os.path.exists(path):
         subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), f"--model={source(name)}", "--format=gguf",
                         f"--gguf_type={kind}", f"--hf_dir={out}", "--check=False"], check=True, capture_output=True)
-    rows = max(batches)
-    p = subprocess.run([llama, "-m", path, "-c", str(rows * (prompt_tokens + new_tokens)), "-b", "2048",
+    p = subprocess.run([llama, "-m", path, "-c", str(max(batches) * (prompt_tokens + new_tokens)), "-b", "2048",
                         "-npp", str(prompt_tokens), "-ntg", str(new_tokens), "-npl", ",".join(map(str, batches)),
                         "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"],
                        capture_output=True, text=True)

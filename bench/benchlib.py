@@ -1,6 +1,6 @@
 """
 bench/benchlib.py: what the benchmarks share: the repository root on sys.path, the peak memory of a
-process tree, running a script with its output to a log, and the pieces of the fine-tuning benchmarks
+process tree, running a script with its output to a log, timing a generation, and the pieces of the fine-tuning benchmarks
 (bench_finetune.py, bench_gpt1.py): a labelled subset, a finetune.py data folder, finetune.py's final
 record, and the bag-of-words floor.
 
@@ -63,6 +63,17 @@ def sh(cmd, log, threads=1):
     if p.returncode:
         raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n" + open(log).read()[-3000:])
     return time.perf_counter() - t0
+
+
+def timed(gen, n, seed=0):
+    """(output, tokens/s) of gen(n), a generation of n new tokens per row, timed after an untimed gen(8) (first
+    calls allocate) and with torch's RNG seeded, so sampled runs draw alike; tokens/s counts every row."""
+    import torch  # here only: the tokenizer and data benchmarks import this file and need no torch
+    gen(8)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    out = gen(n)
+    return out, out.size(0) * n / (time.perf_counter() - t0)
 
 
 def read_jsonl(path):
